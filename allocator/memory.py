@@ -1,0 +1,68 @@
+"""Arenas in memory: the device tier (CUDA when present) and the host tier (pinned when CUDA)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from allocator.arena import Arena
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+class MemoryArena(Arena):
+    """One ``[num_slots, slot_bytes]`` uint8 tensor; batched gathers and scatters on it.
+
+    ``write`` is one ``index_put_`` (a single strided pass, also from a permuted view of the
+    caller's KV) and ``read`` one ``index_select``; both are O(bytes) with no per-slot Python
+    work beyond building the index tensor.
+    """
+
+    kind = "memory"
+
+    def __init__(self, num_slots: int, slot_bytes: int, device: torch.device | str | None = None,
+                 pin: bool = False) -> None:
+        super().__init__(num_slots, slot_bytes)
+        dev = torch.device(device) if device is not None else default_device()
+        pin = pin and dev.type == "cpu" and torch.cuda.is_available()
+        self.data = torch.empty((num_slots, slot_bytes), dtype=torch.uint8, device=dev, pin_memory=pin)
+        self.pinned = pin
+
+    @property
+    def device(self) -> torch.device:
+        return self.data.device
+
+    def _index(self, slots: Sequence[int]) -> torch.Tensor:
+        return torch.as_tensor(slots, dtype=torch.long, device=self.data.device)
+
+    def rows(self, dtype: torch.dtype, row_shape: Sequence[int]) -> torch.Tensor:
+        """The whole arena viewed as ``[num_slots, *row_shape]`` of ``dtype`` (no copy)."""
+        return self.data.view(dtype).view(self.num_slots, *row_shape)
+
+    def write(self, slots: Sequence[int], src: torch.Tensor) -> None:
+        self._check_batch(slots, src)
+        if not len(slots):
+            return
+        view = self.rows(src.dtype, src.shape[1:])
+        view[self._index(slots)] = src.to(self.data.device, non_blocking=True)
+
+    def read(self, slots: Sequence[int], out: torch.Tensor) -> None:
+        self._check_batch(slots, out)
+        if not len(slots):
+            return
+        view = self.rows(out.dtype, out.shape[1:])
+        idx = self._index(slots)
+        if out.device == self.data.device:
+            torch.index_select(view, 0, idx, out=out)
+        else:
+            out.copy_(view.index_select(0, idx), non_blocking=out.is_pinned() if out.device.type == "cpu" else True)
+
+    def gather(self, slots: Sequence[int]) -> torch.Tensor:
+        """A new ``[len(slots), slot_bytes]`` tensor on this arena's device."""
+        return self.data.index_select(0, self._index(slots))
+
+    def close(self) -> None:
+        self.data = torch.empty((0, self.slot_bytes), dtype=torch.uint8)

@@ -1,0 +1,10 @@
+"""Eviction policies over opaque keys, a trace simulator and the Belady bound.
+
+Imports nothing else of this project (see DESIGN.md).
+"""
+
+from eviction.base import EvictionPolicy, NoVictimError
+from eviction.registry import CLASSIC, OFFLINE, POLICIES, available, make_policy, online
+
+__all__ = ["EvictionPolicy", "NoVictimError", "POLICIES", "OFFLINE", "CLASSIC", "available",
+           "make_policy", "online"]

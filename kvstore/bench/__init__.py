@@ -1,0 +1,1 @@
+"""Benchmarks: ``kvstore bench SUITE``. Each suite is a module ``kvstore.bench.<suite>``."""

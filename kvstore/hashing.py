@@ -1,0 +1,81 @@
+"""Chained 128-bit block hashes, salted with the namespace.
+
+Block ``i``'s key is ``H(key[i-1] || tokens of block i as int32 LE)`` with ``H`` = BLAKE2b-128
+keyed by a salt derived from the namespace, the model layout and ``block_tokens``. Chaining
+makes a key name the whole prefix up to its block (equal keys mean equal prefixes), and the
+keyed hash means two tenants with the same prompt get unrelated keys -- they can never share
+or probe each other's blocks -- while a cryptographic hash makes a crafted collision
+infeasible (a non-cryptographic hash would let one tenant poison another's prefix).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+import hashlib
+
+import numpy as np
+import torch
+
+from kvstore.errors import InvalidInputError
+
+KEY_BYTES = 16
+_INT32_MIN, _INT32_MAX = -(2**31), 2**31 - 1
+
+
+def namespace_salt(namespace: str, layout_desc: str = "", block_tokens: int = 0) -> bytes:
+    """A 64-byte BLAKE2b key naming (namespace, layout, block size)."""
+    h = hashlib.blake2b(digest_size=64, person=b"kvstore-ns-v1")
+    h.update(f"{namespace}\x00{layout_desc}\x00{block_tokens}".encode())
+    return h.digest()
+
+
+def tokens_to_array(tokens: Sequence[int] | np.ndarray | torch.Tensor) -> np.ndarray:
+    """Validate tokens and return them as a contiguous little-endian int32 array.
+
+    Accepts a sequence of Python ints, a 1-D integer numpy array or torch tensor. Rejects
+    empty input, floats, bools, nested lists and values outside int32 with a clear error.
+    """
+    if isinstance(tokens, torch.Tensor):
+        if tokens.dim() != 1:
+            raise InvalidInputError(f"tokens must be 1-D, got shape {tuple(tokens.shape)}")
+        if tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool:
+            raise InvalidInputError(f"tokens must be integers, got dtype {tokens.dtype}")
+        arr = tokens.detach().to("cpu").numpy()
+    elif isinstance(tokens, np.ndarray):
+        arr = tokens
+    elif isinstance(tokens, (str, bytes)):
+        raise InvalidInputError(f"tokens must be a sequence of ints, got {type(tokens).__name__}")
+    else:
+        try:
+            seq = list(tokens)
+        except TypeError:
+            raise InvalidInputError(f"tokens must be a sequence of ints, got {type(tokens).__name__}") from None
+        for t in seq:
+            if not isinstance(t, (int, np.integer)) or isinstance(t, bool):
+                raise InvalidInputError(f"tokens must be ints, found {type(t).__name__} {t!r}")
+        arr = np.asarray(seq, dtype=np.int64) if seq else np.empty(0, dtype=np.int64)
+    if arr.ndim != 1:
+        raise InvalidInputError(f"tokens must be 1-D, got shape {arr.shape}")
+    if arr.size == 0:
+        raise InvalidInputError("tokens must not be empty")
+    if arr.dtype.kind not in "iu":
+        raise InvalidInputError(f"tokens must be integers, got dtype {arr.dtype}")
+    if arr.min() < _INT32_MIN or arr.max() > _INT32_MAX:
+        raise InvalidInputError("token ids must fit in int32")
+    return np.ascontiguousarray(arr, dtype="<i4")
+
+
+def block_keys(tokens: np.ndarray, block_tokens: int, salt: bytes, max_blocks: int | None = None) -> list[bytes]:
+    """Keys of the full blocks of ``tokens`` (an int32 LE array). O(len(tokens))."""
+    n = len(tokens) // block_tokens
+    if max_blocks is not None:
+        n = min(n, max_blocks)
+    data = tokens[: n * block_tokens].tobytes()
+    step = block_tokens * 4
+    keys: list[bytes] = []
+    prev = b""
+    blake = hashlib.blake2b
+    for i in range(n):
+        prev = blake(prev + data[i * step:(i + 1) * step], digest_size=KEY_BYTES, key=salt).digest()
+        keys.append(prev)
+    return keys

@@ -1,0 +1,83 @@
+"""What a model's KV cache looks like, and so how many bytes a block of it takes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+_DTYPES: dict[str, torch.dtype] = {
+    "float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32,
+    "float8_e4m3fn": torch.float8_e4m3fn, "float8_e5m2": torch.float8_e5m2,
+}
+
+
+def dtype_from_name(name: str | torch.dtype) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    key = name.removeprefix("torch.")
+    try:
+        return _DTYPES[key]
+    except KeyError:
+        raise ValueError(f"unsupported dtype {name!r}; choose one of {sorted(_DTYPES)}") from None
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+@dataclass(frozen=True)
+class ModelLayout:
+    """The shape of one model's per-token KV and of the activations recompute needs.
+
+    KV of ``T`` tokens is ``[num_layers, 2, T, num_kv_heads, head_dim]`` (K then V);
+    activations are ``[num_layers, T, hidden_size]``. For an MHA model the activations are
+    half the KV's bytes; for a GQA model (``num_kv_heads * head_dim < hidden_size / 2``)
+    they are larger, which is why transfer wins there.
+    """
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    hidden_size: int
+    dtype: torch.dtype = torch.float16
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "dtype", dtype_from_name(self.dtype))
+        for name in ("num_layers", "num_kv_heads", "head_dim", "hidden_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"ModelLayout.{name} must be a positive int, got {value!r}")
+
+    @property
+    def itemsize(self) -> int:
+        return torch.empty((), dtype=self.dtype).element_size()
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        return self.num_layers * 2 * self.num_kv_heads * self.head_dim * self.itemsize
+
+    @property
+    def act_bytes_per_token(self) -> int:
+        return self.num_layers * self.hidden_size * self.itemsize
+
+    def kv_block_bytes(self, block_tokens: int) -> int:
+        return self.kv_bytes_per_token * block_tokens
+
+    def act_block_bytes(self, block_tokens: int) -> int:
+        return self.act_bytes_per_token * block_tokens
+
+    def kv_shape(self, tokens: int) -> tuple[int, int, int, int, int]:
+        return (self.num_layers, 2, tokens, self.num_kv_heads, self.head_dim)
+
+    def act_shape(self, tokens: int) -> tuple[int, int, int]:
+        return (self.num_layers, tokens, self.hidden_size)
+
+    def to_dict(self) -> dict:
+        return {"num_layers": self.num_layers, "num_kv_heads": self.num_kv_heads,
+                "head_dim": self.head_dim, "hidden_size": self.hidden_size,
+                "dtype": dtype_name(self.dtype)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelLayout":
+        return cls(**{k: d[k] for k in ("num_layers", "num_kv_heads", "head_dim", "hidden_size", "dtype")})

@@ -1,0 +1,48 @@
+"""Shared fixtures: small layouts and a seeded RNG whose seed is reported on failure."""
+
+from __future__ import annotations
+
+import os
+import random
+
+import pytest
+import torch
+
+from kvstore import ModelLayout
+
+
+@pytest.fixture
+def layout() -> ModelLayout:
+    return ModelLayout(num_layers=2, num_kv_heads=2, head_dim=8, hidden_size=32, dtype=torch.float16)
+
+
+@pytest.fixture
+def seed(request) -> int:
+    """A seed from KVSTORE_TEST_SEED or fixed per test; printed when the test fails."""
+    value = int(os.environ.get("KVSTORE_TEST_SEED", "0")) or (hash(request.node.name) & 0xFFFF) + 1
+    request.node.user_properties.append(("seed", value))
+    return value
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if report.when == "call" and report.failed:
+        for name, value in item.user_properties:
+            if name == "seed":
+                report.sections.append(("seed", f"rerun with KVSTORE_TEST_SEED={value}"))
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def rng(seed) -> random.Random:
+    return random.Random(seed)
