@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+import math
 
 import torch
 
@@ -51,7 +52,7 @@ class Arena(ABC):
     def _check_batch(self, slots: Sequence[int], t: torch.Tensor) -> None:
         if t.shape[0] != len(slots):
             raise ValueError(f"batch of {t.shape[0]} rows for {len(slots)} slots")
-        row_bytes = t[0].numel() * t.element_size() if len(slots) else self.slot_bytes
+        row_bytes = math.prod(t.shape[1:]) * t.element_size() if len(slots) else self.slot_bytes
         if row_bytes != self.slot_bytes:
             raise ValueError(f"row of {row_bytes} bytes for slots of {self.slot_bytes} bytes")
 

@@ -4,8 +4,8 @@ Layout of the file (all little-endian)::
 
     [superblock: 4 KiB, JSON]  [slot headers: 64 B each, padded to 4 KiB]  [payload slots]
 
-Payload slots are ``stride = round_up(slot_bytes, 4 KiB)`` apart so every payload starts on a
-page boundary. Each slot has a 64-byte header (magic, payload kind, generation, 16-byte key,
+Payload slots are ``stride`` apart (a multiple of 4 KiB for blocks of a page or more, so each
+payload starts on a page boundary; 512 B for smaller ones). Each slot has a 64-byte header (magic, payload kind, generation, 16-byte key,
 length, xxh3-64 payload checksum, header checksum) written *after* its payload, so a torn
 write leaves either the old valid header or a header whose checksum does not match the
 payload; the checksum is kept in memory too and verified on every read. A block is thus
@@ -13,7 +13,7 @@ returned exactly as written or reported corrupt -- never silently wrong.
 
 I/O is batched: slots are sorted into runs of consecutive indices and each run is one
 ``preadv``/``pwritev`` straight into or out of the caller's rows (no per-block syscall, no
-intermediate copy). Runs are cut into chunks that two worker threads process, so the
+intermediate copy). Runs are cut into chunks that worker threads process, so the
 checksum of one chunk overlaps the I/O of the next (positioned I/O and xxhash release the
 GIL).
 """
@@ -99,7 +99,7 @@ class DiskArena(Arena):
 
     def __init__(self, path: str | Path, num_slots: int, slot_bytes: int, *, fsync: str = "never",
                  fsync_interval_s: float = 1.0, file_ops: FileOps | None = None,
-                 clock=time.monotonic, io_threads: int = 2) -> None:
+                 clock=time.monotonic, io_threads: int = 4) -> None:
         super().__init__(num_slots, slot_bytes)
         self.path = str(path)
         self.fsync = fsync

@@ -44,10 +44,16 @@ class MemoryArena(Arena):
 
     def write(self, slots: Sequence[int], src: torch.Tensor) -> None:
         self._check_batch(slots, src)
-        if not len(slots):
+        n = len(slots)
+        if not n:
             return
         view = self.rows(src.dtype, src.shape[1:])
-        view[self._index(slots)] = src.to(self.data.device, non_blocking=True)
+        src = src.to(self.data.device, non_blocking=True)
+        first = slots[0]
+        if slots[-1] - first == n - 1 and all(slots[i + 1] == slots[i] + 1 for i in range(n - 1)):
+            view[first:first + n].copy_(src)  # one strided copy, no index tensor
+        else:
+            view.index_copy_(0, self._index(slots), src)
 
     def read(self, slots: Sequence[int], out: torch.Tensor) -> None:
         self._check_batch(slots, out)
@@ -62,6 +68,8 @@ class MemoryArena(Arena):
 
     def gather(self, slots: Sequence[int]) -> torch.Tensor:
         """A new ``[len(slots), slot_bytes]`` tensor on this arena's device."""
+        if self.slot_bytes % 8 == 0:  # 8-byte elements: indexed copies run several times faster
+            return self.data.view(torch.int64).index_select(0, self._index(slots)).view(torch.uint8)
         return self.data.index_select(0, self._index(slots))
 
     def close(self) -> None:

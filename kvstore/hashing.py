@@ -46,14 +46,18 @@ def tokens_to_array(tokens: Sequence[int] | np.ndarray | torch.Tensor) -> np.nda
     elif isinstance(tokens, (str, bytes)):
         raise InvalidInputError(f"tokens must be a sequence of ints, got {type(tokens).__name__}")
     else:
+        if not hasattr(tokens, "__len__") or not hasattr(tokens, "__iter__"):
+            raise InvalidInputError(f"tokens must be a sequence of ints, got {type(tokens).__name__}")
+        if any(type(t) is bool for t in tokens):  # numpy would silently coerce bools to ints
+            raise InvalidInputError("tokens must be ints, found bool")
         try:
-            seq = list(tokens)
-        except TypeError:
-            raise InvalidInputError(f"tokens must be a sequence of ints, got {type(tokens).__name__}") from None
-        for t in seq:
-            if not isinstance(t, (int, np.integer)) or isinstance(t, bool):
-                raise InvalidInputError(f"tokens must be ints, found {type(t).__name__} {t!r}")
-        arr = np.asarray(seq, dtype=np.int64) if seq else np.empty(0, dtype=np.int64)
+            arr = np.asarray(tokens)
+        except (TypeError, ValueError, OverflowError):
+            raise InvalidInputError("tokens must be a flat sequence of ints") from None
+        if arr.dtype.kind not in "iu" and arr.size:
+            bad = next((t for t in np.ravel(arr) if not isinstance(t, (int, np.integer)) or isinstance(t, bool)), None)
+            raise InvalidInputError(f"tokens must be ints, found {type(bad).__name__} {bad!r}"
+                                    if bad is not None else f"tokens must be ints, got dtype {arr.dtype}")
     if arr.ndim != 1:
         raise InvalidInputError(f"tokens must be 1-D, got shape {arr.shape}")
     if arr.size == 0:
