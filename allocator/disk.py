@@ -2,14 +2,22 @@
 
 Layout of the file (all little-endian)::
 
-    [superblock: 4 KiB, JSON]  [slot headers: 64 B each, padded to 4 KiB]  [payload slots]
+    [superblock: 4 KiB, JSON]  [slot headers: 128 B each, padded to 4 KiB]  [payload slots]
 
 Payload slots are ``stride`` apart (a multiple of 4 KiB for blocks of a page or more, so each
-payload starts on a page boundary; 512 B for smaller ones). Each slot has a 64-byte header (magic, payload kind, generation, 16-byte key,
-length, xxh3-64 payload checksum, header checksum) written *after* its payload, so a torn
-write leaves either the old valid header or a header whose checksum does not match the
-payload; the checksum is kept in memory too and verified on every read. A block is thus
-returned exactly as written or reported corrupt -- never silently wrong.
+payload starts on a page boundary; 512 B for smaller ones). Each slot has a 128-byte header
+(magic, payload kind, generation, 16-byte key and parent key, length, xxh3-64 payload
+checksum, and a checksum of the header itself) written *after* its payload, so a torn write
+leaves either the old valid header or a header whose checksum does not match the payload.
+The checksum is kept in memory too and verified on every read: a block is returned exactly
+as written or reported corrupt -- never silently wrong.
+
+Persistence (``persist=True``): the headers are the index. On open the arena reads them all
+(one sequential read), keeps those whose own checksum and magic are valid, and resolves a
+key found in several slots by the highest generation. A freed slot's header is zeroed, so a
+cleared block does not come back after a restart. Torn payloads are caught by the payload
+checksum on their first read and dropped. The file is ``flock``-ed: two processes never
+share one slab.
 
 I/O is batched: slots are sorted into runs of consecutive indices and each run is one
 ``preadv``/``pwritev`` straight into or out of the caller's rows (no per-block syscall, no
@@ -22,6 +30,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+import errno
+import fcntl
 import json
 import os
 from pathlib import Path
@@ -37,8 +48,9 @@ from allocator.arena import Arena, CorruptSlotError
 from allocator.fileops import FileOps
 
 PAGE = 4096
-HEADER_BYTES = 64
-_HEADER = struct.Struct("<4sHBBQ16sQQ")  # magic, version, kind, flags, gen, key, length, checksum
+HEADER_BYTES = 128
+# magic, version, kind, flags, generation, key, parent key, length, payload checksum
+_HEADER = struct.Struct("<4sHBBQ16s16sQQ")
 _HEADER_CRC = struct.Struct("<Q")
 MAGIC = b"KVSL"
 SLAB_MAGIC = "kvstore-slab"
@@ -47,6 +59,27 @@ _IOV_MAX = 1024
 _CHUNK_BYTES = 8 << 20
 
 KIND_EMPTY, KIND_KV, KIND_ACT = 0, 1, 2
+_NO_PARENT = b"\0" * 16
+
+
+@dataclass(frozen=True)
+class SlotRecord:
+    """A valid slot header found when reopening a slab."""
+
+    slot: int
+    key: bytes
+    parent: bytes | None
+    kind: int
+    generation: int
+    checksum: int
+
+
+class SlabInUseError(OSError):
+    """Another process holds this slab file."""
+
+
+class SlabMismatchError(ValueError):
+    """An existing slab was made for another slot size or count."""
 
 
 def round_up(n: int, to: int) -> int:
@@ -99,7 +132,7 @@ class DiskArena(Arena):
 
     def __init__(self, path: str | Path, num_slots: int, slot_bytes: int, *, fsync: str = "never",
                  fsync_interval_s: float = 1.0, file_ops: FileOps | None = None,
-                 clock=time.monotonic, io_threads: int = 4) -> None:
+                 clock=time.monotonic, io_threads: int = 4, persist: bool = False) -> None:
         super().__init__(num_slots, slot_bytes)
         self.path = str(path)
         self.fsync = fsync
@@ -117,18 +150,67 @@ class DiskArena(Arena):
         self._gen_lock = threading.Lock()
         self._pad = np.empty(self.stride - slot_bytes, dtype=np.uint8) if self.stride > slot_bytes else None
         self._pool = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="kvstore-disk")
-        self.fd = self.ops.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        self.recovered: list[SlotRecord] = []
+        self._superblock = json.dumps({"magic": SLAB_MAGIC, "version": VERSION, "num_slots": num_slots,
+                                       "slot_bytes": slot_bytes, "stride": self.stride,
+                                       "header_bytes": HEADER_BYTES, "header_offset": self.header_offset,
+                                       "data_offset": self.data_offset}).encode()
+        reopen = persist and os.path.exists(self.path) and os.path.getsize(self.path) > 0
+        self.fd = self.ops.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
-            self.ops.fallocate(self.fd, 0, self.file_bytes)
-            superblock = json.dumps({"magic": SLAB_MAGIC, "version": VERSION, "num_slots": num_slots,
-                                     "slot_bytes": slot_bytes, "stride": self.stride,
-                                     "header_offset": self.header_offset,
-                                     "data_offset": self.data_offset}).encode()
-            self.ops.pwrite(self.fd, superblock.ljust(PAGE, b"\0"), 0)
+            try:
+                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                    raise SlabInUseError(exc.errno, f"slab {self.path} is in use by another process") from None
+                raise
+            if reopen:
+                self._reopen()
+            else:
+                self._create()
         except BaseException:
             self.ops.close(self.fd)
             self._pool.shutdown(wait=False)
             raise
+
+    def _create(self) -> None:
+        os.ftruncate(self.fd, 0)
+        self.ops.fallocate(self.fd, 0, self.file_bytes)
+        self.ops.pwrite(self.fd, self._superblock.ljust(PAGE, b"\0"), 0)
+
+    def _reopen(self) -> None:
+        raw = self.ops.pread(self.fd, PAGE, 0).rstrip(b"\0")
+        try:
+            found = json.loads(raw)
+        except ValueError:
+            raise SlabMismatchError(f"{self.path} is not a kvstore slab (bad superblock)") from None
+        want = json.loads(self._superblock)
+        if found != want:
+            diff = {k: (found.get(k), v) for k, v in want.items() if found.get(k) != v}
+            raise SlabMismatchError(f"slab {self.path} was made for another geometry {diff}; "
+                                    "use another disk_path or delete the file")
+        if self.ops.fstat_size(self.fd) < self.file_bytes:
+            self.ops.fallocate(self.fd, 0, self.file_bytes)  # truncated underneath us: grow back
+        table = self.ops.pread(self.fd, self.num_slots * HEADER_BYTES, self.header_offset)
+        table = table.ljust(self.num_slots * HEADER_BYTES, b"\0")
+        best: dict[bytes, SlotRecord] = {}
+        for slot in range(self.num_slots):
+            h = table[slot * HEADER_BYTES:(slot + 1) * HEADER_BYTES]
+            body, crc = h[:_HEADER.size], h[_HEADER.size:_HEADER.size + 8]
+            if body[:4] != MAGIC or _HEADER_CRC.pack(xxhash.xxh3_64_intdigest(body)) != crc:
+                continue
+            _, _, kind, _, gen, key, parent, length, checksum = _HEADER.unpack(body)
+            if kind == KIND_EMPTY or length != self.slot_bytes:
+                continue
+            rec = SlotRecord(slot, key, None if parent == _NO_PARENT else parent, kind, gen, checksum)
+            old = best.get((key, kind))
+            if old is None or gen > old.generation:
+                best[(key, kind)] = rec
+        self.recovered = sorted(best.values(), key=lambda r: r.generation)
+        for rec in self.recovered:
+            self._checksums[rec.slot] = rec.checksum
+            self._lengths[rec.slot] = self.slot_bytes
+        self._generation = max((r.generation for r in self.recovered), default=0)
 
     @property
     def device(self) -> torch.device:
@@ -154,7 +236,7 @@ class DiskArena(Arena):
 
     # -- write -------------------------------------------------------------------------
     def write(self, slots: Sequence[int], src: torch.Tensor, keys: Sequence[bytes] | None = None,
-              kind: int = KIND_KV) -> None:
+              kind: int = KIND_KV, parents: Sequence[bytes | None] | None = None) -> None:
         """Write rows, then their headers, then sync per the fsync policy."""
         self._check_batch(slots, src)
         if not len(slots):
@@ -181,7 +263,8 @@ class DiskArena(Arena):
         headers = bytearray(HEADER_BYTES * len(slots))
         for i, slot in enumerate(slots):
             key = keys[i] if keys is not None else b"\0" * 16
-            h = _HEADER.pack(MAGIC, VERSION, kind, 0, gen0 + i, key.ljust(16, b"\0")[:16],
+            parent = parents[i] if parents is not None and parents[i] is not None else _NO_PARENT
+            h = _HEADER.pack(MAGIC, VERSION, kind, 0, gen0 + i, key.ljust(16, b"\0")[:16], parent,
                              self.slot_bytes, int(sums[i]))
             off = i * HEADER_BYTES
             headers[off:off + _HEADER.size] = h
@@ -238,6 +321,16 @@ class DiskArena(Arena):
             bad.extend(failed)
         if bad:
             raise CorruptSlotError(bad, f"{len(bad)} slot(s) of {self.path} failed their checksum: {bad[:8]}")
+
+    def invalidate(self, slots: Sequence[int]) -> None:
+        """Zero the headers of freed slots so a restart does not resurrect their blocks."""
+        slots = sorted(slots)
+        zero = bytes(HEADER_BYTES * len(slots))
+        for start, end in _runs(slots):
+            self.ops.pwrite(self.fd, zero[: (end - start) * HEADER_BYTES],
+                            self.header_offset + slots[start] * HEADER_BYTES)
+        self._checksums[slots] = 0
+        self._lengths[slots] = 0
 
     def drop_page_cache(self) -> None:
         """Flush and drop this file's pages from the OS cache (cold reads for benchmarks)."""

@@ -61,6 +61,18 @@ class SlotPool:
         self._refs[slots] = 1
         return slots
 
+    def claim(self, slots: Iterable[int]) -> None:
+        """Mark specific free slots as allocated (refcount 1), e.g. those a reopened slab
+        already holds. O(num_slots)."""
+        wanted = set(slots)
+        if not wanted:
+            return
+        taken = [s for s in wanted if not 0 <= s < self.num_slots or self._refs[s] != 0]
+        if taken:
+            raise ValueError(f"cannot claim slots that are out of range or in use: {sorted(taken)[:8]}")
+        self._free = [s for s in self._free if s not in wanted]
+        self._refs[list(wanted)] = 1
+
     def refcount(self, slot: int) -> int:
         return int(self._refs[slot])
 

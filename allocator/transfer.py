@@ -35,8 +35,10 @@ def _rows(arena: MemoryArena, slots: Sequence[int]) -> torch.Tensor:
 
 
 def transfer(src: Arena, src_slots: Sequence[int], dst: Arena, dst_slots: Sequence[int],
-             keys: Sequence[bytes] | None = None) -> None:
-    """Copy ``src_slots[i]`` of ``src`` into ``dst_slots[i]`` of ``dst``. O(bytes)."""
+             keys: Sequence[bytes] | None = None, parents: Sequence[bytes | None] | None = None) -> None:
+    """Copy ``src_slots[i]`` of ``src`` into ``dst_slots[i]`` of ``dst``. O(bytes).
+
+    ``keys``/``parents`` name the blocks for a disk destination's slot headers."""
     if len(src_slots) != len(dst_slots):
         raise ValueError("transfer needs as many destination slots as source slots")
     if src.slot_bytes != dst.slot_bytes:
@@ -50,7 +52,7 @@ def transfer(src: Arena, src_slots: Sequence[int], dst: Arena, dst_slots: Sequen
         else:
             rows = torch.empty((len(src_slots), src.slot_bytes), dtype=torch.uint8)
             src.read(src_slots, rows)
-        dst.write(dst_slots, rows.to("cpu"), keys=keys)
+        dst.write(dst_slots, rows.to("cpu"), keys=keys, parents=parents)
         return
     if not isinstance(dst, MemoryArena):
         raise TypeError(f"unsupported destination arena {type(dst).__name__}")

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from allocator import CorruptSlotError, DiskArena, MemoryArena, default_device, slots_for_bytes
-from allocator.disk import slab_file_bytes
+from allocator.disk import KIND_KV, SlabInUseError, SlabMismatchError, slab_file_bytes
 from eviction import make_policy
 from kvstore.config import TIERS, StoreConfig
 from kvstore.errors import (BlockNotFoundError, ConfigError, InvalidInputError, StoreClosedError)
@@ -42,7 +42,8 @@ class KVStore:
     bytes moved; none depends on how many blocks are stored.
     """
 
-    def __init__(self, config: StoreConfig, *, clock=time.monotonic) -> None:
+    def __init__(self, config: StoreConfig, *, clock=time.monotonic, arena_factory=None) -> None:
+        self._arena_factory = arena_factory  # sidecar: (tier, num_slots, slot_bytes, device) -> Arena
         if config.layout is None:
             raise ConfigError("StoreConfig.layout is required")
         self.config = config
@@ -57,7 +58,12 @@ class KVStore:
         self._closed = False
         self._tmpdir: str | None = None
         self.device = torch.device(config.device) if config.device else default_device()
-        self._tiers = TierManager(self._build_tiers(), clock=clock)
+        self._tiers = TierManager(self._build_tiers(), clock=clock, durable=config.persist)
+        self.recovered_blocks = 0
+        disk = self._tiers.tiers[-1].arena
+        if config.persist and isinstance(disk, DiskArena) and disk.recovered:
+            self.recovered_blocks = self._tiers.restore([r for r in disk.recovered if r.kind == KIND_KV])
+            log.info("recovered %d blocks from %s", self.recovered_blocks, disk.path)
         self._counters = dict(lookups=0, puts=0, gets=0, hits=0, misses=0, put_blocks=0,
                               dedup_blocks=0, get_blocks=0, corrupt_blocks=0, rejected_blocks=0)
 
@@ -76,7 +82,7 @@ class KVStore:
                 arena = self._make_disk_arena(capacity)
             else:
                 dev = self.device if name == "device" else torch.device("cpu")
-                arena = MemoryArena(capacity // self.block_bytes, self.block_bytes, device=dev, pin=(name == "host"))
+                arena = self._make_memory_arena(name, capacity // self.block_bytes, dev)
             try:
                 policy = make_policy(cfg.policy_for(name), arena.num_slots)
             except ValueError as exc:
@@ -88,6 +94,8 @@ class KVStore:
 
     def _make_disk_arena(self, capacity: int) -> DiskArena:
         cfg = self.config
+        if cfg.persist and cfg.disk_path is None:
+            raise ConfigError("persist = true needs a disk_path (a temporary directory would not survive)")
         if cfg.disk_path is None:
             self._tmpdir = tempfile.mkdtemp(prefix="kvstore-")
             directory = Path(self._tmpdir)
@@ -104,16 +112,22 @@ class KVStore:
             raise ConfigError(f"disk_bytes={capacity} is below one block on disk "
                               f"({slab_file_bytes(1, self.block_bytes)} bytes with header and alignment)")
         need = slab_file_bytes(num_slots, self.block_bytes)
-        free = shutil.disk_usage(directory).free
-        if free < need:
-            raise ConfigError(f"disk_path {directory} has {free} bytes free; disk_bytes needs {need}")
         safe_ns = re.sub(r"[^A-Za-z0-9_.-]", "_", cfg.namespace)[:64]
         path = directory / f"{safe_ns}-kv.slab"
+        existing = path.stat().st_size if path.exists() else 0
+        free = shutil.disk_usage(directory).free + existing
+        if free < need:
+            raise ConfigError(f"disk_path {directory} has {free} bytes free; disk_bytes needs {need}")
         try:
             return DiskArena(path, num_slots, self.block_bytes, fsync=cfg.fsync,
-                             fsync_interval_s=cfg.fsync_interval_s)
+                             fsync_interval_s=cfg.fsync_interval_s, persist=cfg.persist)
+        except SlabInUseError as exc:
+            raise ConfigError(f"{exc.strerror}: each store needs its own disk_path") from None
+        except SlabMismatchError as exc:
+            raise ConfigError(str(exc)) from None
         except OSError as exc:
-            path.unlink(missing_ok=True)
+            if not cfg.persist:
+                path.unlink(missing_ok=True)
             raise ConfigError(f"cannot create slab file {path} ({need} bytes): {exc.strerror or exc}") from None
 
     # -- validation --------------------------------------------------------------------
@@ -264,6 +278,10 @@ class KVStore:
             except CorruptSlotError as exc:
                 bad = set(exc.slots)
                 corrupt.extend(placed[i][0] for i in positions if placed[i][2] in bad)
+            except OSError as exc:  # EIO and friends: the blocks are missing, the tier degraded
+                with self._lock:
+                    self._tiers.fail(t, exc)
+                corrupt.extend(placed[i][0] for i in positions)
             if target is not staging:
                 staging[positions] = target
         return corrupt
@@ -287,6 +305,7 @@ class KVStore:
                     "policy": tier.policy.name, "device": str(tier.arena.device) if not tier.is_disk else "disk",
                     "hits": c.hits, "evictions": c.evictions, "demotions_in": c.demotions_in,
                     "promotions_in": c.promotions_in, "drops": c.drops,
+                    "io_errors": c.io_errors, "degraded": tier.degraded,
                 }
             total = lambda field: sum(t[field] for t in tiers.values())  # noqa: E731
             return {
@@ -326,3 +345,173 @@ class KVStore:
                 self.close()
         except Exception:
             pass
+
+    # -- sidecar support (two-phase reads, shared memory) --
+    # Used by kvstore.server: a memory tier may live in a shared-memory arena that clients
+    # map (``arena_factory``); a read pins blocks in place and hands out their slots (a
+    # lease) so the client copies them out itself; a write reserves slots, the client
+    # fills them, and ``commit`` makes them visible. Reserved slots are invisible to the
+    # index and the policies until committed, so a lookup never sees half-written KV.
+
+    class Lease:
+        """Blocks pinned for a client's read: ``blocks[i] = (tier index, slot)`` in prefix order."""
+
+        __slots__ = ("placed", "blocks", "done")
+
+        def __init__(self, placed: list) -> None:
+            self.placed = placed
+            self.blocks = [(t, slot) for _, t, slot in placed]
+            self.done = False
+
+    class Reservation:
+        """Slots held for a client's write: new block ``positions[j]`` goes to ``slots[j]`` of ``tier``."""
+
+        __slots__ = ("keys", "positions", "slots", "tier", "cached", "done")
+
+        def __init__(self, keys: list[bytes], positions: list[int], slots: list[int], tier: int) -> None:
+            self.keys, self.positions, self.slots, self.tier = keys, positions, slots, tier
+            self.cached = 0
+            self.done = not positions
+
+    def _make_memory_arena(self, tier: str, num_slots: int, device: torch.device):
+        if self._arena_factory is not None:
+            arena = self._arena_factory(tier, num_slots, self.block_bytes, device)
+            if arena is not None:
+                return arena
+        return MemoryArena(num_slots, self.block_bytes, device=device, pin=(tier == "host"))
+
+    def tier_arenas(self) -> list[tuple[str, Any]]:
+        """``(tier name, arena)`` in tier order (the index a lease's blocks refer to)."""
+        return [(t.name, t.arena) for t in self._tiers.tiers]
+
+    def lookup_nowait(self, tokens: TokensLike) -> int | None:
+        """``lookup`` if the lock is free right now, else None (the caller defers it). O(tokens)."""
+        if not self._lock.acquire(blocking=False):
+            return None
+        try:
+            return self.lookup(tokens)
+        finally:
+            self._lock.release()
+
+    def _cached_blocks(self, keys: list[bytes]) -> int:
+        n = 0
+        while n < len(keys) and keys[n] in self._tiers.index:
+            n += 1
+        return n
+
+    def acquire(self, tokens: TokensLike, tiers: Sequence[int]) -> "KVStore.Lease | None":
+        """Pin a fully cached whole-block prefix whose blocks all sit in ``tiers``.
+
+        None when a block is missing or elsewhere (the caller falls back to ``get``, which
+        counts and raises the miss or promotes). Counts as a get; O(blocks).
+        """
+        self._check_open()
+        arr, keys = self._keys(tokens)
+        bt = self.block_tokens
+        if len(arr) % bt:
+            raise InvalidInputError(f"get needs whole blocks: {len(arr)} tokens is not a multiple of "
+                                    f"block_tokens={bt} (use lookup() for the cached length)")
+        allowed = set(tiers)
+        with self._lock:
+            self._check_open()
+            entries = [self._tiers.index.get(k) for k in keys]
+            if any(e is None or e.tier not in allowed for e in entries):
+                return None
+            self._counters["gets"] += 1
+            self._counters["hits"] += len(entries)
+            self._tiers.touch(entries)
+            placed = [(e, e.tier, e.slot) for e in entries]
+            for e in entries:
+                self._tiers.pin(e)
+            return KVStore.Lease(placed)
+
+    def release(self, lease: "KVStore.Lease") -> None:
+        """Unpin a lease's blocks (idempotent). O(blocks)."""
+        with self._lock:
+            if lease.done:
+                return
+            lease.done = True
+            # As ``get``: blocks read from a lower tier are promoted (bytes read while pinned).
+            low = [p for p in lease.placed if p[1] > 0] if self.config.promote_on_hit and not self._closed else []
+            rows = torch.empty((len(low), *self._block_shape), dtype=self.layout.dtype)
+            if low:
+                self._read_blocks(low, rows)
+            for e, t, slot in lease.placed:
+                self._tiers.unpin(e, t, slot)
+                self._tiers.tiers[t].counters.hits += 1
+            self._counters["get_blocks"] += len(lease.placed)
+            if low:
+                self._tiers.promote([e for e, _, _ in low], rows)
+
+    def reserve(self, tokens: TokensLike, tier: int) -> "KVStore.Reservation | None":
+        """Hold slots of tier ``tier`` for the blocks of ``tokens`` not yet cached.
+
+        None when room for all of them cannot be made there (the caller falls back to
+        ``put``). A reservation with nothing to write is already done; its ``cached`` is the
+        put's result. Counts as a put; O(blocks) plus the demotions that make room.
+        """
+        self._check_open()
+        _, keys = self._keys(tokens)
+        with self._lock:
+            self._check_open()
+            index = self._tiers.index
+            present = [index.get(k) for k in keys]
+            new_pos = [i for i, e in enumerate(present) if e is None]
+            slots: list[int] = []
+            if new_pos:
+                if self._tiers.make_room(tier, len(new_pos)) < len(new_pos):
+                    return None
+                slots = self._tiers.tiers[tier].pool.allocate_many(len(new_pos))
+            self._counters["puts"] += 1
+            self._counters["dedup_blocks"] += len(keys) - len(new_pos)
+            res = KVStore.Reservation(keys, new_pos, slots, tier)
+            if res.done:  # nothing to write: record the use now (else at commit, as put orders it)
+                self._tiers.touch([e for e in present if e is not None and e.key in index])
+                res.cached = self._cached_blocks(keys) * self.block_tokens
+            return res
+
+    def commit(self, res: "KVStore.Reservation") -> int:
+        """Make a reservation's written blocks visible; returns the cached prefix length in
+        tokens, like ``put``. Blocks someone else committed meanwhile are freed. O(blocks)."""
+        with self._lock:
+            if res.done:
+                return res.cached
+            res.done = True
+            tiers, index = self._tiers, self._tiers.index
+            tier = tiers.tiers[res.tier]
+            fresh: list[int] = []
+            for i, slot in zip(res.positions, res.slots):
+                if res.keys[i] in index or self._closed:  # someone else committed it meanwhile
+                    tier.pool.decref(slot)
+                else:
+                    fresh.append(i)
+            slot_of = dict(zip(res.positions, res.slots))
+            added = tiers.register([res.keys[i] for i in fresh], [res.keys[i - 1] if i > 0 else None for i in fresh],
+                                   res.tier, [slot_of[i] for i in fresh])
+            self._counters["put_blocks"] += len(added)
+            new = set(res.positions)
+            self._tiers.touch([index[k] for i, k in enumerate(res.keys) if i not in new and k in index])
+            res.cached = self._cached_blocks(res.keys) * self.block_tokens
+            return res.cached
+
+    def abort(self, res: "KVStore.Reservation") -> None:
+        """Give a reservation's slots back (a client that died or gave up). Idempotent."""
+        with self._lock:
+            if res.done:
+                return
+            res.done = True
+            self._tiers.tiers[res.tier].pool.free_many(res.slots)
+            self._counters["rejected_blocks"] += len(res.slots)
+
+    def locate(self, tokens: TokensLike) -> list[str]:
+        """Tier names of the cached prefix's blocks, in order (what the planner needs). O(blocks)."""
+        self._check_open()
+        _, keys = self._keys(tokens)
+        with self._lock:
+            out = []
+            for k in keys:
+                e = self._tiers.index.get(k)
+                if e is None:
+                    break
+                out.append(self._tiers.tiers[e.tier].name)
+            return out

@@ -1,14 +1,20 @@
 """The tier manager: where every block lives, and how blocks move between tiers.
 
-Tiers are ordered fastest first (device, host, disk; disabled tiers are absent). Caching is
-*exclusive*: a block lives in exactly one tier, so capacities add up. New blocks land in the
-top tier; when a tier needs room its eviction policy picks victims, which are demoted to
-the next tier in one batched copy (that tier making room the same way), and blocks evicted
-from the last tier are dropped. A block whose parent is dropped can never be hit again (a
-lookup stops at the first missing block), so its descendants are dropped with it.
+Tiers are ordered fastest first (device, host, disk; disabled tiers are absent). By default
+caching is *exclusive*: a block lives in exactly one tier, so capacities add up. New blocks
+land in the top tier (spilling down when it is too small); when a tier needs room its
+eviction policy picks victims, which are demoted to the next tier in one batched copy (that
+tier making room the same way), and blocks evicted from the last tier are dropped. A block
+whose parent is dropped can never be hit again (a lookup stops at the first missing block),
+so its descendants are dropped with it.
 
-Pinned blocks (being read) are never chosen as victims, and their slots are reference
-counted, so even a ``clear`` cannot hand a slot being read to a writer.
+With ``durable=True`` (``persist``) the disk tier is *inclusive*: every block written to a
+memory tier is also written through to disk (its ``backup`` slot), so an acknowledged put
+survives a crash. Demoting such a block to disk is then free (its memory copy is dropped),
+and when the disk tier evicts a backup the block stays in memory, just no longer durable.
+
+Pinned blocks (being read) are never chosen as victims, and slots are reference counted,
+so even a ``clear`` cannot hand a slot being read to a writer.
 
 Not thread-safe by itself: :class:`kvstore.store.KVStore` serialises calls.
 """
@@ -17,17 +23,21 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+import logging
 import time
 
 import torch
 
-from allocator import Arena, DiskArena, MemoryArena, SlotPool, transfer
+from allocator import Arena, DiskArena, SlotPool, SlotRecord, transfer
 from eviction import EvictionPolicy, NoVictimError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(slots=True, eq=False)
 class BlockEntry:
-    """Index entry of one cached block (its KV payload)."""
+    """Index entry of one cached block. ``tier``/``slot`` is its fastest copy; ``backup`` a
+    durable copy's slot on the disk tier while the fastest copy is in memory."""
 
     key: bytes
     parent: bytes | None
@@ -36,6 +46,7 @@ class BlockEntry:
     pins: int = 0
     hits: int = 0
     last_access: float = 0.0
+    backup: int | None = None
     children: set[bytes] = field(default_factory=set)
 
 
@@ -46,6 +57,7 @@ class TierCounters:
     demotions_in: int = 0
     promotions_in: int = 0
     drops: int = 0
+    io_errors: int = 0
 
 
 class Tier:
@@ -57,14 +69,18 @@ class Tier:
         self.pool = SlotPool(arena.num_slots)
         self.policy = policy
         self.counters = TierCounters()
+        #: set after an I/O error: the tier takes no new blocks; reads of what it holds
+        #: are still tried (each verified) and a failure reports a miss.
+        self.degraded = False
 
     @property
     def is_disk(self) -> bool:
         return isinstance(self.arena, DiskArena)
 
-    def write(self, slots: Sequence[int], src: torch.Tensor, keys: Sequence[bytes]) -> None:
+    def write(self, slots: Sequence[int], src: torch.Tensor, keys: Sequence[bytes],
+              parents: Sequence[bytes | None]) -> None:
         if isinstance(self.arena, DiskArena):
-            self.arena.write(slots, src, keys=keys)
+            self.arena.write(slots, src, keys=keys, parents=parents)
         else:
             self.arena.write(slots, src)
 
@@ -76,13 +92,41 @@ class TierManager:
     evictions per tier crossed plus one batched copy per tier boundary.
     """
 
-    def __init__(self, tiers: list[Tier], clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, tiers: list[Tier], clock: Callable[[], float] = time.monotonic,
+                 durable: bool = False) -> None:
         if not tiers:
             raise ValueError("at least one tier is needed")
         self.tiers = tiers
         self.index: dict[bytes, BlockEntry] = {}
         self.clock = clock
         self.orphans_dropped = 0
+        last = len(tiers) - 1
+        self.disk: int | None = last if tiers[last].is_disk else None
+        self.durable = durable and self.disk is not None and len(tiers) > 1
+
+    def fail(self, t: int, exc: BaseException) -> None:
+        """Record an I/O error on tier ``t``: mark it degraded, log once (not per block)."""
+        tier = self.tiers[t]
+        tier.counters.io_errors += 1
+        if not tier.degraded:
+            tier.degraded = True
+            log.error("tier %s degraded after an I/O error (%s); it takes no new blocks", tier.name, exc)
+
+    def _next(self, t: int) -> int | None:
+        """The tier below ``t`` that still takes blocks."""
+        for u in range(t + 1, len(self.tiers)):
+            if not self.tiers[u].degraded:
+                return u
+        return None
+
+    # -- slot bookkeeping --------------------------------------------------------------
+    def _decref(self, t: int, slot: int) -> None:
+        tier = self.tiers[t]
+        if tier.pool.decref(slot) and t == self.disk and self.durable:
+            try:
+                tier.arena.invalidate([slot])  # a freed slot must not come back after a restart
+            except OSError as exc:
+                self.fail(t, exc)
 
     # -- placement ---------------------------------------------------------------------
     def make_room(self, t: int, n: int) -> int:
@@ -99,37 +143,66 @@ class TierManager:
                 break
             victims.append(self.index[key])
         tier.counters.evictions += len(victims)
-        if victims:
-            if t + 1 < len(self.tiers):
-                room = self.make_room(t + 1, len(victims))
+        if t == self.disk:
+            for entry in victims:
+                if entry.key not in self.index:  # already dropped as a dropped block's child
+                    continue
+                if entry.tier != t:  # only the durable copy goes; the block stays in memory
+                    self._decref(t, entry.backup)
+                    entry.backup = None
+                else:
+                    self._drop(entry, evicted=True)
+            return min(n, tier.pool.free_count)
+        nxt = self._next(t)
+        backed = [e for e in victims if e.backup is not None and nxt == self.disk]
+        to_copy = [e for e in victims if not (e.backup is not None and nxt == self.disk)]
+        for entry in backed:  # its durable copy becomes its only copy: no bytes move
+            self._decref(t, entry.slot)
+            entry.tier, entry.slot, entry.backup = nxt, entry.backup, None
+        if to_copy:
+            if nxt is not None:
+                room = self.make_room(nxt, len(to_copy))
                 # Victims come out least valuable first: keep the later (more valuable) ones.
-                dropped, moving = victims[:len(victims) - room], victims[len(victims) - room:]
+                dropped, moving = to_copy[:len(to_copy) - room], to_copy[len(to_copy) - room:]
                 # Dropping in the lower tier may have dropped some victims as descendants.
-                self._move([e for e in moving if e.key in self.index], t + 1)
+                dropped += self._move([e for e in moving if e.key in self.index], nxt)
             else:
-                dropped = victims
+                dropped = to_copy
             for entry in dropped:
-                if entry.key in self.index:  # may already be gone as a dropped block's child
+                if entry.key in self.index:
                     self._drop(entry, evicted=True)
         return min(n, tier.pool.free_count)
 
-    def _move(self, entries: list[BlockEntry], dst_t: int) -> None:
-        """Move blocks (all in one source tier, already out of its policy) to ``dst_t``."""
+    def _move(self, entries: list[BlockEntry], dst_t: int) -> list[BlockEntry]:
+        """Move blocks (all in one source tier, already out of its policy) to ``dst_t``.
+
+        Returns the blocks that could not be moved (an I/O error on the destination, which
+        is then marked degraded): the caller drops them -- a cache loses a block, it never
+        keeps a half-written one.
+        """
         if not entries:
-            return
+            return []
         src_t = entries[0].tier
         src = self.tiers[src_t]
         dst = self.tiers[dst_t]
         dst_slots = dst.pool.allocate_many(len(entries))
-        transfer(src.arena, [e.slot for e in entries], dst.arena, dst_slots, keys=[e.key for e in entries])
+        try:
+            transfer(src.arena, [e.slot for e in entries], dst.arena, dst_slots, keys=[e.key for e in entries],
+                     parents=[e.parent for e in entries])
+        except OSError as exc:
+            dst.pool.free_many(dst_slots)
+            self.fail(dst_t, exc)
+            return entries
         for entry, slot in zip(entries, dst_slots):
-            src.pool.decref(entry.slot)
+            self._decref(src_t, entry.slot)
             entry.tier, entry.slot = dst_t, slot
-            dst.policy.insert(entry.key, 1, None, entry.parent)
+            if not (dst_t == self.disk and entry.key in dst.policy):
+                dst.policy.insert(entry.key, 1, None, entry.parent)
         if dst_t > src_t:
             dst.counters.demotions_in += len(entries)
         else:
             dst.counters.promotions_in += len(entries)
+        return []
 
     def add(self, keys: Sequence[bytes], parents: Sequence[bytes | None], src: torch.Tensor, t: int = 0) -> int:
         """Store new blocks (rows of ``src``, in prefix order) starting at tier ``t``.
@@ -140,32 +213,77 @@ class TierManager:
         """
         if not keys:
             return 0
+        if self.tiers[t].degraded:
+            nxt = self._next(t)
+            return self.add(keys, parents, src, nxt) if nxt is not None else 0
         n = self.make_room(t, len(keys))
         if n:
             tier = self.tiers[t]
             slots = tier.pool.allocate_many(n)
             try:
-                tier.write(slots, src[:n], keys[:n])
+                tier.write(slots, src[:n], keys[:n], parents[:n])
+            except OSError as exc:
+                tier.pool.free_many(slots)
+                self.fail(t, exc)
+                nxt = self._next(t)
+                return self.add(keys, parents, src, nxt) if nxt is not None else 0
             except BaseException:
                 tier.pool.free_many(slots)
                 raise
-            now = self.clock()
-            # Insert deepest first so that, for recency-based policies, a parent always looks
-            # more recently used than its children: tails go before the prefixes they extend.
-            for i in reversed(range(n)):
-                entry = BlockEntry(keys[i], parents[i], t, slots[i], last_access=now)
-                self.index[keys[i]] = entry
-                tier.policy.insert(keys[i], 1, None, parents[i])
-                parent = self.index.get(parents[i]) if parents[i] is not None else None
-                if parent is not None:
-                    parent.children.add(keys[i])
-        if n < len(keys) and t + 1 < len(self.tiers):
-            n += self.add(keys[n:], parents[n:], src[n:], t + 1)
+            self.register(keys[:n], parents[:n], t, slots)
+        nxt = self._next(t)
+        if n < len(keys) and nxt is not None:
+            n += self.add(keys[n:], parents[n:], src[n:], nxt)
         return n
+
+    def register(self, keys: Sequence[bytes], parents: Sequence[bytes | None], t: int,
+                 slots: Sequence[int]) -> list[BlockEntry]:
+        """Index new blocks whose bytes are already in ``slots`` of tier ``t`` (the caller
+        allocated them); write them through to disk when durable. Returns the entries."""
+        now = self.clock()
+        tier = self.tiers[t]
+        entries = [BlockEntry(k, p, t, s, last_access=now) for k, p, s in zip(keys, parents, slots)]
+        # Insert deepest first so that, for recency-based policies, a parent always looks
+        # more recently used than its children: tails go before the prefixes they extend.
+        for entry in reversed(entries):
+            self.index[entry.key] = entry
+            tier.policy.insert(entry.key, 1, None, entry.parent)
+        for entry in entries:
+            parent = self.index.get(entry.parent) if entry.parent is not None else None
+            if parent is not None:
+                parent.children.add(entry.key)
+        if self.durable and t != self.disk:
+            self._write_backups(entries)
+        return entries
+
+    def _write_backups(self, entries: list[BlockEntry]) -> None:
+        disk = self.tiers[self.disk]
+        if disk.degraded:
+            return
+        room = self.make_room(self.disk, len(entries))
+        entries = [e for e in entries[:room] if e.key in self.index and e.tier != self.disk and e.backup is None]
+        if not entries:
+            return
+        slots = disk.pool.allocate_many(len(entries))
+        by_tier: dict[int, list[int]] = {}
+        for i, e in enumerate(entries):
+            by_tier.setdefault(e.tier, []).append(i)
+        try:
+            for t, idx in by_tier.items():
+                transfer(self.tiers[t].arena, [entries[i].slot for i in idx], disk.arena, [slots[i] for i in idx],
+                         keys=[entries[i].key for i in idx], parents=[entries[i].parent for i in idx])
+        except OSError as exc:  # the blocks stay cached in memory, just not durable
+            disk.pool.free_many(slots)
+            self.fail(self.disk, exc)
+            return
+        for entry, slot in zip(entries, slots):
+            entry.backup = slot
+            disk.policy.insert(entry.key, 1, None, entry.parent)
 
     def promote(self, entries: list[BlockEntry], rows: torch.Tensor) -> int:
         """Move blocks from lower tiers to the top tier, writing ``rows`` (their bytes,
-        already read) instead of reading them again. Returns how many moved."""
+        already read) instead of reading them again. Returns how many moved. When durable,
+        a promoted block's disk copy stays as its backup."""
         entries = [e for e in entries if e.tier > 0 and e.key in self.index]
         if not entries:
             return 0
@@ -176,28 +294,67 @@ class TierManager:
             return 0
         top = self.tiers[0]
         slots = top.pool.allocate_many(len(keep))
-        top.write(slots, rows[[i for i, _ in keep]], [e.key for _, e in keep])
+        top.write(slots, rows[[i for i, _ in keep]], [e.key for _, e in keep], [e.parent for _, e in keep])
         for (_, entry), slot in zip(keep, slots):
-            old = self.tiers[entry.tier]
-            old.policy.remove(entry.key)
-            old.pool.decref(entry.slot)
+            if self.durable and entry.tier == self.disk:
+                entry.backup = entry.slot  # stays in the disk policy as the durable copy
+            else:
+                self.tiers[entry.tier].policy.remove(entry.key)
+                self._decref(entry.tier, entry.slot)
             entry.tier, entry.slot = 0, slot
             top.policy.insert(entry.key, 1, None, entry.parent)
         top.counters.promotions_in += len(keep)
         return len(keep)
 
+    def restore(self, records: Sequence[SlotRecord]) -> int:
+        """Rebuild the disk tier's index from a reopened slab's records (oldest first).
+
+        A record whose parent is not itself recovered is unreachable and is released.
+        Returns how many blocks were restored. O(records).
+        """
+        if self.disk is None or not records:
+            return 0
+        disk = self.tiers[self.disk]
+        keys = {r.key for r in records}
+        usable = [r for r in records if r.parent is None or r.parent in keys]
+        # a chain is usable only if every ancestor is: drop descendants of missing parents
+        changed = True
+        while changed:
+            keys = {r.key for r in usable}
+            kept = [r for r in usable if r.parent is None or r.parent in keys]
+            changed = len(kept) != len(usable)
+            usable = kept
+        disk.pool.claim([r.slot for r in usable])
+        stale = sorted({r.slot for r in records} - {r.slot for r in usable})
+        if stale:
+            disk.arena.invalidate(stale)
+        now = self.clock()
+        for r in usable:
+            self.index[r.key] = BlockEntry(r.key, r.parent, self.disk, r.slot, last_access=now)
+            disk.policy.insert(r.key, 1, None, r.parent)
+        for r in usable:
+            if r.parent is not None:
+                self.index[r.parent].children.add(r.key)
+        return len(usable)
+
     # -- removal -----------------------------------------------------------------------
     def _drop(self, entry: BlockEntry, *, evicted: bool) -> None:
-        """Forget a block (its policy entry is already gone when ``evicted``) and the
-        descendants that only it made reachable."""
+        """Forget a block (its policy entry in its own tier is already gone when
+        ``evicted``) and the descendants that only it made reachable."""
         stack = [(entry, evicted)]
         while stack:
             e, already_out = stack.pop()
             tier = self.tiers[e.tier]
             if not already_out and e.key in tier.policy:  # an in-flight victim is already out
                 tier.policy.remove(e.key)
+            if e.backup is not None:
+                disk = self.tiers[self.disk]
+                if e.key in disk.policy:
+                    disk.policy.remove(e.key)
+                self._decref(self.disk, e.backup)
+                e.backup = None
             del self.index[e.key]
-            tier.pool.decref(e.slot)
+            self._decref(e.tier, e.slot)
             tier.counters.drops += 1
             if e.parent is not None and e.parent in self.index:
                 self.index[e.parent].children.discard(e.key)
@@ -232,7 +389,7 @@ class TierManager:
         entry.pins -= 1
         if entry.key in self.index and entry.tier == tier_index:
             self.tiers[tier_index].policy.unpin(entry.key)
-        self.tiers[tier_index].pool.decref(slot)
+        self._decref(tier_index, slot)
 
     def touch(self, entries: Sequence[BlockEntry]) -> None:
         """Record a hit on a prefix's blocks, deepest first (parents end up most recent)."""
@@ -248,15 +405,20 @@ class TierManager:
             tier.pool._check()
             tier.policy._check()
             resident = [e for e in self.index.values() if e.tier == t]
-            assert len(tier.policy) == len(resident), f"{tier.name}: policy holds {len(tier.policy)}, index {len(resident)}"
-            assert all(e.key in tier.policy for e in resident), f"{tier.name}: index entry missing from policy"
-            slots = [e.slot for e in resident]
+            backups = [e for e in self.index.values() if e.backup is not None] if t == self.disk else []
+            assert not backups or self.durable, "backup copies without durability"
+            members = resident + backups
+            assert len(tier.policy) == len(members), f"{tier.name}: policy holds {len(tier.policy)}, index {len(members)}"
+            assert all(e.key in tier.policy for e in members), f"{tier.name}: index entry missing from policy"
+            slots = [e.slot for e in resident] + [e.backup for e in backups]
             assert len(set(slots)) == len(slots), f"{tier.name}: two blocks share a slot"
             for e in resident:
                 assert tier.pool.refcount(e.slot) == 1 + e.pins, f"{tier.name}: slot {e.slot} refcount mismatch"
                 assert tier.policy.is_pinned(e.key) == (e.pins > 0), f"{tier.name}: pin state mismatch"
-            assert tier.pool.used_count == len(resident), f"{tier.name}: {tier.pool.used_count} slots used for {len(resident)} blocks"
-            assert tier.pool.used_count <= tier.pool.num_slots
+            for e in backups:
+                assert e.tier != t and tier.pool.refcount(e.backup) == 1, f"{tier.name}: bad backup of a block"
+            assert tier.pool.used_count == len(members), \
+                f"{tier.name}: {tier.pool.used_count} slots used for {len(members)} blocks"
         for e in self.index.values():
             for c in e.children:
                 assert c in self.index and self.index[c].parent == e.key, "child link broken"

@@ -47,10 +47,10 @@ def test_disk_roundtrip_runs_and_scattered_slots(disk):
 
 
 def test_disk_header_records_key_and_checksum(disk):
-    disk.write([2], rows(1, 5000), keys=[b"k" * 16])
+    disk.write([2], rows(1, 5000), keys=[b"k" * 16], parents=[b"p" * 16])
     raw = os.pread(disk.fd, HEADER_BYTES, disk.header_offset + 2 * HEADER_BYTES)
-    magic, _, kind, _, gen, key, length, checksum = _HEADER.unpack(raw[:_HEADER.size])
-    assert (magic, key, length) == (MAGIC, b"k" * 16, 5000)
+    magic, _, kind, _, gen, key, parent, length, checksum = _HEADER.unpack(raw[:_HEADER.size])
+    assert (magic, key, parent, length) == (MAGIC, b"k" * 16, b"p" * 16, 5000)
     assert gen >= 1 and checksum == int(disk._checksums[2])
 
 
@@ -136,3 +136,47 @@ def test_transfer_between_all_arena_pairs(tmp_path, width):
     mem_a.read([0, 2, 9, 4, 6], out)
     assert torch.equal(out, x)
     disk.close()
+
+
+def test_reopen_recovers_valid_slots_and_newest_generation(tmp_path):
+    path = tmp_path / "slab"
+    a = DiskArena(path, 8, 5000, persist=True)
+    x = rows(4, 5000, 7)
+    a.write([0, 1], x[:2], keys=[b"a" * 16, b"b" * 16], parents=[None, b"a" * 16])
+    a.write([5], x[2:3], keys=[b"a" * 16])  # same key again, newer generation
+    a.write([6], x[3:4], keys=[b"c" * 16])
+    a.invalidate([6])  # freed: must not come back
+    a.close()
+    b = DiskArena(path, 8, 5000, persist=True)
+    recs = {r.key: r for r in b.recovered}
+    assert set(recs) == {b"a" * 16, b"b" * 16}
+    assert recs[b"a" * 16].slot == 5 and recs[b"b" * 16].parent == b"a" * 16 and recs[b"a" * 16].parent is None
+    out = torch.empty(2, 5000, dtype=torch.uint8)
+    b.read([5, 1], out)
+    assert torch.equal(out[0], x[2]) and torch.equal(out[1], x[1])
+    b.close()
+
+
+def test_reopen_drops_torn_headers_and_refuses_other_geometry(tmp_path):
+    from allocator import SlabMismatchError
+
+    path = tmp_path / "slab"
+    a = DiskArena(path, 4, 5000, persist=True)
+    a.write([0, 1], rows(2, 5000), keys=[b"a" * 16, b"b" * 16])
+    off = a.header_offset + 1 * HEADER_BYTES + 20
+    os.pwrite(a.fd, b"\xff", off)  # a torn header: its own checksum no longer matches
+    a.close()
+    b = DiskArena(path, 4, 5000, persist=True)
+    assert [r.key for r in b.recovered] == [b"a" * 16]
+    b.close()
+    with pytest.raises(SlabMismatchError, match="geometry"):
+        DiskArena(path, 4, 6000, persist=True)
+
+
+def test_a_slab_is_never_shared_by_two_openers(tmp_path):
+    from allocator import SlabInUseError
+
+    a = DiskArena(tmp_path / "slab", 4, 5000, persist=True)
+    with pytest.raises(SlabInUseError, match="in use"):
+        DiskArena(tmp_path / "slab", 4, 5000, persist=True)
+    a.close()

@@ -233,7 +233,8 @@ def test_threads_share_a_store_safely(layout, tmp_path):
         s._check()
 
 
-def test_seeded_stress_against_reference(layout, tmp_path, seed):
+@pytest.mark.parametrize("persist", [False, True], ids=["exclusive", "durable"])
+def test_seeded_stress_against_reference(layout, tmp_path, seed, persist):
     """Random put/lookup/get over three tiny tiers; every get equals the reference bytes."""
     rng = random.Random(seed)
     prompts = []
@@ -246,7 +247,8 @@ def test_seeded_stress_against_reference(layout, tmp_path, seed):
             tokens = [rng.randrange(50000) for _ in range(rng.randrange(4, 20))]
         prompts.append((tokens, None))
     reference: dict[tuple, torch.Tensor] = {}  # full-block prefix -> its kv
-    with small_store(layout, tmp_path, device=3, host=3, disk=5) as s:
+    disk_hits = dropped = restarts = 0
+    with small_store(layout, tmp_path, device=3, host=3, disk=5 if not persist else 8, persist=persist) as s:
         for step in range(400):
             tokens, _ = prompts[rng.randrange(len(prompts))]
             op = rng.random()
@@ -265,6 +267,12 @@ def test_seeded_stress_against_reference(layout, tmp_path, seed):
             elif op < 0.7:
                 n = s.lookup(tokens)
                 assert n % BT == 0 and n <= len(tokens)
+            elif op < 0.72 and persist:  # restart: what the disk holds must come back exact
+                disk_hits += s.stats()["tiers"]["disk"]["hits"]
+                dropped += s.stats()["dropped"]
+                restarts += 1
+                s.close()
+                s = small_store(layout, tmp_path, device=3, host=3, disk=8, persist=True)
             else:
                 n = s.lookup(tokens)
                 if n:
@@ -275,4 +283,7 @@ def test_seeded_stress_against_reference(layout, tmp_path, seed):
             for tier in s.stats()["tiers"].values():
                 assert tier["used_blocks"] <= tier["capacity_blocks"]
         st = s.stats()
-        assert st["demotions"] > 0 and st["dropped"] > 0 and st["tiers"]["disk"]["hits"] > 0
+        assert st["dropped"] + dropped > 0 and st["tiers"]["disk"]["hits"] + disk_hits > 0
+        assert st["demotions"] > 0 or persist
+        assert restarts > 0 or not persist
+    s.close()
