@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from allocator import CorruptSlotError, DiskArena, MemoryArena, default_device, slots_for_bytes
+from allocator import CorruptSlotError, DiskArena, FileOps, MemoryArena, default_device, slots_for_bytes
 from allocator.disk import KIND_KV, SlabInUseError, SlabMismatchError, slab_file_bytes
 from eviction import make_policy
 from kvstore.config import TIERS, StoreConfig
@@ -42,7 +42,9 @@ class KVStore:
     bytes moved; none depends on how many blocks are stored.
     """
 
-    def __init__(self, config: StoreConfig, *, clock=time.monotonic, arena_factory=None) -> None:
+    def __init__(self, config: StoreConfig, *, clock=time.monotonic, arena_factory=None,
+                 file_ops: FileOps | None = None) -> None:
+        self._file_ops = file_ops  # injectable disk operations (fault-injection tests)
         self._arena_factory = arena_factory  # sidecar: (tier, num_slots, slot_bytes, device) -> Arena
         if config.layout is None:
             raise ConfigError("StoreConfig.layout is required")
@@ -120,7 +122,8 @@ class KVStore:
             raise ConfigError(f"disk_path {directory} has {free} bytes free; disk_bytes needs {need}")
         try:
             return DiskArena(path, num_slots, self.block_bytes, fsync=cfg.fsync,
-                             fsync_interval_s=cfg.fsync_interval_s, persist=cfg.persist)
+                             fsync_interval_s=cfg.fsync_interval_s, persist=cfg.persist,
+                             file_ops=self._file_ops)
         except SlabInUseError as exc:
             raise ConfigError(f"{exc.strerror}: each store needs its own disk_path") from None
         except SlabMismatchError as exc:
