@@ -1,0 +1,343 @@
+"""``RemoteClient``: the client interface over the sidecar (ZeroMQ DEALER, msgpack).
+
+Data plane: when the sidecar is on this host (its host id matches ours and its shared
+arenas can be mapped), ``get`` copies KV straight out of the shared host tier into the
+result (one copy) and ``put`` copies it straight in (one copy): the sidecar only moves slot
+numbers. Otherwise, or when the shared tier cannot serve a request (blocks on disk, no
+room), KV travels as raw ZeroMQ frames, sent without a copy.
+
+Failure handling: every request has a deadline. On timeout the socket is closed with
+``LINGER=0`` (its queued messages are dropped) and a fresh one connects; idempotent ops
+(``kvstore.protocol.IDEMPOTENT``) are then retried, others raise. A sidecar that restarted
+has forgotten our namespace: the client says ``hello`` again and retries once.
+
+Not safe to share between threads without care: calls are serialised by a lock.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import threading
+import time
+from typing import Any
+
+import numpy as np
+import torch
+import zmq
+
+from allocator.memory import default_device
+from allocator.shm import map_shared
+from kvstore.errors import StoreClosedError
+from kvstore.hashing import tokens_to_array
+from kvstore.layout import ModelLayout
+from kvstore.protocol import (IDEMPOTENT, MAGIC, VERSION, ProtocolError, SidecarUnavailableError,
+                              UnknownLeaseError, UnknownNamespaceError, VersionMismatchError, check_kv,
+                              error_from_reply, request_frames, tensor_desc, tensor_frame, tensor_from_frame,
+                              unpack)
+from kvstore.server import host_id
+
+
+def _runs(blocks: list[tuple[int, int, int]]) -> list[tuple[int, int, int, int]]:
+    """Group ``(position, segment, slot)`` into runs ``(pos0, segment, slot0, length)`` where
+    both position and slot advance by one: one strided copy per run instead of per block."""
+    runs: list[list[int]] = []
+    for pos, seg, slot in blocks:
+        if runs:
+            r = runs[-1]
+            if r[1] == seg and pos == r[0] + r[3] and slot == r[2] + r[3]:
+                r[3] += 1
+                continue
+        runs.append([pos, seg, slot, 1])
+    return [tuple(r) for r in runs]  # type: ignore[misc]
+
+
+def _fast_tokens(tokens: Any) -> np.ndarray:
+    """``tokens_to_array`` with a vectorised path for the common case, a list of ints: numpy
+    infers the dtype, and only an all-int result free of bools is accepted there; anything
+    else goes through ``tokens_to_array`` for its exact checks and messages."""
+    if type(tokens) is list and tokens:
+        arr = np.array(tokens)
+        if arr.dtype.kind == "i" and arr.ndim == 1 and not any(type(t) is bool for t in tokens):
+            if arr.min() >= -(2**31) and arr.max() < 2**31:
+                return arr.astype("<i4")
+    return tokens_to_array(tokens)
+
+
+class RemoteClient:
+    """A client of ``kvstore serve`` at ``url`` for one namespace (see module doc).
+
+    ``timeout`` bounds each request, ``connect_timeout`` the first ``hello``; ``retries``
+    is how many times an idempotent request is resent after a timeout; ``shm`` None means
+    use shared memory when the sidecar offers it on this host, False never; ``device`` is
+    where ``get`` returns tensors by default (CUDA when present, like the store).
+    """
+
+    def __init__(self, url: str, layout: ModelLayout, *, namespace: str = "default", block_tokens: int = 16,
+                 timeout: float = 30.0, connect_timeout: float = 5.0, retries: int = 1,
+                 shm: bool | None = None, device: torch.device | str | None = None) -> None:
+        self.url = url
+        self.layout = layout
+        self.namespace = namespace
+        self.block_tokens = block_tokens
+        self.timeout = timeout
+        self.connect_timeout = connect_timeout
+        self.retries = max(0, int(retries))
+        self.device = torch.device(device) if device is not None else default_device()
+        self._want_shm = shm
+        self._ctx = zmq.Context()
+        self._sock: zmq.Socket | None = None
+        self._ids = itertools.count(1)
+        self._lock = threading.RLock()
+        self._closed = False
+        self._rows: list[torch.Tensor] = []  # mapped shared segments as [slots, L, 2, bt, H, D]
+        self.server_info: dict = {}
+        self.lease_timeout_s = 30.0
+        try:
+            self._open_socket()
+            self._hello(connect_timeout)
+        except BaseException:
+            self._teardown()
+            raise
+
+    # -- transport ---------------------------------------------------------------------
+    def _open_socket(self) -> None:
+        sock = self._ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 1000)
+        sock.connect(self.url)
+        self._sock = sock
+
+    def _reset_socket(self) -> None:
+        """Give up on the current socket (drop what it queued) and connect a fresh one."""
+        if self._sock is not None:
+            self._sock.setsockopt(zmq.LINGER, 0)
+            self._sock.close()
+            self._sock = None
+        self._open_socket()
+
+    def _request(self, op: str, args: dict, payload: list | tuple = (), *, timeout: float | None = None,
+                 rehello: bool = True) -> tuple[Any, list]:
+        """Send one request and wait for its reply; returns (result, payload frames)."""
+        with self._lock:
+            if self._closed:
+                raise StoreClosedError("the client is closed")
+            budget = self.timeout if timeout is None else timeout
+            attempts = 1 + (self.retries if op in IDEMPOTENT else 0)
+            for _ in range(attempts):
+                reply = self._exchange(op, args, payload, budget)
+                if reply is None:
+                    self._reset_socket()
+                    continue
+                header, frames = reply
+                if header.get("ok") is True:
+                    return header.get("result"), frames
+                exc = error_from_reply(header.get("error"))
+                if isinstance(exc, UnknownNamespaceError) and rehello and op != "hello":
+                    self._hello(self.connect_timeout)  # the sidecar restarted: join again, retry once
+                    return self._request(op, args, payload, timeout=timeout, rehello=False)
+                raise exc
+            what = "hello" if op == "hello" else op
+            raise SidecarUnavailableError(
+                f"no reply from the sidecar at {self.url} to {what!r} within {budget:g} s "
+                f"({attempts} attempt{'s' if attempts > 1 else ''}); is `kvstore serve` running there?")
+
+    def _exchange(self, op: str, args: dict, payload: list | tuple, budget: float) -> tuple[dict, list] | None:
+        """One send + wait on the current socket; None on timeout. Stale replies are skipped."""
+        assert self._sock is not None
+        rid = next(self._ids)
+        self._sock.send_multipart(request_frames(rid, op, args, max(1, int(budget * 1000)), payload), copy=False)
+        end = time.monotonic() + budget
+        for _ in range(1000):  # bounded: each pass consumes one reply
+            remaining = end - time.monotonic()
+            if remaining <= 0 or not self._sock.poll(max(1, int(remaining * 1000))):
+                return None
+            frames = self._sock.recv_multipart(copy=False)
+            if len(frames) < 2 or bytes(frames[0]) != MAGIC:
+                raise ProtocolError(f"the peer at {self.url} is not a kvstore sidecar (bad reply frames)")
+            header = unpack(frames[1])
+            if not isinstance(header, dict):
+                raise ProtocolError("reply header is not a map")
+            if header.get("v") != VERSION:
+                err = header.get("error") or {}
+                raise VersionMismatchError(f"the sidecar at {self.url} speaks protocol v{header.get('v')!r}, this "
+                                           f"client v{VERSION}" + (f": {err.get('message')}" if err else ""))
+            if header.get("id") != rid:
+                continue  # a late reply to an earlier request
+            return header, list(frames[2:])
+        return None
+
+    def _hello(self, timeout: float) -> None:
+        result, _ = self._request("hello", {"ns": self.namespace, "layout": self.layout.to_dict(),
+                                            "block_tokens": self.block_tokens, "pid": os.getpid(),
+                                            "host": host_id()}, timeout=timeout)
+        self.server_info = result
+        self.lease_timeout_s = float(result.get("lease_timeout_s", 30.0))
+        self._map_shm(result.get("shm"))
+
+    def _map_shm(self, shm: dict | None) -> None:
+        self._rows = []
+        if self._want_shm is False or not shm or shm.get("host") != host_id():
+            return
+        L, H, D = self.layout.num_layers, self.layout.num_kv_heads, self.layout.head_dim
+        rows = []
+        try:
+            for seg in shm["segments"]:
+                data = map_shared(seg["path"], seg["num_slots"], seg["slot_bytes"])
+                rows.append(data.view(self.layout.dtype).view(seg["num_slots"], L, 2, self.block_tokens, H, D))
+        except (OSError, KeyError, TypeError, RuntimeError):
+            return  # not mappable here: fall back to frames
+        self._rows = rows
+
+    @property
+    def uses_shm(self) -> bool:
+        return bool(self._rows)
+
+    def _ns_args(self, tokens: Any) -> tuple[Any, dict]:
+        arr = _fast_tokens(tokens)
+        return arr, {"ns": self.namespace, "tokens": arr.tobytes()}
+
+    # -- API ---------------------------------------------------------------------------
+    def put(self, tokens: Any, kv: torch.Tensor, activations: torch.Tensor | None = None) -> int:
+        """Store ``tokens``' full blocks; returns the cached prefix length (see ``KVStore.put``)."""
+        self._check_open()
+        arr, args = self._ns_args(tokens)
+        check_kv(self.layout, kv, len(arr))
+        if activations is not None:
+            raise NotImplementedError("activations are not stored by this build yet")
+        nb = len(arr) // self.block_tokens
+        if nb == 0:
+            return 0
+        if self._rows:
+            done = self._put_shm(args, kv, nb)
+            if done is not None:
+                return done
+        return self._put_frames(args, kv)
+
+    def _put_frames(self, args: dict, kv: torch.Tensor) -> int:
+        kv = kv.detach()
+        if kv.device.type != "cpu" or not kv.is_contiguous():
+            kv = kv.to("cpu").contiguous()
+        result, _ = self._request("put", {**args, "kv": tensor_desc(kv)}, [tensor_frame(kv)])
+        return int(result)
+
+    def _put_shm(self, args: dict, kv: torch.Tensor, nb: int) -> int | None:
+        """reserve -> write into the shared slots -> commit; None: the sidecar wants frames."""
+        t0 = time.monotonic()
+        res, _ = self._request("reserve", args)
+        if res["mode"] == "done":
+            return int(res["tokens"])
+        if res["mode"] != "shm":
+            return None
+        claim = res["claim"]
+        bt = self.block_tokens
+        try:
+            if time.monotonic() - t0 > self.lease_timeout_s / 2:
+                raise TimeoutError("reservation too old to write safely")
+            kv6 = kv.detach()[:, :, :nb * bt].unflatten(2, (nb, bt)).permute(2, 0, 1, 3, 4, 5)
+            for pos, seg, slot, k in _runs([tuple(b) for b in res["blocks"]]):
+                self._rows[seg][slot:slot + k].copy_(kv6[pos:pos + k])
+        except BaseException:
+            try:
+                self._request("release", {"claim": claim})
+            except Exception:  # the reservation expires on the server anyway
+                pass
+            raise
+        try:
+            result, _ = self._request("commit", {"claim": claim})
+        except UnknownLeaseError:
+            return None  # reclaimed while we wrote (we stalled): send the bytes instead
+        return int(result)
+
+    def lookup(self, tokens: Any) -> int:
+        """Cached prefix length in tokens (a multiple of block_tokens)."""
+        self._check_open()
+        _, args = self._ns_args(tokens)
+        result, _ = self._request("lookup", args)
+        return int(result)
+
+    def get(self, tokens: Any, device: torch.device | str | None = None) -> torch.Tensor:
+        """The KV of ``tokens`` (whole, fully cached blocks), bytes equal to what was put."""
+        self._check_open()
+        arr, args = self._ns_args(tokens)
+        out_device = torch.device(device) if device is not None else self.device
+        if self._rows:
+            result, frames = self._request("get", {**args, "shm": True})
+            if result["mode"] == "shm":
+                out = self._copy_out(result["blocks"], out_device)
+                try:
+                    self._request("release", {"claim": result["claim"]})
+                    return out
+                except UnknownLeaseError:
+                    pass  # reclaimed while we copied: the bytes may be stale, ask for frames
+                result, frames = self._request("get", args)
+        else:
+            result, frames = self._request("get", args)
+        if len(frames) != 1:
+            raise ProtocolError(f"get reply carries {len(frames)} payload frames, expected 1")
+        kv = tensor_from_frame(frames[0], result["kv"])
+        return kv.to(out_device)
+
+    def _copy_out(self, blocks: list, device: torch.device) -> torch.Tensor:
+        nb, bt = len(blocks), self.block_tokens
+        lay = self.layout
+        out = torch.empty(lay.kv_shape(nb * bt), dtype=lay.dtype, device=device)
+        out6 = out.view(lay.num_layers, 2, nb, bt, lay.num_kv_heads, lay.head_dim).permute(2, 0, 1, 3, 4, 5)
+        for pos, seg, slot, k in _runs([(i, seg, slot) for i, (seg, slot) in enumerate(blocks)]):
+            out6[pos:pos + k].copy_(self._rows[seg][slot:slot + k])
+        return out
+
+    def stats(self) -> dict:
+        """The namespace's store statistics, plus the sidecar's under ``"sidecar"``."""
+        self._check_open()
+        result, _ = self._request("stats", {"ns": self.namespace})
+        return {**result["namespace"], "sidecar": result["server"]}
+
+    def clear(self) -> int:
+        self._check_open()
+        result, _ = self._request("clear", {"ns": self.namespace})
+        return int(result)
+
+    def plan(self, tokens: Any, profile: dict | None = None) -> dict:
+        """The sidecar's transfer-or-recompute plan for ``tokens``' cached prefix."""
+        self._check_open()
+        _, args = self._ns_args(tokens)
+        if profile is not None:
+            args["profile"] = profile
+        result, _ = self._request("plan", args)
+        return result
+
+    def health(self) -> dict:
+        self._check_open()
+        result, _ = self._request("health", {})
+        return result
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StoreClosedError("the client is closed")
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._teardown()
+
+    def _teardown(self) -> None:
+        self._rows = []
+        if self._sock is not None:
+            self._sock.setsockopt(zmq.LINGER, 0)
+            self._sock.close()
+            self._sock = None
+        self._ctx.term()
+
+    def __enter__(self) -> "RemoteClient":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass

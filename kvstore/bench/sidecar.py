@@ -1,0 +1,105 @@
+"""``kvstore bench sidecar``: the sidecar beside bare ZeroMQ and memcpy, in one run.
+
+Results (DESIGN.md bench shape), each with the machine limit measured in the same run:
+
+* ``lookup_p50_us`` / ``lookup_p99_us``: a ``lookup`` of a 32-block prefix over TCP vs a bare
+  pyzmq DEALER/ROUTER echo of the same request bytes (target ratio <= 1.5);
+* ``shm_get_gbps`` / ``shm_put_gbps``: 64 MiB of KV through shared memory vs one memcpy of
+  the same bytes (``clone`` for get, which returns a new tensor; ``copy_`` into existing
+  memory for put) (target >= 0.8);
+* ``tcp_get_gbps`` / ``tcp_put_gbps``: the same KV as ZeroMQ frames vs a bare zmq transfer
+  of the same bytes (target >= 0.7);
+* ``lookup_ops_per_s_8_clients``: 8 client processes doing lookups vs 8 processes echoing.
+
+Layout: the engine-side work runs in ``python -m clients.bench_sidecar`` (``kvstore`` does
+not import ``clients``); the sidecar is ``python -m kvstore serve`` and the echo peer is
+this module's ``__main__``, each in its own process, so the GIL of one never slows another.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+from kvstore.bench.report import Report, machine_info
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _spawn_and_read_endpoint(cmd: list[str], marker: str, timeout: float = 60.0) -> tuple[subprocess.Popen, str]:
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        line = proc.stderr.readline()
+        if not line:
+            break
+        if marker in line:
+            return proc, line.split(marker, 1)[1].split()[0].rstrip(",")
+    proc.kill()
+    raise RuntimeError(f"{' '.join(cmd[:4])} did not start")
+
+
+def run(args: argparse.Namespace) -> Report:
+    quick = bool(getattr(args, "quick", False))
+    report = Report("sidecar", machine_info())
+    host_bytes = (64 if quick else 256) << 20
+    sidecar, endpoint = _spawn_and_read_endpoint(
+        [sys.executable, "-m", "kvstore", "serve", "--endpoint", "tcp://127.0.0.1:*", "--device-bytes", "0",
+         "--host-bytes", str(host_bytes), "--workers", "4"], "serving on ")
+    echo, echo_endpoint = _spawn_and_read_endpoint([sys.executable, "-m", "kvstore.bench.sidecar", "echo"],
+                                                   "echo on ")
+    try:
+        cmd = [sys.executable, "-m", "clients.bench_sidecar", "--endpoint", endpoint, "--echo", echo_endpoint]
+        if quick:
+            cmd.append("--quick")
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+        if proc.returncode != 0:
+            raise RuntimeError(f"bench driver failed:\n{proc.stderr[-3000:]}")
+        sys.stderr.write(proc.stderr)
+        data = json.loads(proc.stdout)
+    finally:
+        for p in (sidecar, echo):
+            p.terminate()
+            try:
+                p.wait(30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+    report.machine.update(data.get("machine", {}))
+    for r in data["results"]:
+        report.add(r["name"], r["value"], r["unit"], limit=r.get("limit"), target=r.get("target"),
+                   better=r.get("better", "higher"))
+    return report
+
+
+def echo_main() -> int:
+    """A bare ROUTER peer: echoes frames back; ``[b"GET", n]`` -> n bytes; ``[b"PUT", data]`` -> ``b"ok"``."""
+    import zmq
+
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.ROUTER)
+    sock.setsockopt(zmq.LINGER, 0)
+    port = sock.bind_to_random_port("tcp://127.0.0.1")
+    print(f"echo on tcp://127.0.0.1:{port}", file=sys.stderr, flush=True)
+    blobs: dict[int, bytearray] = {}
+    while True:
+        frames = sock.recv_multipart(copy=False)
+        ident, body = frames[0], frames[1:]
+        tag = body[0].bytes if len(body[0]) <= 8 else b""
+        if tag == b"GET":
+            n = int(body[1].bytes)
+            blob = blobs.setdefault(n, bytearray(n))
+            sock.send_multipart([ident, blob], copy=False)
+        elif tag == b"PUT":
+            sock.send_multipart([ident, b"ok"])
+        else:
+            sock.send_multipart([ident, *body], copy=False)
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] == ["echo"]:
+        raise SystemExit(echo_main())
+    raise SystemExit("usage: python -m kvstore.bench.sidecar echo")
