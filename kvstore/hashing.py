@@ -78,8 +78,12 @@ def block_keys(tokens: np.ndarray, block_tokens: int, salt: bytes, max_blocks: i
     step = block_tokens * 4
     keys: list[bytes] = []
     prev = b""
-    blake = hashlib.blake2b
+    # Keying BLAKE2b costs a compression of the key block; do it once and copy the state.
+    base = hashlib.blake2b(digest_size=KEY_BYTES, key=salt)
     for i in range(n):
-        prev = blake(prev + data[i * step:(i + 1) * step], digest_size=KEY_BYTES, key=salt).digest()
+        h = base.copy()
+        h.update(prev)
+        h.update(data[i * step:(i + 1) * step])
+        prev = h.digest()
         keys.append(prev)
     return keys
