@@ -19,11 +19,12 @@ cleared block does not come back after a restart. Torn payloads are caught by th
 checksum on their first read and dropped. The file is ``flock``-ed: two processes never
 share one slab.
 
-I/O is batched: slots are sorted into runs of consecutive indices and each run is one
-``preadv``/``pwritev`` straight into or out of the caller's rows (no per-block syscall, no
-intermediate copy). Runs are cut into chunks that worker threads process, so the
-checksum of one chunk overlaps the I/O of the next (positioned I/O and xxhash release the
-GIL).
+I/O is batched: a batch's slots are sorted and cut into runs of consecutive slots, and
+each run is one ``preadv``/``pwritev`` straight into or out of the caller's rows, wherever
+those rows are (no per-block syscall, no intermediate copy; a scattered batch still reads
+sequentially). Runs are cut into chunks that worker threads process, so the checksum of one
+chunk overlaps the I/O of the next and scattered runs keep several requests in flight
+(positioned I/O releases the GIL).
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ MAGIC = b"KVSL"
 SLAB_MAGIC = "kvstore-slab"
 VERSION = 1
 _IOV_MAX = 1024
-_CHUNK_BYTES = 8 << 20
+_CHUNK_BYTES = 32 << 20
 
 KIND_EMPTY, KIND_KV, KIND_ACT = 0, 1, 2
 _NO_PARENT = b"\0" * 16
@@ -217,20 +218,32 @@ class DiskArena(Arena):
         return torch.device("cpu")
 
     # -- chunking ----------------------------------------------------------------------
-    def _chunks(self, slots: Sequence[int]) -> list[tuple[int, int]]:
-        """Runs of consecutive slots, cut to at most ``_CHUNK_BYTES`` and the iovec limit."""
+    def _chunks(self, slots: Sequence[int]) -> list[list[int]]:
+        """Positions of ``slots`` grouped so that each group's slots are consecutive on disk.
+
+        Positions are taken in slot order, so a batch of scattered slots still becomes
+        sequential I/O (``preadv``/``pwritev`` gather from or scatter into any rows); groups
+        are cut at ``_CHUNK_BYTES`` and the iovec limit. O(n log n).
+        """
         per_chunk = max(1, min(_CHUNK_BYTES // self.stride, _IOV_MAX // 2))
-        chunks = []
-        for start, end in _runs(slots):
-            for s in range(start, end, per_chunk):
-                chunks.append((s, min(end, s + per_chunk)))
+        order = sorted(range(len(slots)), key=slots.__getitem__)
+        chunks: list[list[int]] = []
+        current = [order[0]]
+        for p in order[1:]:
+            if slots[p] == slots[current[-1]] + 1 and len(current) < per_chunk:
+                current.append(p)
+            else:
+                chunks.append(current)
+                current = [p]
+        chunks.append(current)
         return chunks
 
-    def _iov(self, rows: np.ndarray, start: int, end: int) -> list[memoryview]:
+    def _iov(self, rows: np.ndarray, positions: list[int]) -> list[memoryview]:
         bufs: list[memoryview] = []
-        for i in range(start, end):
-            bufs.append(memoryview(rows[i]))
-            if self._pad is not None and i + 1 < end:
+        last = positions[-1]
+        for p in positions:
+            bufs.append(memoryview(rows[p]))
+            if self._pad is not None and p != last:
                 bufs.append(memoryview(self._pad))
         return bufs
 
@@ -245,13 +258,12 @@ class DiskArena(Arena):
         slots = list(slots)
         sums = np.empty(len(slots), dtype=np.uint64)
 
-        def do(chunk: tuple[int, int]) -> None:
-            start, end = chunk
-            for i in range(start, end):
-                sums[i] = xxhash.xxh3_64_intdigest(rows[i])
-            bufs = self._iov(rows, start, end)
+        def do(chunk: list[int]) -> None:
+            for p in chunk:
+                sums[p] = xxhash.xxh3_64_intdigest(rows[p])
+            bufs = self._iov(rows, chunk)
             want = sum(b.nbytes for b in bufs)
-            offset = self.data_offset + slots[start] * self.stride
+            offset = self.data_offset + slots[chunk[0]] * self.stride
             done = self.ops.pwritev(self.fd, bufs, offset)
             if done != want:
                 raise OSError(f"short write to {self.path}: {done} of {want} bytes at offset {offset}")
@@ -260,19 +272,21 @@ class DiskArena(Arena):
         with self._gen_lock:
             gen0 = self._generation + 1
             self._generation += len(slots)
-        headers = bytearray(HEADER_BYTES * len(slots))
-        for i, slot in enumerate(slots):
+        order = sorted(range(len(slots)), key=slots.__getitem__)
+        headers = bytearray(HEADER_BYTES * len(slots))  # in slot order: runs are contiguous
+        for j, i in enumerate(order):
             key = keys[i] if keys is not None else b"\0" * 16
             parent = parents[i] if parents is not None and parents[i] is not None else _NO_PARENT
             h = _HEADER.pack(MAGIC, VERSION, kind, 0, gen0 + i, key.ljust(16, b"\0")[:16], parent,
                              self.slot_bytes, int(sums[i]))
-            off = i * HEADER_BYTES
+            off = j * HEADER_BYTES
             headers[off:off + _HEADER.size] = h
             headers[off + _HEADER.size:off + _HEADER.size + 8] = _HEADER_CRC.pack(xxhash.xxh3_64_intdigest(h))
         mv = memoryview(headers)
-        for start, end in _runs(slots):
+        sorted_slots = [slots[i] for i in order]
+        for start, end in _runs(sorted_slots):
             self.ops.pwrite(self.fd, mv[start * HEADER_BYTES:end * HEADER_BYTES],
-                            self.header_offset + slots[start] * HEADER_BYTES)
+                            self.header_offset + sorted_slots[start] * HEADER_BYTES)
         self._checksums[slots] = sums
         self._lengths[slots] = self.slot_bytes
         self._maybe_sync()
@@ -307,15 +321,13 @@ class DiskArena(Arena):
         expected = self._checksums[slots]
         bad: list[int] = []
 
-        def do(chunk: tuple[int, int]) -> list[int]:
-            start, end = chunk
-            bufs = self._iov(rows, start, end)
+        def do(chunk: list[int]) -> list[int]:
+            bufs = self._iov(rows, chunk)
             want = sum(b.nbytes for b in bufs)
-            done = self.ops.preadv(self.fd, bufs, self.data_offset + slots[start] * self.stride)
+            done = self.ops.preadv(self.fd, bufs, self.data_offset + slots[chunk[0]] * self.stride)
             if done != want:
-                return list(slots[start:end])
-            return [slots[i] for i in range(start, end)
-                    if xxhash.xxh3_64_intdigest(rows[i]) != int(expected[i])]
+                return [slots[p] for p in chunk]
+            return [slots[p] for p in chunk if xxhash.xxh3_64_intdigest(rows[p]) != int(expected[p])]
 
         for failed in self._pool.map(do, self._chunks(slots)):
             bad.extend(failed)
