@@ -1,4 +1,6 @@
-"""The ``kvstore`` command: one entry point, one module per subcommand.
+"""kvstore: a paged, tiered KV-cache service for LLM inference.
+
+The command line: one entry point, one module per subcommand.
 
 Each subcommand lives in its own module exposing ``configure(parser)`` and
 ``run(args) -> int``; modules keep their imports light at top level (torch, transformers and
@@ -26,7 +28,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="kvstore", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="kvstore", description=__doc__.splitlines()[0].removeprefix("kvstore: "))
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging on stderr")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module_name, help_text) in COMMANDS.items():
