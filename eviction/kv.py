@@ -4,26 +4,47 @@ What it knows that the classic policies do not:
 
 * **Blocks form chains.** A block is useless without its parent, so only *leaves* (no
   resident child) are eviction candidates: a conversation's tail goes before the shared
-  prefix it hangs off, and a prefix is never broken in the middle.
+  prefix it hangs off, and a prefix is never broken in the middle. The resident set stays
+  prefix-closed, so (almost) every block hit is also a prefix hit.
+* **Broken blocks go first.** A block inserted while its parent is not resident (or is
+  itself broken) cannot be served as part of a prefix; it is the first victim instead of
+  occupying space as an unservable fragment. (This is how a chain the policy does not
+  admit passes through: its deepest block is evicted as it arrives, the rest follow as
+  broken blocks, and the shared prefixes it hung off stay.)
 * **A request touches its chain root-first.** All blocks one request touches get the same
   request tick (recency is per request, not per block); within a tick deeper blocks go
   first, so a cut always shortens a chain from its end.
 * **The tail of a finished request is rarely reused as is** (the next turn of a chat
-  re-sends that prefix plus more tokens, so the old partial last block is superseded).
-  Whether that holds on a workload is *learned*, not assumed: the policy keeps a ghost
-  of recently evicted keys and counts, per class (request tail vs interior), how often an
-  evicted block comes back. Tails are aged by ``tail_age`` request ticks scaled by how much
-  less they come back than interior blocks.
+  re-sends that prefix minus its partial last block, plus more tokens): when the next
+  request starts, the previous request's last block is demoted by ``tail_age`` ticks
+  (default: below everything that is not a tail).
+* **Reused chains are protected (ARC-style, on the tree).** Leaves live in two segments,
+  *new* (not hit since insertion) and *reused*, each ordered by request tick; a victim is
+  taken from *new* while it is over its target ``p``. ``p`` adapts on ghost hits as in ARC
+  (ghosts of evicted keys, ``ghost_factor`` x capacity), but starts at ``p0`` (40% of
+  capacity) instead of ARC's 0: a large cache sees too few ghost hits in a trace a few
+  capacities long to climb from 0 (on Mooncake's conversation trace at 30k blocks ``p``
+  was still rising at the end of the hour), and starting at 0 starves new chains.
 * **Shared prefixes are worth more.** A block that several requests reused earns a
-  frequency bonus (``log2`` of hits, in request ticks) so a popular system prompt outlives
-  one conversation's tail.
-* **Cost.** A block's ``cost`` (recompute or transfer time, as the store knows it) scales
-  the frequency bonus; with no cost given, deeper blocks count as costlier
-  (``depth_weight``), as recomputing them attends over a longer prefix.
+  frequency bonus of ``freq_bonus * log2(1 + hits)`` request ticks, so a popular system
+  prompt outlives one conversation's tail once it becomes a leaf. Every request through a
+  block is a hit on it, so a node's hits are its subtree's hits.
+* **Cost.** When the store passes a block's ``cost`` (recompute or transfer time), the
+  frequency bonus is scaled by the cost relative to the running mean cost, so expensive
+  blocks are kept longer; ``depth_weight`` adds that many ticks per chain depth (0 by
+  default: on hit ratio it only hurts; a cost-aware store passes real costs instead).
 
-Eviction order is a min-heap on ``(score, -depth, stamp)`` with lazy deletion.
-Complexity: insert/access O(log n); evict amortised O(log n); remove O(1) (lazy) plus
-O(log n) when the parent becomes a leaf.
+Tried and not kept (see the issue note): LHD-style learned hit density per block class
+(own hits, anchor, tail) with sampled eviction won at the extremes but lost to ARC/LIRS at
+5k-10k blocks; ``rel_bonus`` (bonus scaled by the requests the cache holds) and
+``protect_current`` (never cut the chain being served while the other segment has a
+victim) helped some generated mixes and hurt others; both stay as options, off.
+
+Eviction order is a min-heap per segment on ``(score, -depth, stamp)`` with lazy deletion.
+Complexity: insert/access O(log n); evict amortised O(log n) (stale heap entries are
+skipped, and the heaps are rebuilt when they grow past twice the live entries); remove
+O(1) (lazy) plus O(log n) when the parent becomes a leaf. Ghost lists: O(1) per step.
+The every-leaf-pinned fallback is O(n) and only reached when the store pins every leaf.
 """
 
 from __future__ import annotations
@@ -38,16 +59,17 @@ from eviction.base import EvictionPolicy, Key
 class KVPolicy(EvictionPolicy):
     name = "kv"
 
-    def __init__(self, capacity: int, *, freq_bonus: float = 0.0, tail_age: float = 1e9,
+    def __init__(self, capacity: int, *, freq_bonus: float = 50.0, tail_age: float = 1e9,
                  depth_weight: float = 0.0, adaptive: bool = True, ghost_factor: float = 2.0,
-                 min_new: float = 0.0,
+                 min_new: float = 0.0, p0: float = 0.4, rel_bonus: bool = False,
+                 protect_current: bool = False,
                  **kwargs) -> None:
         super().__init__(capacity, **kwargs)
         self._detached_size = 0
         self._ghost_factor = ghost_factor
         self._min_new = min_new * self.capacity
         self._adaptive = adaptive
-        self.p = self._min_new  # target size of the "new" segment (ARC's p)
+        self.p = max(self._min_new, p0 * self.capacity)  # target size of the "new" segment (ARC's p)
         self._seg_size = [0, 0]        # resident size of segment 0 (new) and 1 (reused)
         self._ghost: list[OrderedDict] = [OrderedDict(), OrderedDict()]
         self._ghost_size = [0, 0]
@@ -57,6 +79,12 @@ class KVPolicy(EvictionPolicy):
         self._tail_age = tail_age
         self._depth_weight = depth_weight
         self._tick = 0
+        self._broken: set = set()
+        self._cost_mean = 0.0
+        self._cost_n = 0
+        self._acc = 0
+        self._rel = rel_bonus
+        self._protect = protect_current
         self._stamp = 0
         self._last: Key | None = None
         self._tickof: dict[Key, float] = {}
@@ -75,9 +103,18 @@ class KVPolicy(EvictionPolicy):
         s = self._tickof[key]
         h = self._hits[key]
         if h and self._freq_bonus:
-            s += self._freq_bonus * math.log2(1 + h)
+            # in units of "requests the cache holds" (capacity / mean blocks per request)
+            scale = self.capacity * self._tick / max(self._acc, 1) if self._rel else 1.0
+            c = self._cost[key]
+            if c is not None and self._cost_mean > 0:
+                scale *= c / self._cost_mean
+            s += self._freq_bonus * scale * math.log2(1 + h)
+        if self._depth_weight:
+            s += self._depth_weight * self._depth[key]
         if self._tail[key] and self._tail_age:
             s -= self._tail_age
+        if key in self._broken:
+            s -= 4e9  # its prefix is gone: it cannot be served as a prefix, so it goes first
         return s
 
     def _push(self, key: Key) -> None:
@@ -128,6 +165,7 @@ class KVPolicy(EvictionPolicy):
 
     def _touch_chain(self, key: Key, parent: Key | None) -> None:
         """Advance the request tick when ``key`` does not continue the previous chain."""
+        self._acc += 1
         if parent is None or parent != self._last:
             last = self._last
             if last is not None and last in self._sizes and not self._tail[last]:
@@ -143,6 +181,8 @@ class KVPolicy(EvictionPolicy):
         self._touch_chain(key, parent)
         self._tickof[key] = self._tick
         self._parent[key] = parent
+        if parent is not None and (parent not in self._sizes or parent in self._broken):
+            self._broken.add(key)
         if parent is not None and parent in self._sizes:
             self._depth[key] = self._depth[parent] + 1
             self._nchild[parent] += 1
@@ -154,6 +194,9 @@ class KVPolicy(EvictionPolicy):
         self._nchild[key] = self._waiting.pop(key, 0)
         self._hits[key] = 0
         self._cost[key] = cost
+        if cost is not None and cost > 0:
+            self._cost_n += 1
+            self._cost_mean += (cost - self._cost_mean) / min(self._cost_n, 1024)
         self._tail[key] = False
         if self._nchild[key] == 0:
             self._push(key)
@@ -177,6 +220,7 @@ class KVPolicy(EvictionPolicy):
             self._waiting[key] = self._waiting.get(key, 0) + n
         for d in (self._tickof, self._depth, self._hits, self._cost, self._tail):
             del d[key]
+        self._broken.discard(key)
         self._entry.pop(key, None)
         if parent is not None:
             if parent in self._nchild:
@@ -222,8 +266,20 @@ class KVPolicy(EvictionPolicy):
 
     def _evict_one(self) -> Key:
         first = 0 if self._seg_size[0] > self.p or self._seg_size[1] == 0 else 1
+        key = self._pop_leaf(first)
+        if key is not None and self._protect and self._tickof[key] == self._tick \
+                and key not in self._broken:
+            # the segment's best victim is the chain being served right now: cutting it
+            # would leave its next blocks unservable; take the other segment's if it has one
+            other = self._pop_leaf(1 - first)
+            if other is not None and self._tickof[other] != self._tick:
+                self._push(key)
+                key, first = other, 1 - first
+            elif other is not None:
+                self._push(other)
         for seg in (first, 1 - first):
-            key = self._pop_leaf(seg)
+            if key is None:
+                key = self._pop_leaf(seg)
             if key is not None:
                 size = self._sizes[key]
                 self._detach(key)

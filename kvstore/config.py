@@ -14,6 +14,8 @@ MiB = 1 << 20
 GiB = 1 << 30
 TIERS = ("device", "host", "disk")
 FsyncMode = Literal["always", "interval", "never"]
+ActivationsMode = Literal["none", "beside", "instead"]
+ACTIVATION_MODES = ("none", "beside", "instead")
 
 
 @dataclass
@@ -24,6 +26,15 @@ class StoreConfig:
     ``policy`` is a registry name for every tier or a ``{tier: name}`` mapping.
     ``disk_path`` is a directory for the slab file; None with ``disk_bytes > 0`` uses a
     temporary directory removed on close.
+
+    Activations (the K/V projections' inputs, what recompute needs) are a second payload
+    with their own slots: ``act_share`` is the fraction of *each* tier's bytes given to
+    them (0 keeps every byte for KV: the store behaves exactly as without activations).
+    ``activations`` says which form a put keeps for the blocks ``act_blocks`` selects
+    (0: every block; N: the blocks among the first N of the sequence, KVPR's leading
+    tokens): ``"beside"`` keeps activations and KV, ``"instead"`` activations only (half
+    the bytes of MHA KV; restorable only by a store given a recompute adapter), ``"none"``
+    keeps KV only. Blocks not selected keep KV only.
     """
 
     layout: ModelLayout | None = None
@@ -39,6 +50,9 @@ class StoreConfig:
     fsync: FsyncMode = "never"
     fsync_interval_s: float = 1.0
     device: str | None = None  # "cuda" / "cpu"; None picks cuda when available
+    act_share: float = 0.0
+    activations: ActivationsMode = "none"
+    act_blocks: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -52,6 +66,17 @@ class StoreConfig:
                 raise ConfigError(f"{tier}_bytes must be a non-negative int, got {value!r}")
         if self.fsync not in ("always", "interval", "never"):
             raise ConfigError(f"fsync must be 'always', 'interval' or 'never', got {self.fsync!r}")
+        if isinstance(self.act_share, bool) or not isinstance(self.act_share, (int, float)) \
+                or not 0.0 <= self.act_share < 1.0:
+            raise ConfigError(f"act_share must be a number in [0, 1), got {self.act_share!r}")
+        if self.activations not in ACTIVATION_MODES:
+            raise ConfigError(f"activations must be one of {ACTIVATION_MODES}, got {self.activations!r}")
+        if isinstance(self.act_blocks, bool) or not isinstance(self.act_blocks, int) or self.act_blocks < 0:
+            raise ConfigError(f"act_blocks must be a non-negative int (0: every block), got {self.act_blocks!r}")
+        if (self.activations == "none") != (self.act_share == 0):
+            raise ConfigError(f"activations={self.activations!r} with act_share={self.act_share}: keeping "
+                              "activations needs act_share > 0, and act_share > 0 needs activations "
+                              "'beside' or 'instead'")
         if not isinstance(self.namespace, str) or not self.namespace:
             raise ConfigError("namespace must be a non-empty string")
 

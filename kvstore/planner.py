@@ -379,8 +379,11 @@ def _fast_restore(groups: dict[tuple[str, str], int], costs: _Costs) -> tuple[fl
 
 
 def plan_restore(blocks: Sequence[BlockForms], layout: ModelLayout, block_tokens: int,
-                 profile: CostProfile, *, max_evals: int = 20000) -> Plan:
+                 profile: CostProfile, *, max_evals: int = 20000, allow_prefill: bool = True) -> Plan:
     """The fastest plan for restoring ``blocks`` (see module doc for model and derivation).
+
+    ``allow_prefill=False`` restores every block (``KVStore.get``: the caller wants the whole
+    prefix's KV, not a suffix left to its prefill), so only ``m = n`` is searched.
 
     Exact (every count vector) when that takes at most ``max_evals`` schedule evaluations,
     else a bounded search. Each evaluation is O(n) (``_fast_restore``), memoised by the
@@ -430,8 +433,9 @@ def plan_restore(blocks: Sequence[BlockForms], layout: ModelLayout, block_tokens
         return prefix_classes[m]
 
     # Every m in 0..n is feasible (any suffix may be prefilled).
+    m_values = range(n + 1) if allow_prefill else range(n, n + 1)
     total = 0
-    for m in range(n + 1):
+    for m in m_values:
         prod = 1
         for c in classes(m).values():
             prod *= c + 1
@@ -440,15 +444,15 @@ def plan_restore(blocks: Sequence[BlockForms], layout: ModelLayout, block_tokens
             break
     exact = total <= max_evals
     if exact:
-        for m in range(n + 1):
+        for m in m_values:
             cls = classes(m)
             names = sorted(cls)
             for combo in itertools.product(*(range(cls[c] + 1) for c in names)):
                 evaluate(m, dict(zip(names, combo)))
         lower = lb_min[0]
     else:
-        _bounded_search(n, classes, evaluate)
-        lower = _weak_lower_bound(blocks, costs, layout, block_tokens, profile)
+        _bounded_search(n, classes, evaluate, allow_prefill)
+        lower = _weak_lower_bound(blocks, costs, layout, block_tokens, profile, allow_prefill)
     m, counts = best["key"][0], dict(best["key"][1])
     actions = _actions_for(blocks, m, counts)
     restore, ops, _ = _schedule(blocks, actions, costs)
@@ -463,7 +467,7 @@ def plan_restore(blocks: Sequence[BlockForms], layout: ModelLayout, block_tokens
                 restore_s=restore, prefill_tokens=prefill_tokens, schedule=tuple(ops), exact=exact)
 
 
-def _bounded_search(n: int, classes, evaluate) -> None:
+def _bounded_search(n: int, classes, evaluate, allow_prefill: bool = True) -> None:
     """Grid over m, then a halving-step descent on m; per m, coordinate descent on the counts.
 
     About ``(17 + 2 log2 n) * 2 * J * log2 n`` evaluations for J two-form classes.
@@ -495,6 +499,9 @@ def _bounded_search(n: int, classes, evaluate) -> None:
         cache[m] = best_t
         return best_t
 
+    if not allow_prefill:
+        best_for(n)
+        return
     grid = sorted({0, n} | {round(n * k / 16) for k in range(1, 16)})
     m0 = min(grid, key=best_for)
     step = max(1, n // 32)
@@ -507,7 +514,7 @@ def _bounded_search(n: int, classes, evaluate) -> None:
 
 
 def _weak_lower_bound(blocks: Sequence[BlockForms], costs: _Costs, layout: ModelLayout,
-                      block_tokens: int, profile: CostProfile) -> float:
+                      block_tokens: int, profile: CostProfile, allow_prefill: bool = True) -> float:
     """``min_m (prefill(n - m) + max_r sum_{i<m} min_choice load_r(i))``: valid for any plan. O(n*R)."""
     def block_load(b: BlockForms, res: str) -> float:
         opts = []
@@ -521,9 +528,11 @@ def _weak_lower_bound(blocks: Sequence[BlockForms], costs: _Costs, layout: Model
     resources = sorted({l for r in costs.routes.values() for l in r} | {"compute"})
     acc = {r: 0.0 for r in resources}
     n = len(blocks)
-    best = profile.prefill_s(layout, n * block_tokens)
+    best = profile.prefill_s(layout, n * block_tokens) if allow_prefill else float("inf")
     for m, b in enumerate(blocks, start=1):
         for r in resources:
             acc[r] += block_load(b, r)
+        if not allow_prefill and m < n:
+            continue
         best = min(best, max(acc.values()) + profile.prefill_s(layout, (n - m) * block_tokens))
     return best

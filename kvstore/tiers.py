@@ -21,7 +21,7 @@ Not thread-safe by itself: :class:`kvstore.store.KVStore` serialises calls.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 import logging
 import time
@@ -306,21 +306,24 @@ class TierManager:
         top.counters.promotions_in += len(keep)
         return len(keep)
 
-    def restore(self, records: Sequence[SlotRecord]) -> int:
+    def restore(self, records: Sequence[SlotRecord], present: Collection[bytes] = ()) -> int:
         """Rebuild the disk tier's index from a reopened slab's records (oldest first).
 
-        A record whose parent is not itself recovered is unreachable and is released.
-        Returns how many blocks were restored. O(records).
+        A record whose parent is neither recovered here nor in ``present`` (keys another
+        payload's manager recovered: a block kept only as activations still links its
+        children's KV into the prefix) is unreachable and is released. Returns how many
+        blocks were restored. O(records).
         """
         if self.disk is None or not records:
             return 0
         disk = self.tiers[self.disk]
-        keys = {r.key for r in records}
+        present = set(present)
+        keys = {r.key for r in records} | present
         usable = [r for r in records if r.parent is None or r.parent in keys]
         # a chain is usable only if every ancestor is: drop descendants of missing parents
         changed = True
         while changed:
-            keys = {r.key for r in usable}
+            keys = {r.key for r in usable} | present
             kept = [r for r in usable if r.parent is None or r.parent in keys]
             changed = len(kept) != len(usable)
             usable = kept
@@ -333,7 +336,7 @@ class TierManager:
             self.index[r.key] = BlockEntry(r.key, r.parent, self.disk, r.slot, last_access=now)
             disk.policy.insert(r.key, 1, None, r.parent)
         for r in usable:
-            if r.parent is not None:
+            if r.parent is not None and r.parent in self.index:
                 self.index[r.parent].children.add(r.key)
         return len(usable)
 
