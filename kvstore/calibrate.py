@@ -180,7 +180,7 @@ def measure(args: argparse.Namespace):
     return CostProfile(
         links={"disk->host": LinkCost(d_bw, d_lat), "host->device": LinkCost(h_bw, h_lat)},
         recompute=ComputeCost(r_rate, r_lat), prefill=ComputeCost(p_rate, p_lat), device=kind,
-        meta={"measured_at": time.time(), "quick": quick, "shapes": {"tokens": tokens, "hidden": hidden,
+        shared_compute=(kind == "cpu"), meta={"measured_at": time.time(), "quick": quick, "shapes": {"tokens": tokens, "hidden": hidden,
                                                                       "kv_dim": kvd}})
 
 

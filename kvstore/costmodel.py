@@ -12,8 +12,8 @@ A ``CostProfile`` is plain, immutable data (JSON round-trip) describing one mach
   rate plus latency; ``prefill_s(layout, T)`` uses ``prefill_flops_per_token(layout)``.
 
 On a CPU-only machine the "device" is the CPU: host->device is a memcpy and compute runs on
-the same cores (the planner still treats them as separate resources; calibrate measures
-each alone).
+the same cores. ``shared_compute=True`` (set by calibration on a CPU) tells the planner so:
+host->device copies and recompute then share one resource instead of overlapping.
 
 ``CostModel`` wraps a profile and refines it from observed transfers and recomputes with an
 exponentially weighted moving average (EWMA) of the observed bandwidth (or FLOP rate), so a
@@ -99,6 +99,8 @@ class CostProfile:
     prefill: ComputeCost
     device: str = "cpu"
     meta: dict = field(default_factory=dict)
+    #: host->device copies and recompute run on the same cores (a CPU-only machine)
+    shared_compute: bool = False
 
     def __post_init__(self) -> None:
         for name in self.links:
@@ -123,7 +125,7 @@ class CostProfile:
         return {"version": PROFILE_VERSION, "device": self.device,
                 "links": {k: asdict(v) for k, v in self.links.items()},
                 "recompute": asdict(self.recompute), "prefill": asdict(self.prefill),
-                "meta": dict(self.meta)}
+                "shared_compute": self.shared_compute, "meta": dict(self.meta)}
 
     @classmethod
     def from_dict(cls, d: dict) -> "CostProfile":
@@ -131,7 +133,8 @@ class CostProfile:
             raise ValueError(f"cost profile version {d.get('version')!r} != {PROFILE_VERSION}")
         return cls(links={k: LinkCost(**v) for k, v in d["links"].items()},
                    recompute=ComputeCost(**d["recompute"]), prefill=ComputeCost(**d["prefill"]),
-                   device=d.get("device", "cpu"), meta=dict(d.get("meta", {})))
+                   device=d.get("device", "cpu"), meta=dict(d.get("meta", {})),
+                   shared_compute=bool(d.get("shared_compute", False)))
 
 
 def default_profile() -> CostProfile:

@@ -22,6 +22,14 @@ chain). Choices for block ``i``:
   and prefill (on C) needs the whole restored prefix, so it runs after everything else:
   ``makespan = restore_end + prefill_s(suffix tokens)``.
 
+Shared cores (``profile.shared_compute``, a CPU-only machine): host->device is a memcpy on
+the same cores that run the recompute GEMMs, and a read through the page cache is a kernel
+copy on them too (measured on a 2-core box: a restore that reads and recomputes takes the
+sum of both times, not the max), so nothing overlaps: the summed work of every resource is
+one more resource (``"cpu"``) that bounds the makespan. Recompute then pays for its CPU
+time as well as its inputs' transfer and wins only where it is cheaper outright (e.g.
+activations already resident while the KV sits on disk).
+
 Schedule for a fixed assignment (the policy the executor runs): list scheduling, each
 resource starts its highest-priority *ready* op whenever it is free. On links activations
 go before KV (so C can start while KV is still streaming: KVPR's order), host-sourced
@@ -136,6 +144,7 @@ class _Costs:
     routes: dict[str, tuple[str, ...]]
     link_s: dict[tuple[str, str], float]  # (link, payload) -> seconds per block
     recompute_s: float
+    shared: bool = False  # host->device and compute share the same cores (CPU-only)
 
     @classmethod
     def of(cls, layout: ModelLayout, block_tokens: int, profile: CostProfile) -> "_Costs":
@@ -144,7 +153,18 @@ class _Costs:
                   "disk": ("disk->device",) if direct else ("disk->host", "host->device")}
         sizes = {"kv": layout.kv_block_bytes(block_tokens), "act": layout.act_block_bytes(block_tokens)}
         link_s = {(name, p): cost.seconds(sizes[p]) for name, cost in profile.links.items() for p in sizes}
-        return cls(routes=routes, link_s=link_s, recompute_s=profile.recompute_s(layout, block_tokens))
+        return cls(routes=routes, link_s=link_s, recompute_s=profile.recompute_s(layout, block_tokens),
+                   shared=profile.shared_compute)
+
+
+def _share_cores(end: float, loads: dict[str, float], costs: _Costs) -> float:
+    """On a CPU-only machine reads through the page cache, copies and recompute all take
+    turns on the same cores: their work adds up on one resource (``"cpu"``), which bounds
+    the makespan. O(1)."""
+    if costs.shared and loads:
+        loads["cpu"] = sum(v for k, v in loads.items() if k != "cpu")
+        end = max(end, loads["cpu"])
+    return end
 
 
 def _check(blocks: Sequence[BlockForms], block_tokens: int) -> None:
@@ -220,7 +240,7 @@ def _schedule(blocks: Sequence[BlockForms], actions: Sequence[Action], costs: _C
             nxt = chains[i][stage + 1][0]
             heapq.heappush(waiting.setdefault(nxt, []), (stop, prio[i], i, stage + 1))
             ready.setdefault(nxt, [])
-    return end, ops, loads
+    return _share_cores(end, loads, costs), ops, loads
 
 
 def simulate(blocks: Sequence[BlockForms], actions: Sequence[Action], layout: ModelLayout,
@@ -375,7 +395,7 @@ def _fast_restore(groups: dict[tuple[str, str], int], costs: _Costs) -> tuple[fl
     if k or device_act:
         loads["compute"] = r * (k + len(device_act))
         end = max(end, t)
-    return end, loads
+    return _share_cores(end, loads, costs), loads
 
 
 def plan_restore(blocks: Sequence[BlockForms], layout: ModelLayout, block_tokens: int,

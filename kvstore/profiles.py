@@ -60,6 +60,7 @@ def quick_profile(layout: ModelLayout, device: torch.device | None = None, token
     # A forward is mostly larger GEMMs than the K/V one: at least the same rate.
     return CostProfile(links={"disk->host": LinkCost(d_bw, d_lat), "host->device": LinkCost(h_bw, h_lat)},
                        recompute=ComputeCost(r_rate, r_lat), prefill=ComputeCost(r_rate, 1e-3), device=kind,
+                       shared_compute=(kind == "cpu"),
                        meta={"source": "quick measurement", "measured_at": time.time()})
 
 

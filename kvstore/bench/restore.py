@@ -123,7 +123,7 @@ def _scenario(report: Report, workdir: Path, name: str, dims: dict, tier: str, t
     profile = CostProfile(links={"disk->host": LinkCost(kv_bytes / lim["cold_read_s"]),
                                  "host->device": LinkCost(kv_bytes / lim["memcpy_s"])},
                           recompute=ComputeCost(flops / lim["gemm_s"]), prefill=ComputeCost(flops / lim["gemm_s"]),
-                          device="cpu", meta={"source": "bench limits"})
+                          device="cpu", shared_compute=True, meta={"source": "bench limits"})
     cm = CostModel(profile, alpha=0.3)
     if tier == "disk":
         need_kv, need_act = slab_file_bytes(nb, kvb), slab_file_bytes(nb, actb)

@@ -18,7 +18,7 @@ MHA = ModelLayout(num_layers=4, num_kv_heads=8, head_dim=64, hidden_size=512, dt
 GQA = ModelLayout(num_layers=4, num_kv_heads=2, head_dim=64, hidden_size=1024, dtype=torch.float16)
 
 
-def _random_profile(rng: random.Random, direct: bool) -> CostProfile:
+def _random_profile(rng: random.Random, direct: bool, shared: bool = False) -> CostProfile:
     def lu(lo: float, hi: float) -> float:
         return math.exp(rng.uniform(math.log(lo), math.log(hi)))
 
@@ -27,7 +27,7 @@ def _random_profile(rng: random.Random, direct: bool) -> CostProfile:
     if direct:
         links["disk->device"] = LinkCost(lu(5e7, 5e9), lu(1e-7, 1e-4))
     return CostProfile(links=links, recompute=ComputeCost(lu(1e9, 1e13), lu(1e-7, 1e-5) if rng.random() < .5 else 0.0),
-                       prefill=ComputeCost(lu(1e9, 1e13), lu(1e-6, 1e-3)))
+                       prefill=ComputeCost(lu(1e9, 1e13), lu(1e-6, 1e-3)), shared_compute=shared)
 
 
 def _random_blocks(rng: random.Random, n: int) -> list[BlockForms]:
@@ -228,3 +228,38 @@ def test_large_prefix_is_planned_quickly() -> None:
     assert not plan.exact and plan.lower_bound_s <= plan.predicted_s
     everything_kv = simulate(blocks, ["kv"] * 600, MHA, 16, profile)[0]
     assert plan.predicted_s <= everything_kv * (1 + 1e-12)
+
+
+def test_shared_cores_make_recompute_pay_its_cpu_time_too() -> None:
+    """On a CPU-only machine copies and recompute share the cores: a split that overlaps them
+    on separate resources must not be predicted to overlap; the planner recomputes fewer
+    blocks, and its prediction is at least the summed CPU work."""
+    n, bt = 40, 16
+    separate = _kvpr_profile(1e9, 1e12)
+    shared = CostProfile(links=separate.links, recompute=separate.recompute, prefill=separate.prefill,
+                         shared_compute=True)
+    blocks = [BlockForms(kv="host", act="host")] * n
+    p_sep, p_shared = plan_restore(blocks, MHA, bt, separate), plan_restore(blocks, MHA, bt, shared)
+    assert p_sep.count("recompute") > 0
+    assert p_shared.count("recompute") < p_sep.count("recompute")
+    k = MHA.kv_block_bytes(bt) / 1e9
+    assert p_shared.predicted_s == pytest.approx(n * k, rel=1e-9)  # only transfer remains worth it
+    # with KV on a slow disk and activations in host memory, recompute still pays on shared cores
+    slow_disk = CostProfile(links={"disk->host": LinkCost(1e8), "host->device": LinkCost(1e10)},
+                            recompute=ComputeCost(1e12), prefill=ComputeCost(1e6, 1.0), shared_compute=True)
+    plan = plan_restore([BlockForms(kv="disk", act="host")] * n, MHA, bt, slow_disk)
+    assert plan.count("recompute") > 0
+    cpu = sum(op.end_s - op.start_s for op in plan.schedule)
+    assert plan.predicted_s == pytest.approx(cpu, rel=1e-9)  # nothing overlaps on shared cores
+
+
+@pytest.mark.parametrize("case", range(20))
+def test_planner_matches_brute_force_on_shared_cores(case: int) -> None:
+    rng = random.Random(10_000 + case)
+    n = rng.randint(1, 6)
+    blocks = _random_blocks(rng, n)
+    profile = _random_profile(rng, direct=False, shared=True)
+    bt = rng.choice([4, 16])
+    plan = plan_restore(blocks, MHA, bt, profile)
+    best = min(simulate(blocks, acts, MHA, bt, profile)[0] for acts in _all_assignments(blocks))
+    assert plan.predicted_s == pytest.approx(best, rel=1e-9), f"case {case}"
