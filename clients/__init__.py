@@ -11,6 +11,6 @@
 
 from clients.base import KVClient, connect
 from clients.embedded import EmbeddedClient
-from clients.remote import RemoteClient
+from clients.remote import CurveConfig, RemoteClient
 
-__all__ = ["KVClient", "EmbeddedClient", "RemoteClient", "connect"]
+__all__ = ["KVClient", "CurveConfig", "EmbeddedClient", "RemoteClient", "connect"]

@@ -11,11 +11,20 @@ Failure handling: every request has a deadline. On timeout the socket is closed 
 (``kvstore.protocol.IDEMPOTENT``) are then retried, others raise. A sidecar that restarted
 has forgotten our namespace: the client says ``hello`` again and retries once.
 
+Security: ``curve=CurveConfig(secret=".../client.key_secret", server=".../server.key")`` (or a
+dict with those keys, or the env vars ``KVSTORE_CURVE_SECRET`` / ``KVSTORE_CURVE_SERVER``)
+makes the connection CurveZMQ-encrypted and authenticated; a sidecar that does not know our
+key drops the handshake, which surfaces as ``SidecarUnavailableError`` naming CURVE.
+
+Shared-memory claims carry our ``(host, pid, start time)``: the sidecar then never reclaims
+a reservation while this process lives, however long a copy stalls (see kvstore.procinfo).
+
 Not safe to share between threads without care: calls are serialised by a lock.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 import itertools
 import os
 import threading
@@ -28,14 +37,47 @@ import zmq
 
 from allocator.memory import default_device
 from allocator.shm import map_shared
-from kvstore.errors import StoreClosedError
+from kvstore.errors import ConfigError, StoreClosedError
 from kvstore.hashing import tokens_to_array
 from kvstore.layout import ModelLayout
+from kvstore.procinfo import self_identity
 from kvstore.protocol import (IDEMPOTENT, MAGIC, VERSION, ProtocolError, SidecarUnavailableError,
                               UnknownLeaseError, UnknownNamespaceError, VersionMismatchError, check_kv,
                               error_from_reply, request_frames, tensor_desc, tensor_frame, tensor_from_frame,
                               unpack)
+from kvstore.security import CurveKeys, apply_client_curve, load_keys
 from kvstore.server import host_id
+
+ENV_SECRET = "KVSTORE_CURVE_SECRET"
+ENV_SERVER = "KVSTORE_CURVE_SERVER"
+
+
+@dataclass(frozen=True)
+class CurveConfig:
+    """The client's key pair (``secret``: a ``.key_secret`` file from ``kvstore keygen``) and
+    the sidecar's public key (``server``: its ``.key`` file)."""
+
+    secret: str
+    server: str
+
+    @classmethod
+    def resolve(cls, curve: "CurveConfig | dict | None") -> "CurveConfig | None":
+        """``curve`` as given, else from the environment; None when neither says anything."""
+        if curve is None:
+            secret, server = os.environ.get(ENV_SECRET), os.environ.get(ENV_SERVER)
+            if not secret and not server:
+                return None
+            curve = {"secret": secret, "server": server}
+        if isinstance(curve, dict):
+            if not curve.get("secret") or not curve.get("server"):
+                raise ConfigError("CurveZMQ needs both secret (client .key_secret) and server (sidecar .key)")
+            curve = cls(str(curve["secret"]), str(curve["server"]))
+        if not isinstance(curve, cls):
+            raise ConfigError(f"curve must be a CurveConfig or a dict, got {type(curve).__name__}")
+        return curve
+
+    def load(self) -> tuple[CurveKeys, bytes]:
+        return load_keys(self.secret), load_keys(self.server).public
 
 
 def _runs(blocks: list[tuple[int, int, int]]) -> list[tuple[int, int, int, int]]:
@@ -75,7 +117,8 @@ class RemoteClient:
 
     def __init__(self, url: str, layout: ModelLayout, *, namespace: str = "default", block_tokens: int = 16,
                  timeout: float = 30.0, connect_timeout: float = 5.0, retries: int = 1,
-                 shm: bool | None = None, device: torch.device | str | None = None) -> None:
+                 shm: bool | None = None, device: torch.device | str | None = None,
+                 curve: CurveConfig | dict | None = None) -> None:
         self.url = url
         self.layout = layout
         self.namespace = namespace
@@ -85,6 +128,10 @@ class RemoteClient:
         self.retries = max(0, int(retries))
         self.device = torch.device(device) if device is not None else default_device()
         self._want_shm = shm
+        conf = CurveConfig.resolve(curve)
+        self._curve = conf.load() if conf is not None else None
+        self._owner = self_identity(host_id())
+        self._owner_checked = False
         self._ctx = zmq.Context()
         self._sock: zmq.Socket | None = None
         self._ids = itertools.count(1)
@@ -104,6 +151,8 @@ class RemoteClient:
     def _open_socket(self) -> None:
         sock = self._ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 1000)
+        if self._curve is not None:
+            apply_client_curve(sock, *self._curve)
         sock.connect(self.url)
         self._sock = sock
 
@@ -137,15 +186,24 @@ class RemoteClient:
                     return self._request(op, args, payload, timeout=timeout, rehello=False)
                 raise exc
             what = "hello" if op == "hello" else op
+            hint = ("is `kvstore serve` running there, and does it know this client's CurveZMQ key?"
+                    if self._curve is not None else
+                    "is `kvstore serve` running there (without CurveZMQ, or pass curve=...)?")
             raise SidecarUnavailableError(
                 f"no reply from the sidecar at {self.url} to {what!r} within {budget:g} s "
-                f"({attempts} attempt{'s' if attempts > 1 else ''}); is `kvstore serve` running there?")
+                f"({attempts} attempt{'s' if attempts > 1 else ''}); {hint}")
 
     def _exchange(self, op: str, args: dict, payload: list | tuple, budget: float) -> tuple[dict, list] | None:
         """One send + wait on the current socket; None on timeout. Stale replies are skipped."""
         assert self._sock is not None
         rid = next(self._ids)
-        self._sock.send_multipart(request_frames(rid, op, args, max(1, int(budget * 1000)), payload), copy=False)
+        # A DEALER whose only peer refused the handshake (CurveZMQ) has no pipe and would block
+        # in send forever: bound the send by the same budget.
+        self._sock.setsockopt(zmq.SNDTIMEO, max(1, int(budget * 1000)))
+        try:
+            self._sock.send_multipart(request_frames(rid, op, args, max(1, int(budget * 1000)), payload), copy=False)
+        except zmq.Again:
+            return None
         end = time.monotonic() + budget
         for _ in range(1000):  # bounded: each pass consumes one reply
             remaining = end - time.monotonic()
@@ -169,8 +227,9 @@ class RemoteClient:
     def _hello(self, timeout: float) -> None:
         result, _ = self._request("hello", {"ns": self.namespace, "layout": self.layout.to_dict(),
                                             "block_tokens": self.block_tokens, "pid": os.getpid(),
-                                            "host": host_id()}, timeout=timeout)
+                                            "host": host_id(), "owner": self._owner}, timeout=timeout)
         self.server_info = result
+        self._owner_checked = bool(result.get("owner_checked"))
         self.lease_timeout_s = float(result.get("lease_timeout_s", 30.0))
         self._map_shm(result.get("shm"))
 
@@ -223,7 +282,7 @@ class RemoteClient:
     def _put_shm(self, args: dict, kv: torch.Tensor, nb: int) -> int | None:
         """reserve -> write into the shared slots -> commit; None: the sidecar wants frames."""
         t0 = time.monotonic()
-        res, _ = self._request("reserve", args)
+        res, _ = self._request("reserve", {**args, "owner": self._owner})
         if res["mode"] == "done":
             return int(res["tokens"])
         if res["mode"] != "shm":
@@ -231,7 +290,9 @@ class RemoteClient:
         claim = res["claim"]
         bt = self.block_tokens
         try:
-            if time.monotonic() - t0 > self.lease_timeout_s / 2:
+            # A sidecar that cannot check our liveness reclaims on the timeout alone: then a
+            # reservation this old is not safe to write into (the slots may be reassigned).
+            if not self._owner_checked and time.monotonic() - t0 > self.lease_timeout_s / 2:
                 raise TimeoutError("reservation too old to write safely")
             kv6 = kv.detach()[:, :, :nb * bt].unflatten(2, (nb, bt)).permute(2, 0, 1, 3, 4, 5)
             for pos, seg, slot, k in _runs([tuple(b) for b in res["blocks"]]):
@@ -261,7 +322,7 @@ class RemoteClient:
         arr, args = self._ns_args(tokens)
         out_device = torch.device(device) if device is not None else self.device
         if self._rows:
-            result, frames = self._request("get", {**args, "shm": True})
+            result, frames = self._request("get", {**args, "shm": True, "owner": self._owner})
             if result["mode"] == "shm":
                 out = self._copy_out(result["blocks"], out_device)
                 try:

@@ -17,8 +17,18 @@ disagrees gets ``layout_mismatch``. Memory tiers on the CPU live in shared memor
 (:class:`allocator.shm.ShmArena`) that a client on the same host maps: a ``get`` pins the
 blocks and replies with their slots (a *lease*; the client copies, then ``release``s), a
 put ``reserve``s slots, the client writes them, ``commit`` publishes them. Leases and
-reservations carry an expiry (``lease_timeout_s``); the loop reclaims those of clients that
-died or stalled, so a killed client leaks nothing.
+reservations carry an expiry (``lease_timeout_s``). A same-host client names itself by
+``(pid, start time)`` (:mod:`kvstore.procinfo`); past the expiry the loop reclaims its claims
+only once that process is dead, so a live client that stalls mid-copy never writes into slots
+handed to another block, and a killed one leaks nothing. Claims of clients that cannot be
+checked (another host, no /proc) are reclaimed on the timeout alone.
+
+Security (:mod:`kvstore.security`): a non-loopback TCP bind is refused without CurveZMQ
+(unless ``insecure_allow_remote``); an ``ipc://`` socket file is made 0600. With CurveZMQ a
+ZAP handler admits only allow-listed client keys (refusals are logged and counted) and each
+namespace is bound to the key name that created it: other keys get ``forbidden``, and
+``stats`` without a namespace lists only the caller's. Limits: message bytes, tokens per
+request, in-flight requests per connection (``busy`` beyond it).
 
 Robustness: every request is validated (frames, msgpack, types, version, op, size) and any
 failure is an error reply ``{code, message}``; an unexpected exception in a handler is
@@ -34,10 +44,10 @@ from concurrent.futures import ThreadPoolExecutor
 import dataclasses
 from dataclasses import dataclass
 import importlib
-import itertools
 import logging
 import os
 import re
+import secrets
 import socket
 import threading
 import time
@@ -49,12 +59,14 @@ import zmq
 from allocator.memory import MemoryArena
 from allocator.shm import ShmArena, shm_free_bytes
 from kvstore.config import StoreConfig
-from kvstore.errors import CapacityError, InvalidInputError
+from kvstore.errors import CapacityError, ConfigError, InvalidInputError
+from kvstore.procinfo import owner_alive, owner_from_wire
 from kvstore.layout import ModelLayout
 from kvstore.protocol import (MAGIC, OPS, VERSION, LayoutMismatchError, MessageTooLargeError, ProtocolError,
                               RemoteError, UnknownLeaseError, UnknownNamespaceError, UnsupportedError, arg,
                               check_header, error_code, layout_from_wire, parse_request, reply_error, reply_ok,
                               tensor_desc, tensor_frame, tensor_from_frame, tokens_from_wire)
+from kvstore.security import ZAP_DOMAIN, RefusalLog, ZapHandler, check_bind, handshake_failure, load_allow_dir, load_keys
 from kvstore.store import KVStore
 
 log = logging.getLogger(__name__)
@@ -115,6 +127,34 @@ class ServerOptions:
     shm_dir: str = "/dev/shm"
     metrics_port: int | None = None
     metrics_addr: str = "127.0.0.1"
+    #: tokens one request may name (lookup/get/put/reserve/plan); more is ``invalid_argument``
+    max_tokens: int = 1 << 20
+    #: requests one connection may have queued or running at once; more is ``busy``
+    max_inflight_per_client: int = 64
+    #: CurveZMQ: the server's ``.key_secret`` and a directory of allowed client ``.key`` files
+    curve_secret: str | None = None
+    curve_allow: str | None = None
+    #: bind a routable TCP address without CurveZMQ (logs a loud warning)
+    insecure_allow_remote: bool = False
+
+
+class ForbiddenError(RemoteError):
+    """The namespace belongs to another CurveZMQ identity."""
+
+    code = "forbidden"
+
+
+@dataclass(frozen=True)
+class Peer:
+    """Who sent a request: the ROUTER identity of its connection and, with CurveZMQ, the
+    allow-list name of its key. Set by the server under ``args[PEER]`` (a client cannot
+    forge it: msgpack cannot carry this type)."""
+
+    ident: bytes
+    user: str | None
+
+
+PEER = "@peer"
 
 
 @dataclass
@@ -126,6 +166,7 @@ class Namespace:
     segments: list[dict]          # shared arenas a client maps, in this order
     seg_of_tier: dict[int, int]   # tier index -> segment index
     put_tier: int | None          # first shared tier: where reservations land
+    owner: str | None = None      # CurveZMQ key name that created it (None: no CURVE)
 
 
 @dataclass
@@ -136,6 +177,7 @@ class _Claim:
     ns: Namespace
     obj: Any
     expires: float
+    owner: tuple[int, int] | None = None  # (pid, start time) of a same-host client
 
 
 def plan_result(store: KVStore, tokens: Any, profile: dict | None = None) -> dict:
@@ -208,6 +250,10 @@ class _StoreCollector:
         used = GaugeMetricFamily("kvstore_tier_used_bytes", "bytes held per tier", labels=["namespace", "tier"])
         cap = GaugeMetricFamily("kvstore_tier_capacity_bytes", "capacity per tier", labels=["namespace", "tier"])
         claims = GaugeMetricFamily("kvstore_open_claims", "leases and reservations held by clients")
+        server = CounterMetricFamily("kvstore_server_events", "sidecar events by kind (requests, errors, "
+                                     "malformed, reclaimed, unauthorised, busy...)", labels=["kind"])
+        for name, value in dict(self.server.counters).items():
+            server.add_metric([name], value)
         for ns in self.server.namespaces():
             st = ns.store.stats()
             for name, fam in counters.items():
@@ -220,6 +266,7 @@ class _StoreCollector:
         yield used
         yield cap
         yield claims
+        yield server
 
 
 class SidecarServer:
@@ -248,7 +295,6 @@ class SidecarServer:
         self._ns_lock = threading.Lock()
         self._claims: dict[int, _Claim] = {}
         self._claims_lock = threading.Lock()
-        self._claim_ids = itertools.count(1)
         self._local = threading.local()
         self._push_sockets: list[zmq.Socket] = []
         self._push_lock = threading.Lock()
@@ -257,7 +303,14 @@ class SidecarServer:
         self._queued_lock = threading.Lock()
         self._started = time.monotonic()
         self._host = host_id()
-        self.counters = {"requests": 0, "errors": 0, "malformed": 0, "reclaimed": 0}
+        self.counters = {"requests": 0, "errors": 0, "malformed": 0, "reclaimed": 0, "kept_alive": 0,
+                         "unauthorised": 0, "busy": 0}
+        self._counters_lock = threading.Lock()
+        self._inflight: dict[bytes, int] = {}  # connection -> requests queued or running
+        self._zap: ZapHandler | None = None
+        self._monitor: zmq.Socket | None = None
+        self._refusal_log = RefusalLog(log)
+        self.curve = bool(self.options.curve_secret or self.options.curve_allow)
         self.metrics: _Metrics | None = None
         self.metrics_port: int | None = None
         self._handlers: dict[str, Callable[[dict, list], tuple[Any, list]]] = {
@@ -268,8 +321,20 @@ class SidecarServer:
         """Bind the sockets (idempotent); returns the endpoint bound."""
         if self._router is not None:
             return self.endpoint
+        opts = self.options
+        if bool(opts.curve_secret) != bool(opts.curve_allow):
+            raise ConfigError("CurveZMQ needs both the server's key (curve_secret) and an allow-list directory "
+                              "(curve_allow)")
+        check_bind(self.requested_endpoint, self.curve, opts.insecure_allow_remote)
         router = self._ctx.socket(zmq.ROUTER)
         router.setsockopt(zmq.LINGER, 2000)
+        if self.curve:
+            try:
+                self._enable_curve(router)
+            except BaseException:
+                self._close_security()
+                router.close(0)
+                raise
         router.setsockopt(zmq.SNDHWM, 0)
         router.setsockopt(zmq.RCVHWM, 0)
         # A hard cap far above the reply-with-an-error limit: beyond it the peer is dropped
@@ -278,9 +343,14 @@ class SidecarServer:
         try:
             router.bind(self.requested_endpoint)
         except zmq.ZMQError as exc:
+            self._close_security()
             router.close(0)
             raise OSError(f"cannot bind {self.requested_endpoint}: {exc}") from None
         self.endpoint = router.getsockopt(zmq.LAST_ENDPOINT).decode()
+        if self.endpoint.startswith("ipc://"):
+            # Only this user may connect (the socket file's mode is the access control of ipc).
+            # libzmq creates it with the umask's mode; tightened at once, before the loop serves.
+            os.chmod(self.endpoint[len("ipc://"):], 0o600)
         if self.options.shm:
             sweep_stale_shm(self.options.shm_dir)
         pull = self._ctx.socket(zmq.PULL)
@@ -324,6 +394,52 @@ class SidecarServer:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
+    def _enable_curve(self, router: zmq.Socket) -> None:
+        """Make ``router`` a CURVE server whose handshakes our ZAP handler admits."""
+        opts = self.options
+        keys = load_keys(opts.curve_secret)
+        if keys.secret is None:
+            raise ConfigError(f"{opts.curve_secret} holds no secret-key (pass the .key_secret file)")
+        allowed = load_allow_dir(opts.curve_allow)
+        self._zap = ZapHandler(self._ctx, allowed, self._count_refusal)
+        router.curve_server = True
+        router.curve_publickey = keys.public
+        router.curve_secretkey = keys.secret
+        router.zap_domain = ZAP_DOMAIN
+        self._monitor = router.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                                                  | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
+        log.info("CurveZMQ on: %d allowed client key(s) from %s", len(allowed), opts.curve_allow)
+
+    def _close_security(self) -> None:
+        if self._monitor is not None:
+            self._monitor.close(0)
+            self._monitor = None
+        if self._zap is not None:
+            self._zap.close()
+            self._zap = None
+
+    def _count(self, name: str, n: int = 1) -> None:
+        with self._counters_lock:
+            self.counters[name] += n
+
+    def _count_refusal(self, reason: str) -> None:
+        self._count("unauthorised")
+
+    def _on_monitor(self) -> None:
+        """Count and log handshakes that failed before ZAP (no CURVE, wrong server key)."""
+        from zmq.utils.monitor import recv_monitor_message
+
+        assert self._monitor is not None
+        for _ in range(256):
+            try:
+                event = recv_monitor_message(self._monitor, zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            reason = handshake_failure(event["event"])
+            if reason is not None:
+                self._count("unauthorised")
+                self._refusal_log(event.get("endpoint", b"?").decode(errors="replace"), reason)
+
     def namespaces(self) -> list[Namespace]:
         with self._ns_lock:
             return list(self._ns.values())
@@ -339,6 +455,8 @@ class SidecarServer:
         poller = zmq.Poller()
         poller.register(router, zmq.POLLIN)
         poller.register(pull, zmq.POLLIN)
+        if self._monitor is not None:
+            poller.register(self._monitor, zmq.POLLIN)
         reap_every = max(0.05, min(1.0, self.options.lease_timeout_s / 4))
         next_reap = time.monotonic() + reap_every
         log.info("sidecar serving on %s (protocol v%d, %d workers)", self.endpoint, VERSION, self.options.workers)
@@ -347,6 +465,8 @@ class SidecarServer:
                 events = dict(poller.poll(100))
                 if pull in events:
                     self._forward_replies()
+                if self._monitor is not None and self._monitor in events:
+                    self._on_monitor()
                 if router in events:
                     for _ in range(256):  # bounded batch, then look at replies again
                         try:
@@ -389,10 +509,16 @@ class SidecarServer:
                 s.close(0)
         if self._pull is not None:
             self._pull.close(0)
+        if self._router is not None and self._monitor is not None:
+            try:
+                self._router.disable_monitor()
+            except zmq.ZMQError:
+                pass
         if self._router is not None:
             self._router.close(2000)  # let the last replies go out
         if self.metrics is not None:
             self.metrics.close()
+        self._close_security()
         self._ctx.term()
         self._stopped.set()
         log.info("sidecar stopped")
@@ -424,9 +550,17 @@ class SidecarServer:
             header, payload = parse_request(body)
             rid = header.get("id") if isinstance(header.get("id"), (int, str)) else None
             op, args, deadline = check_header(header)
+            user = None
+            if self.curve:
+                try:
+                    user = body[0].get("User-Id") or None
+                except zmq.ZMQError:  # pragma: no cover - CURVE always sets it
+                    user = None
+            ident_bytes = bytes(ident)
+            args[PEER] = Peer(ident_bytes, user)
             if op == "lookup":
                 ns = self._namespace(args)
-                n = ns.store.lookup_nowait(tokens_from_wire(arg(args, "tokens", (bytes, list))))
+                n = ns.store.lookup_nowait(self._tokens(args))
                 if n is not None:
                     self._no_payload(op, payload)
                     self._router.send_multipart([ident, *reply_ok(rid, n)], copy=False)
@@ -438,13 +572,20 @@ class SidecarServer:
             with self._queued_lock:
                 if self._queued >= self.options.max_queued:
                     raise RemoteError(f"server busy: {self._queued} requests queued", "busy")
+                mine = self._inflight.get(ident_bytes, 0)
+                if mine >= self.options.max_inflight_per_client:
+                    raise RemoteError(f"this connection has {mine} requests in flight, the limit is "
+                                      f"{self.options.max_inflight_per_client}; wait for replies", "busy")
                 self._queued += 1
+                self._inflight[ident_bytes] = mine + 1
             self._pool.submit(self._work, ident, op, args, payload, rid, received, deadline)
         except Exception as exc:
             code = error_code(exc)
             if code in ("bad_frame", "bad_version", "unknown_op", "too_large"):
                 self.counters["malformed"] += 1
                 log.warning("malformed request answered with %s: %s", code, exc)
+            elif code == "busy":
+                self._count("busy")
             if code == "internal":
                 log.exception("unexpected error while reading a request")
             self.counters["errors"] += 1
@@ -459,8 +600,17 @@ class SidecarServer:
             self._queued -= 1
         try:
             reply = self._run(op, args, payload, rid, received, deadline)
+        finally:
+            key = args[PEER].ident
+            with self._queued_lock:  # decremented before the reply leaves: the client may send again
+                left = self._inflight.get(key, 1) - 1
+                if left > 0:
+                    self._inflight[key] = left
+                else:
+                    self._inflight.pop(key, None)
+        try:
             self._send_from_worker([ident, *reply])
-        except Exception:  # pragma: no cover - _run never raises; sending may on shutdown
+        except Exception:  # pragma: no cover - sending may fail on shutdown
             log.exception("worker failed to answer %s", op)
 
     def _run(self, op: str, args: dict, payload: list, rid: Any, received: float, deadline: float | None) -> list:
@@ -486,10 +636,13 @@ class SidecarServer:
             self.metrics.observe(op, code, time.monotonic() - received)
 
     # -- claims (leases and reservations) ----------------------------------------------
-    def _add_claim(self, kind: str, ns: Namespace, obj: Any) -> int:
-        cid = next(self._claim_ids)
+    def _add_claim(self, kind: str, ns: Namespace, obj: Any, args: dict) -> int:
+        # Random, not sequential: a claim id is a capability (whoever names it may commit or
+        # release it), so another client must not be able to guess one.
+        cid = secrets.randbits(62) or 1
+        owner = owner_from_wire(args.get("owner"), self._host)
         with self._claims_lock:
-            self._claims[cid] = _Claim(kind, ns, obj, time.monotonic() + self.options.lease_timeout_s)
+            self._claims[cid] = _Claim(kind, ns, obj, time.monotonic() + self.options.lease_timeout_s, owner)
         return cid
 
     def _take_claim(self, args: dict, kind: str | None = None) -> _Claim:
@@ -499,6 +652,7 @@ class SidecarServer:
             if claim is None or (kind is not None and claim.kind != kind):
                 raise UnknownLeaseError(f"no open {kind or 'lease or reservation'} {cid} (expired and reclaimed, "
                                         "or never granted)")
+            self._check_owner(claim.ns, args)
             del self._claims[cid]
         return claim
 
@@ -510,9 +664,24 @@ class SidecarServer:
             claim.ns.store.abort(claim.obj)
 
     def _reap(self, now: float) -> None:
+        """Reclaim expired claims whose owner is dead or unknown; extend those of live owners.
+
+        O(open claims) per pass plus one /proc read per expired claim with an owner.
+        """
         with self._claims_lock:
-            expired = [cid for cid, c in self._claims.items() if c.expires <= now]
-            claims = [self._claims.pop(cid) for cid in expired]
+            expired = [(cid, c) for cid, c in self._claims.items() if c.expires <= now]
+        dead, kept = [], 0
+        for cid, c in expired:
+            if c.owner is not None and owner_alive(c.owner):
+                c.expires = now + self.options.lease_timeout_s  # alive, just slow: its slots stay its own
+                kept += 1
+            else:
+                dead.append(cid)
+        if kept:
+            self._count("kept_alive", kept)
+            log.info("kept %d expired lease(s)/reservation(s) of clients that are alive but slow", kept)
+        with self._claims_lock:
+            claims = [self._claims.pop(cid) for cid in dead if cid in self._claims]
         if not claims:
             return
         for c in claims:
@@ -521,8 +690,8 @@ class SidecarServer:
             except Exception:
                 log.exception("could not reclaim a %s", c.kind)
         self.counters["reclaimed"] += len(claims)
-        log.warning("reclaimed %d lease(s)/reservation(s) of clients that died or stalled past %.1f s",
-                    len(claims), self.options.lease_timeout_s)
+        log.warning("reclaimed %d lease(s)/reservation(s) of clients that died (or cannot be checked) "
+                    "after %.1f s", len(claims), self.options.lease_timeout_s)
 
     # -- helpers -----------------------------------------------------------------------
     def _namespace(self, args: dict) -> Namespace:
@@ -532,7 +701,16 @@ class SidecarServer:
         if ns is None:
             raise UnknownNamespaceError(f"namespace {name[:100]!r} is unknown to this sidecar (say hello first; "
                                         "it may have restarted)")
+        self._check_owner(ns, args)
         return ns
+
+    @staticmethod
+    def _check_owner(ns: Namespace, args: dict) -> None:
+        """With CurveZMQ a namespace is its creator's: another key may not touch it."""
+        peer = args.get(PEER)
+        user = peer.user if isinstance(peer, Peer) else None
+        if ns.owner is not None and user != ns.owner:
+            raise ForbiddenError(f"namespace {ns.name[:100]!r} belongs to another client key")
 
     @staticmethod
     def _no_payload(op: str, payload: list) -> None:
@@ -540,7 +718,12 @@ class SidecarServer:
             raise ProtocolError(f"{op} takes no payload frames, got {len(payload)}")
 
     def _tokens(self, args: dict):
-        return tokens_from_wire(arg(args, "tokens", (bytes, list)))
+        raw = arg(args, "tokens", (bytes, list))
+        n = len(raw) // 4 if isinstance(raw, bytes) else len(raw)
+        if n > self.options.max_tokens:
+            raise InvalidInputError(f"{n} tokens in one request exceeds the server's limit of "
+                                    f"{self.options.max_tokens}")
+        return tokens_from_wire(raw)
 
     def _arena_factory(self, ns_name: str):
         opts = self.options
@@ -593,8 +776,11 @@ class SidecarServer:
                 if len(self._ns) >= self.options.max_namespaces:
                     raise CapacityError(f"this sidecar serves at most {self.options.max_namespaces} namespaces")
                 ns = self._create_namespace(name, layout, bt)
+                peer = args.get(PEER)
+                ns.owner = peer.user if isinstance(peer, Peer) else None
                 self._ns[name] = ns
-            elif ns.layout != layout or ns.block_tokens != bt:
+            self._check_owner(ns, args)
+            if ns.layout != layout or ns.block_tokens != bt:
                 log.warning("client pid=%s refused from namespace %r: layout/block_tokens disagree",
                             args.get("pid"), name)
                 raise LayoutMismatchError(
@@ -607,7 +793,10 @@ class SidecarServer:
                 "block_bytes": ns.store.block_bytes,
                 "shm": {"host": self._host, "segments": ns.segments} if ns.segments else None,
                 "lease_timeout_s": self.options.lease_timeout_s,
-                "max_message_bytes": self.options.max_message_bytes}, []
+                "max_message_bytes": self.options.max_message_bytes, "max_tokens": self.options.max_tokens,
+                "max_inflight": self.options.max_inflight_per_client,
+                # claims of a live same-host client are never reclaimed under it
+                "owner_checked": owner_from_wire(args.get("owner"), self._host) is not None}, []
 
     def _op_health(self, args: dict, payload: list) -> tuple[Any, list]:
         self._no_payload("health", payload)
@@ -637,7 +826,7 @@ class SidecarServer:
         if arg(args, "shm", bool, required=False, default=False) and ns.seg_of_tier:
             lease = ns.store.acquire(tokens, list(ns.seg_of_tier))
             if lease is not None:
-                cid = self._add_claim("lease", ns, lease)
+                cid = self._add_claim("lease", ns, lease, args)
                 return {"mode": "shm", "claim": cid,
                         "blocks": [[ns.seg_of_tier[t], slot] for t, slot in lease.blocks]}, []
         kv = self._get_one_copy(ns, tokens)
@@ -688,7 +877,7 @@ class SidecarServer:
             return {"mode": "frames"}, []
         if res.done:
             return {"mode": "done", "tokens": res.cached}, []
-        cid = self._add_claim("reservation", ns, res)
+        cid = self._add_claim("reservation", ns, res, args)
         seg = ns.seg_of_tier[res.tier]
         return {"mode": "shm", "claim": cid,
                 "blocks": [[pos, seg, slot] for pos, slot in zip(res.positions, res.slots)]}, []
@@ -709,7 +898,10 @@ class SidecarServer:
                   "open_claims": self.open_claims(), **self.counters}
         if args.get("ns") is not None:
             return {"server": server, "namespace": self._namespace(args).store.stats()}, []
-        return {"server": server, "namespaces": {ns.name: ns.store.stats() for ns in self.namespaces()}}, []
+        peer = args.get(PEER)
+        user = peer.user if isinstance(peer, Peer) else None
+        visible = [ns for ns in self.namespaces() if ns.owner is None or ns.owner == user]
+        return {"server": server, "namespaces": {ns.name: ns.store.stats() for ns in visible}}, []
 
     def _op_clear(self, args: dict, payload: list) -> tuple[Any, list]:
         self._no_payload("clear", payload)

@@ -1,5 +1,8 @@
 """``kvstore serve``: run the sidecar until SIGTERM/SIGINT (then finish in-flight work, exit 0).
 
+Security: only loopback TCP or ipc:// unless ``--curve-secret``/``--curve-allow`` (CurveZMQ)
+or ``--insecure-allow-remote``; see :mod:`kvstore.security`.
+
 Store capacities come from ``--config store.toml`` (keys = ``StoreConfig`` field names) with
 flags overriding the file; every namespace gets these capacities, and its layout and block
 size from its first client.
@@ -43,6 +46,16 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shm-dir", default="/dev/shm", help="where shared arenas live (a tmpfs)")
     parser.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port")
     parser.add_argument("--metrics-addr", default="127.0.0.1", help="address for the metrics endpoint")
+    parser.add_argument("--max-tokens", type=int, default=1 << 20, help="tokens one request may name")
+    parser.add_argument("--max-inflight", type=int, default=64,
+                        help="requests one connection may have queued or running (more get a busy error)")
+    parser.add_argument("--curve-secret", default=None,
+                        help="CurveZMQ: the server's NAME.key_secret (from kvstore keygen)")
+    parser.add_argument("--curve-allow", default=None,
+                        help="CurveZMQ: directory of allowed client NAME.key files; others are refused")
+    parser.add_argument("--insecure-allow-remote", action="store_true",
+                        help="allow a non-loopback tcp bind without CurveZMQ (anyone who can reach it can "
+                             "read and write every namespace)")
 
 
 def build(args: argparse.Namespace):
@@ -60,7 +73,9 @@ def build(args: argparse.Namespace):
     options = ServerOptions(workers=args.workers, lease_timeout_s=args.lease_timeout,
                             max_message_bytes=args.max_message_bytes, max_namespaces=args.max_namespaces,
                             shm=not args.no_shm, shm_dir=args.shm_dir, metrics_port=args.metrics_port,
-                            metrics_addr=args.metrics_addr)
+                            metrics_addr=args.metrics_addr, max_tokens=args.max_tokens,
+                            max_inflight_per_client=args.max_inflight, curve_secret=args.curve_secret,
+                            curve_allow=args.curve_allow, insecure_allow_remote=args.insecure_allow_remote)
     return args.endpoint, config, options
 
 

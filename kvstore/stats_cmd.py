@@ -10,9 +10,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--namespace", default=None, help="only this namespace")
     parser.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the answer")
     parser.add_argument("--json", action="store_true", help="one JSON document on stdout")
+    parser.add_argument("--curve-secret", default=None, help="CurveZMQ: this client's NAME.key_secret")
+    parser.add_argument("--curve-server", default=None, help="CurveZMQ: the sidecar's public NAME.key")
 
 
-def request_once(endpoint: str, op: str, args: dict, timeout: float = 5.0):
+def request_once(endpoint: str, op: str, args: dict, timeout: float = 5.0,
+                 curve: tuple[str, str] | None = None):
     """One request on a fresh DEALER socket; returns the result or raises the mapped error.
 
     No retry (the caller is a human or a script); ``LINGER=0`` so an absent sidecar costs
@@ -26,7 +29,12 @@ def request_once(endpoint: str, op: str, args: dict, timeout: float = 5.0):
     ctx = zmq.Context()
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.SNDTIMEO, int(timeout * 1000))
     try:
+        if curve is not None:
+            from kvstore.security import apply_client_curve, load_keys
+
+            apply_client_curve(sock, load_keys(curve[0]), load_keys(curve[1]).public)
         sock.connect(endpoint)
         sock.send_multipart(request_frames(1, op, args, int(timeout * 1000)))
         if not sock.poll(int(timeout * 1000)):
@@ -35,6 +43,9 @@ def request_once(endpoint: str, op: str, args: dict, timeout: float = 5.0):
         if header.get("v") != VERSION or not header.get("ok"):
             raise error_from_reply(header.get("error"))
         return header.get("result")
+    except zmq.Again:
+        raise SidecarUnavailableError(f"could not send to {endpoint} within {timeout:g} s "
+                                      "(refused handshake? check the CurveZMQ keys)") from None
     finally:
         sock.close(0)
         ctx.term()
@@ -44,7 +55,7 @@ def _table(stats: dict) -> str:
     s = stats["server"]
     lines = [f"sidecar {s['endpoint']}  protocol v{s['version']}  up {s['uptime_s']:.0f} s  "
              f"requests {s['requests']}  errors {s['errors']}  open leases {s['open_claims']}  "
-             f"reclaimed {s['reclaimed']}"]
+             f"reclaimed {s['reclaimed']}  unauthorised {s.get('unauthorised', 0)}  busy {s.get('busy', 0)}"]
     namespaces = stats.get("namespaces") or {stats["namespace"]["namespace"]: stats["namespace"]}
     for name, st in namespaces.items():
         lines.append(f"  namespace {name}: {st['blocks']} blocks of {st['block_bytes']} B, hits {st['hits']}, "
@@ -62,7 +73,12 @@ def run(args: argparse.Namespace) -> int:
     from kvstore.errors import KVStoreError
 
     try:
-        stats = request_once(args.endpoint, "stats", {"ns": args.namespace} if args.namespace else {}, args.timeout)
+        if bool(args.curve_secret) != bool(args.curve_server):
+            print("kvstore stats: CurveZMQ needs both --curve-secret and --curve-server", file=sys.stderr)
+            return 2
+        curve = (args.curve_secret, args.curve_server) if args.curve_secret else None
+        stats = request_once(args.endpoint, "stats", {"ns": args.namespace} if args.namespace else {}, args.timeout,
+                             curve)
     except KVStoreError as exc:
         print(f"kvstore stats: {exc}", file=sys.stderr)
         return 1

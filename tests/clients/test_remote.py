@@ -267,7 +267,10 @@ def test_serve_command_sigterm_exits_zero_and_cleans_up(tmp_path, layout):
            "--host-bytes", "64KiB", "--metrics-port", "0", "--lease-timeout", "5"]
     p = subprocess.Popen(cmd, cwd=ROOT, stderr=subprocess.PIPE, text=True)
     try:
-        line = p.stderr.readline()
+        for _ in range(20):  # skip log lines before it (e.g. a sweep of dead sidecars' arenas)
+            line = p.stderr.readline()
+            if "serving on " in line or not line:
+                break
         assert "serving on ipc://" in line, line
         metrics_url = line.split("metrics on ")[1].strip()
         with connect(f"ipc://{sock}", layout=layout, namespace="cli", block_tokens=BT, timeout=10) as c:
