@@ -42,7 +42,7 @@ from kvstore.hashing import tokens_to_array
 from kvstore.layout import ModelLayout
 from kvstore.procinfo import self_identity
 from kvstore.protocol import (IDEMPOTENT, MAGIC, VERSION, ProtocolError, SidecarUnavailableError,
-                              UnknownLeaseError, UnknownNamespaceError, VersionMismatchError, check_kv,
+                              UnknownLeaseError, UnknownNamespaceError, VersionMismatchError, check_act, check_kv,
                               error_from_reply, request_frames, tensor_desc, tensor_frame, tensor_from_frame,
                               unpack)
 from kvstore.security import CurveKeys, apply_client_curve, load_keys
@@ -262,21 +262,26 @@ class RemoteClient:
         arr, args = self._ns_args(tokens)
         check_kv(self.layout, kv, len(arr))
         if activations is not None:
-            raise NotImplementedError("activations are not stored by this build yet")
+            check_act(self.layout, activations, len(arr))
         nb = len(arr) // self.block_tokens
         if nb == 0:
             return 0
-        if self._rows:
+        if self._rows and activations is None:  # the shared arenas hold KV only
             done = self._put_shm(args, kv, nb)
             if done is not None:
                 return done
-        return self._put_frames(args, kv)
+        return self._put_frames(args, kv, activations)
 
-    def _put_frames(self, args: dict, kv: torch.Tensor) -> int:
-        kv = kv.detach()
-        if kv.device.type != "cpu" or not kv.is_contiguous():
-            kv = kv.to("cpu").contiguous()
-        result, _ = self._request("put", {**args, "kv": tensor_desc(kv)}, [tensor_frame(kv)])
+    def _put_frames(self, args: dict, kv: torch.Tensor, activations: torch.Tensor | None = None) -> int:
+        tensors = {"kv": kv} if activations is None else {"kv": kv, "act": activations}
+        frames = []
+        for name, t in tensors.items():
+            t = t.detach()
+            if t.device.type != "cpu" or not t.is_contiguous():
+                t = t.to("cpu").contiguous()
+            args = {**args, name: tensor_desc(t)}
+            frames.append(tensor_frame(t))
+        result, _ = self._request("put", args, frames)
         return int(result)
 
     def _put_shm(self, args: dict, kv: torch.Tensor, nb: int) -> int | None:

@@ -26,6 +26,7 @@ import torch
 from kvstore.errors import (BlockNotFoundError, CapacityError, ConfigError, InvalidInputError, KVStoreError,
                             StoreClosedError)
 from kvstore.layout import ModelLayout, dtype_from_name, dtype_name
+from kvstore.validate import check_act, check_kv  # noqa: F401 -- the client's checks
 
 MAGIC = b"KVS1"
 VERSION = 1
@@ -313,15 +314,3 @@ def layout_from_wire(d: Any) -> ModelLayout:
         return ModelLayout.from_dict(d)
     except (KeyError, TypeError, ValueError) as exc:
         raise InvalidInputError(f"bad layout: {exc}") from None
-
-
-def check_kv(layout: ModelLayout, kv: Any, num_tokens: int) -> None:
-    """The embedded store's checks of a put's KV, for a client that writes it itself (shm)."""
-    if not isinstance(kv, torch.Tensor):
-        raise InvalidInputError(f"kv must be a torch.Tensor, got {type(kv).__name__}")
-    if kv.dtype != layout.dtype:
-        raise InvalidInputError(f"kv dtype is {kv.dtype}, the layout says {layout.dtype}")
-    expected = layout.kv_shape(num_tokens)
-    if tuple(kv.shape) != expected:
-        raise InvalidInputError(f"kv shape is {tuple(kv.shape)}, expected {expected} "
-                                "[layers, 2, len(tokens), kv_heads, head_dim]")

@@ -812,12 +812,13 @@ class SidecarServer:
     def _op_put(self, args: dict, payload: list) -> tuple[Any, list]:
         ns = self._namespace(args)
         tokens = self._tokens(args)
-        if args.get("activations") is not None:
-            raise NotImplementedError("activations are not stored by this build yet")
-        if len(payload) != 1:
-            raise ProtocolError(f"put takes exactly one payload frame (the KV), got {len(payload)}")
+        want = 2 if args.get("act") is not None else 1
+        if len(payload) != want:
+            raise ProtocolError(f"put takes {want} payload frame(s) (the KV{', then the activations' if want == 2 else ''}), "
+                                f"got {len(payload)}")
         kv = tensor_from_frame(payload[0], arg(args, "kv", dict))
-        return ns.store.put(tokens, kv), []
+        act = tensor_from_frame(payload[1], arg(args, "act", dict)) if want == 2 else None
+        return ns.store.put(tokens, kv, activations=act), []
 
     def _op_get(self, args: dict, payload: list) -> tuple[Any, list]:
         self._no_payload("get", payload)

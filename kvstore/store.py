@@ -31,6 +31,7 @@ from kvstore.errors import (BlockNotFoundError, ConfigError, InvalidInputError, 
 from kvstore.executor import Executor, Recomputer, Source, Timings
 from kvstore.hashing import block_keys, namespace_salt, tokens_to_array
 from kvstore.layout import ModelLayout
+from kvstore.validate import check_act, check_kv
 from kvstore.planner import BlockForms, Plan, plan_restore
 from kvstore.tiers import BlockEntry, Tier, TierManager
 
@@ -197,26 +198,12 @@ class KVStore:
         return arr, block_keys(arr, self.block_tokens, self._salt)
 
     def _check_kv(self, kv: Any, num_tokens: int) -> None:
-        if not isinstance(kv, torch.Tensor):
-            raise InvalidInputError(f"kv must be a torch.Tensor, got {type(kv).__name__}")
-        if kv.dtype != self.layout.dtype:
-            raise InvalidInputError(f"kv dtype is {kv.dtype}, the layout says {self.layout.dtype}")
-        expected = self.layout.kv_shape(num_tokens)
-        if tuple(kv.shape) != expected:
-            raise InvalidInputError(f"kv shape is {tuple(kv.shape)}, expected {expected} "
-                                    "[layers, 2, len(tokens), kv_heads, head_dim]")
+        check_kv(self.layout, kv, num_tokens)
+
+    def _check_act(self, act: Any, num_tokens: int) -> None:
+        check_act(self.layout, act, num_tokens)
 
     # -- API ---------------------------------------------------------------------------
-    def _check_act(self, act: Any, num_tokens: int) -> None:
-        if not isinstance(act, torch.Tensor):
-            raise InvalidInputError(f"activations must be a torch.Tensor, got {type(act).__name__}")
-        if act.dtype != self.layout.dtype:
-            raise InvalidInputError(f"activations dtype is {act.dtype}, the layout says {self.layout.dtype}")
-        expected = self.layout.act_shape(num_tokens)
-        if tuple(act.shape) != expected:
-            raise InvalidInputError(f"activations shape is {tuple(act.shape)}, expected {expected} "
-                                    "[layers, len(tokens), hidden]")
-
     def put(self, tokens: TokensLike, kv: torch.Tensor, activations: torch.Tensor | None = None) -> int:
         """Store the full blocks of ``tokens``' KV (and activations, as the config's rule says);
         returns how many leading tokens are now cached (as ``lookup`` counts them).

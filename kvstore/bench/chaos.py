@@ -36,8 +36,8 @@ BLOCK_BYTES = 2 * 2 * 4 * 2 * 16 * 2  # clients.bench_chaos.LAYOUT with BT=4 (ch
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    """Flags for when ``kvstore bench`` wires suite flags; until then the environment
-    variables ``KVSTORE_CHAOS_KILLS``, ``KVSTORE_CHAOS_CLIENTS``, ``KVSTORE_CHAOS_SEED`` say the same."""
+    """The suite's flags; the environment variables ``KVSTORE_CHAOS_KILLS``,
+    ``KVSTORE_CHAOS_CLIENTS`` and ``KVSTORE_CHAOS_SEED`` give the same when a flag is absent."""
     parser.add_argument("--kills", type=int, default=None, help="SIGKILLs of the sidecar (default 20; 4 quick)")
     parser.add_argument("--clients", type=int, default=None, help="client processes (default 4; 2 quick)")
     parser.add_argument("--seed", type=int, default=None, help="seed of kill times and fuzz (default: random)")

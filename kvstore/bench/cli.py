@@ -1,5 +1,9 @@
-"""``kvstore bench SUITE [--json]``: suites are modules ``kvstore.bench.<suite>`` exposing
-``run(opts) -> Report`` and optionally ``configure(parser)`` for their own flags."""
+"""``kvstore bench SUITE [--json] [--quick] [--dir D] [suite flags]``.
+
+Suites are modules ``kvstore.bench.<suite>`` exposing ``run(args) -> Report`` and optionally
+``configure(parser)`` for their own flags. Only the chosen suite is imported, so its flags
+are parsed after the suite name is known.
+"""
 
 from __future__ import annotations
 
@@ -19,13 +23,24 @@ def suites() -> list[str]:
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("suite", choices=suites())
+    parser.add_argument("suite_args", nargs=argparse.REMAINDER,
+                        help="--json (one JSON document on stdout), --quick (smaller sizes), "
+                             "--dir D (scratch files), and the suite's own flags (kvstore bench SUITE --help)")
+
+
+def _suite_parser(name: str, module) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=f"kvstore bench {name}", description=(module.__doc__ or "").strip())
     parser.add_argument("--json", action="store_true", help="one JSON document on stdout")
     parser.add_argument("--quick", action="store_true", help="smaller sizes (for smoke tests)")
     parser.add_argument("--dir", default=None, help="directory for scratch files (default: a temp dir)")
+    if hasattr(module, "configure"):
+        module.configure(parser)
+    return parser
 
 
 def run(args: argparse.Namespace) -> int:
     module = importlib.import_module(f"kvstore.bench.{args.suite}")
-    report = module.run(args)
-    print(report.to_json() if args.json else report.to_table())
+    opts = _suite_parser(args.suite, module).parse_args(args.suite_args)
+    report = module.run(opts)
+    print(report.to_json() if opts.json else report.to_table())
     return 0

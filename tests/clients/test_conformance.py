@@ -99,8 +99,10 @@ def test_bad_kv_is_rejected_alike(client, layout):
         client.put(tokens, make_kv(layout, 8, 0).float())
     with pytest.raises(InvalidInputError, match=r"shape is .* expected"):
         client.put(tokens, make_kv(layout, 12, 0))
-    with pytest.raises(NotImplementedError, match="activations"):
-        client.put(tokens, make_kv(layout, 8, 0), activations=torch.zeros(1))
+    with pytest.raises(InvalidInputError, match=r"activations shape is \(1,\), expected"):
+        client.put(tokens, make_kv(layout, 8, 0), activations=torch.zeros(1, dtype=layout.dtype))
+    with pytest.raises(InvalidInputError, match="activations dtype is torch.float32"):
+        client.put(tokens, make_kv(layout, 8, 0), activations=torch.zeros(layout.act_shape(8)))
     assert client.lookup(tokens) == 0  # nothing half-stored
     assert client.stats()["put_blocks"] == 0
 

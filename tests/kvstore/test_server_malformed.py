@@ -155,8 +155,10 @@ PUT_PAYLOADS = [
      "invalid_argument"),
     ("wrong shape for layout", {"kv": {"dtype": "float16", "shape": [KV_BYTES // 2]}}, [b"\0" * KV_BYTES],
      "invalid_argument"),
-    ("activations", {"kv": KV_DESC, "activations": {"dtype": "float16", "shape": [1]}}, [b"\0" * KV_BYTES],
-     "not_implemented"),
+    ("activations without their frame", {"kv": KV_DESC, "act": {"dtype": "float16", "shape": [1]}},
+     [b"\0" * KV_BYTES], "bad_frame"),
+    ("activations of the wrong shape", {"kv": KV_DESC, "act": {"dtype": "float16", "shape": [2]}},
+     [b"\0" * KV_BYTES, b"\0" * 4], "invalid_argument"),
 ]
 
 

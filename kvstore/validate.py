@@ -1,0 +1,30 @@
+"""Checks of a put's tensors, shared by the embedded store and the remote client (which
+must reject bad input with the same error before sending anything)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from kvstore.errors import InvalidInputError
+from kvstore.layout import ModelLayout
+
+
+def _check(what: str, t: Any, layout: ModelLayout, expected: tuple[int, ...], dims: str) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise InvalidInputError(f"{what} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype != layout.dtype:
+        raise InvalidInputError(f"{what} dtype is {t.dtype}, the layout says {layout.dtype}")
+    if tuple(t.shape) != expected:
+        raise InvalidInputError(f"{what} shape is {tuple(t.shape)}, expected {expected} [{dims}]")
+
+
+def check_kv(layout: ModelLayout, kv: Any, num_tokens: int) -> None:
+    """``kv`` must be ``[layers, 2, num_tokens, kv_heads, head_dim]`` of the layout's dtype."""
+    _check("kv", kv, layout, layout.kv_shape(num_tokens), "layers, 2, len(tokens), kv_heads, head_dim")
+
+
+def check_act(layout: ModelLayout, act: Any, num_tokens: int) -> None:
+    """``act`` must be ``[layers, num_tokens, hidden]`` of the layout's dtype."""
+    _check("activations", act, layout, layout.act_shape(num_tokens), "layers, len(tokens), hidden")
