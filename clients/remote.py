@@ -31,7 +31,6 @@ import threading
 import time
 from typing import Any
 
-import numpy as np
 import torch
 import zmq
 
@@ -92,18 +91,6 @@ def _runs(blocks: list[tuple[int, int, int]]) -> list[tuple[int, int, int, int]]
                 continue
         runs.append([pos, seg, slot, 1])
     return [tuple(r) for r in runs]  # type: ignore[misc]
-
-
-def _fast_tokens(tokens: Any) -> np.ndarray:
-    """``tokens_to_array`` with a vectorised path for the common case, a list of ints: numpy
-    infers the dtype, and only an all-int result free of bools is accepted there; anything
-    else goes through ``tokens_to_array`` for its exact checks and messages."""
-    if type(tokens) is list and tokens:
-        arr = np.array(tokens)
-        if arr.dtype.kind == "i" and arr.ndim == 1 and not any(type(t) is bool for t in tokens):
-            if arr.min() >= -(2**31) and arr.max() < 2**31:
-                return arr.astype("<i4")
-    return tokens_to_array(tokens)
 
 
 class RemoteClient:
@@ -252,7 +239,7 @@ class RemoteClient:
         return bool(self._rows)
 
     def _ns_args(self, tokens: Any) -> tuple[Any, dict]:
-        arr = _fast_tokens(tokens)
+        arr = tokens_to_array(tokens)
         return arr, {"ns": self.namespace, "tokens": arr.tobytes()}
 
     # -- API ---------------------------------------------------------------------------

@@ -48,7 +48,7 @@ def tokens_to_array(tokens: Sequence[int] | np.ndarray | torch.Tensor) -> np.nda
     else:
         if not hasattr(tokens, "__len__") or not hasattr(tokens, "__iter__"):
             raise InvalidInputError(f"tokens must be a sequence of ints, got {type(tokens).__name__}")
-        if any(type(t) is bool for t in tokens):  # numpy would silently coerce bools to ints
+        if bool in set(map(type, tokens)):  # numpy would silently coerce bools to ints
             raise InvalidInputError("tokens must be ints, found bool")
         try:
             arr = np.asarray(tokens)
