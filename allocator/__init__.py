@@ -3,7 +3,7 @@
 Knows slots and bytes, not tokens; imports nothing else of this project.
 """
 
-from allocator.arena import Arena, CorruptSlotError, as_byte_rows
+from allocator.arena import Arena, CorruptSlotError
 from allocator.disk import (DiskArena, SlabInUseError, SlabMismatchError, SlotRecord, slab_file_bytes,
                             slots_for_bytes)
 from allocator.fileops import FileOps
@@ -12,5 +12,5 @@ from allocator.slot_pool import OutOfSlotsError, SlotPool
 from allocator.transfer import transfer
 
 __all__ = ["Arena", "CorruptSlotError", "DiskArena", "FileOps", "MemoryArena", "OutOfSlotsError",
-           "SlotPool", "as_byte_rows", "default_device", "slab_file_bytes", "slots_for_bytes", "transfer",
+           "SlotPool", "default_device", "slab_file_bytes", "slots_for_bytes", "transfer",
            "SlabInUseError", "SlabMismatchError", "SlotRecord"]

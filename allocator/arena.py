@@ -55,10 +55,3 @@ class Arena(ABC):
         row_bytes = math.prod(t.shape[1:]) * t.element_size() if len(slots) else self.slot_bytes
         if row_bytes != self.slot_bytes:
             raise ValueError(f"row of {row_bytes} bytes for slots of {self.slot_bytes} bytes")
-
-
-def as_byte_rows(t: torch.Tensor) -> torch.Tensor:
-    """View a contiguous ``[n, ...]`` tensor as ``[n, row_bytes]`` uint8 (no copy)."""
-    if not t.is_contiguous():
-        raise ValueError("as_byte_rows needs a contiguous tensor")
-    return t.view(torch.uint8).reshape(t.shape[0], -1)

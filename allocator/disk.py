@@ -145,7 +145,6 @@ class DiskArena(Arena):
         self.data_offset = PAGE + round_up(num_slots * HEADER_BYTES, PAGE)
         self.file_bytes = slab_file_bytes(num_slots, slot_bytes)
         self._checksums = np.zeros(num_slots, dtype=np.uint64)
-        self._lengths = np.zeros(num_slots, dtype=np.int64)
         self._generation = 0
         self._last_sync = clock()
         self._gen_lock = threading.Lock()
@@ -210,7 +209,6 @@ class DiskArena(Arena):
         self.recovered = sorted(best.values(), key=lambda r: r.generation)
         for rec in self.recovered:
             self._checksums[rec.slot] = rec.checksum
-            self._lengths[rec.slot] = self.slot_bytes
         self._generation = max((r.generation for r in self.recovered), default=0)
 
     @property
@@ -288,7 +286,6 @@ class DiskArena(Arena):
             self.ops.pwrite(self.fd, mv[start * HEADER_BYTES:end * HEADER_BYTES],
                             self.header_offset + sorted_slots[start] * HEADER_BYTES)
         self._checksums[slots] = sums
-        self._lengths[slots] = self.slot_bytes
         self._maybe_sync()
 
     def _maybe_sync(self) -> None:
@@ -342,7 +339,6 @@ class DiskArena(Arena):
             self.ops.pwrite(self.fd, zero[: (end - start) * HEADER_BYTES],
                             self.header_offset + slots[start] * HEADER_BYTES)
         self._checksums[slots] = 0
-        self._lengths[slots] = 0
 
     def drop_page_cache(self) -> None:
         """Flush and drop this file's pages from the OS cache (cold reads for benchmarks)."""

@@ -197,6 +197,13 @@ class KVStore:
         arr = tokens_to_array(tokens)
         return arr, block_keys(arr, self.block_tokens, self._salt)
 
+    def _whole_block_keys(self, tokens: TokensLike) -> tuple[np.ndarray, list[bytes]]:
+        arr, keys = self._keys(tokens)
+        if len(arr) % self.block_tokens:
+            raise InvalidInputError(f"get needs whole blocks: {len(arr)} tokens is not a multiple of "
+                                    f"block_tokens={self.block_tokens} (use lookup() for the cached length)")
+        return arr, keys
+
     def _check_kv(self, kv: Any, num_tokens: int) -> None:
         check_kv(self.layout, kv, num_tokens)
 
@@ -301,11 +308,8 @@ class KVStore:
         ``i`` becomes usable. Every block stays pinned until the restore completes.
         """
         self._check_open()
-        arr, keys = self._keys(tokens)
+        arr, keys = self._whole_block_keys(tokens)
         bt = self.block_tokens
-        if len(arr) % bt:
-            raise InvalidInputError(f"get needs whole blocks: {len(arr)} tokens is not a multiple of "
-                                    f"block_tokens={bt} (use lookup() for the cached length)")
         out_device = torch.device(device) if device is not None else self.device
         adapter = adapter or self.adapter
         if (adapter is not None and self._acts is not None) or out is not None or on_layer is not None:
@@ -665,11 +669,8 @@ class KVStore:
         counts and raises the miss or promotes). Counts as a get; O(blocks).
         """
         self._check_open()
-        arr, keys = self._keys(tokens)
+        arr, keys = self._whole_block_keys(tokens)
         bt = self.block_tokens
-        if len(arr) % bt:
-            raise InvalidInputError(f"get needs whole blocks: {len(arr)} tokens is not a multiple of "
-                                    f"block_tokens={bt} (use lookup() for the cached length)")
         allowed = set(tiers)
         with self._lock:
             self._check_open()

@@ -10,8 +10,10 @@ from dataclasses import asdict, dataclass, field
 import json
 import os
 import platform
+import statistics
 import sys
-from typing import Literal
+import time
+from typing import Callable, Literal
 
 
 @dataclass
@@ -78,3 +80,13 @@ def machine_info() -> dict:
     except ImportError:  # pragma: no cover
         pass
     return info
+
+
+def median_time(fn: Callable[[], object], repeats: int) -> float:
+    """Median wall time of ``repeats`` calls of ``fn`` (seconds)."""
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)

@@ -35,7 +35,7 @@ import sys
 import tempfile
 import time
 
-from kvstore.bench.report import Report, machine_info
+from kvstore.bench.report import Report, machine_info, median_time
 
 MiB = 1 << 20
 
@@ -55,22 +55,13 @@ def _model(layers: int, hidden: int, heads: int, kv_heads: int, dtype):
     return transformers.AutoModelForCausalLM.from_config(cfg).eval().to(dtype)
 
 
-def _median(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def _limits(workdir: Path, kv, layout, tokens: int, repeats: int) -> dict[str, float]:
     """Seconds for the raw work: memcpy of the KV bytes, a cold read of them, the bare GEMMs."""
     import torch
 
     flat = kv.reshape(-1).view(torch.uint8)
     dst = torch.empty_like(flat)
-    t_copy = _median(lambda: dst.copy_(flat), repeats)
+    t_copy = median_time(lambda: dst.copy_(flat), repeats)
     path = workdir / "raw.bin"
     with open(path, "wb") as f:
         f.write(flat.numpy().tobytes())
@@ -83,7 +74,7 @@ def _limits(workdir: Path, kv, layout, tokens: int, repeats: int) -> dict[str, f
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         os.preadv(fd, [memoryview(buf)], 0)
     try:
-        t_read = _median(cold_read, repeats)
+        t_read = median_time(cold_read, repeats)
     finally:
         os.close(fd)
         path.unlink()
@@ -95,7 +86,7 @@ def _limits(workdir: Path, kv, layout, tokens: int, repeats: int) -> dict[str, f
     def gemms() -> None:
         for _ in range(layout.num_layers):
             torch.nn.functional.linear(x, w)
-    t_gemm = _median(gemms, repeats)
+    t_gemm = median_time(gemms, repeats)
     return {"memcpy_s": t_copy, "cold_read_s": t_read, "gemm_s": t_gemm}
 
 

@@ -21,19 +21,10 @@ import statistics
 import tempfile
 import time
 
-from kvstore.bench.report import Report, machine_info
+from kvstore.bench.report import Report, machine_info, median_time
 
 MiB = 1 << 20
 KiB = 1 << 10
-
-
-def _median_time(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def _moves(report: Report, workdir: Path, total: int, block_sizes: list[int], repeats: int) -> None:
@@ -95,8 +86,8 @@ def _moves(report: Report, workdir: Path, total: int, block_sizes: list[int], re
             limit()
             t_ours, t_limit = [], []
             for _ in range(repeats):
-                t_ours.append(_median_time(ours, 1))
-                t_limit.append(_median_time(limit, 1))
+                t_ours.append(median_time(ours, 1))
+                t_limit.append(median_time(limit, 1))
             target = 0.9 if bs >= 256 * KiB else None
             report.add(f"{name}@{label}", gib / statistics.median(t_ours), "GiB/s",
                        limit=gib / statistics.median(t_limit), target=target)
