@@ -203,7 +203,11 @@ class KVPolicy(EvictionPolicy):
 
     def _on_access(self, key) -> None:
         p = self._parent.get(key)
-        self._touch_chain(key, p if p is not None else (self._last if self._depth[key] else None))
+        self._hit(key, p if p is not None else (self._last if self._depth[key] else None))
+
+    def _hit(self, key: Key, chain_parent: Key | None) -> None:
+        """Record a hit on a resident block reached through ``chain_parent``. O(log n)."""
+        self._touch_chain(key, chain_parent)
         self._tickof[key] = self._tick
         self._hits[key] += 1
         self._tail[key] = False
@@ -294,14 +298,7 @@ class KVPolicy(EvictionPolicy):
 
     def request(self, key, size=1, cost=None, parent=None, next_access=None) -> bool:
         if key in self._sizes:
-            self._touch_chain(key, parent)
-            self._tickof[key] = self._tick
-            self._hits[key] += 1
-            self._tail[key] = False
-            if self._seg[key] == 0:
-                self._set_seg(key, 1)
-            if self._nchild[key] == 0:
-                self._push(key)
+            self._hit(key, parent)
             return True
         return super().request(key, size, cost, parent, next_access)
 
