@@ -38,9 +38,9 @@ def connect(url: str, layout: ModelLayout | None = None, namespace: str = "defau
     """A client for ``url``: ``embedded://`` (in-process store; ``options`` are
     ``StoreConfig`` fields such as ``device_bytes``), ``tcp://host:port`` or ``ipc:///path``
     (the sidecar; ``options`` are :class:`~clients.remote.RemoteClient` keywords such as
-    ``timeout``, ``curve=CurveConfig(secret=..., server=...)``). Raises :class:`~kvstore.protocol.SidecarUnavailableError` when no sidecar
-    answers, :class:`~kvstore.protocol.LayoutMismatchError` when the namespace has another
-    layout, :class:`~kvstore.protocol.VersionMismatchError` for another protocol version.
+    ``timeout``, ``curve=CurveConfig(secret=..., server=...)``). Raises :class:`~kvstore.sidecar.protocol.SidecarUnavailableError` when no sidecar
+    answers, :class:`~kvstore.sidecar.protocol.LayoutMismatchError` when the namespace has another
+    layout, :class:`~kvstore.sidecar.protocol.VersionMismatchError` for another protocol version.
     """
     if not isinstance(url, str):
         raise InvalidInputError(f"url must be a string, got {type(url).__name__}")

@@ -50,7 +50,7 @@ class EmbeddedClient:
         return self._check().clear()
 
     def plan(self, tokens: Any, profile: dict | None = None) -> dict:
-        from kvstore.server import plan_result
+        from kvstore.sidecar.server import plan_result
 
         return plan_result(self._check(), tokens, profile)
 

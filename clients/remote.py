@@ -8,7 +8,7 @@ room), KV travels as raw ZeroMQ frames, sent without a copy.
 
 Failure handling: every request has a deadline. On timeout the socket is closed with
 ``LINGER=0`` (its queued messages are dropped) and a fresh one connects; idempotent ops
-(``kvstore.protocol.IDEMPOTENT``) are then retried, others raise. A sidecar that restarted
+(``kvstore.sidecar.protocol.IDEMPOTENT``) are then retried, others raise. A sidecar that restarted
 has forgotten our namespace: the client says ``hello`` again and retries once.
 
 Security: ``curve=CurveConfig(secret=".../client.key_secret", server=".../server.key")`` (or a
@@ -17,7 +17,7 @@ makes the connection CurveZMQ-encrypted and authenticated; a sidecar that does n
 key drops the handshake, which surfaces as ``SidecarUnavailableError`` naming CURVE.
 
 Shared-memory claims carry our ``(host, pid, start time)``: the sidecar then never reclaims
-a reservation while this process lives, however long a copy stalls (see kvstore.procinfo).
+a reservation while this process lives, however long a copy stalls (see kvstore.sidecar.procinfo).
 
 Not safe to share between threads without care: calls are serialised by a lock.
 """
@@ -39,13 +39,13 @@ from allocator.shm import map_shared
 from kvstore.errors import ConfigError, StoreClosedError
 from kvstore.hashing import tokens_to_array
 from kvstore.layout import ModelLayout
-from kvstore.procinfo import self_identity
-from kvstore.protocol import (IDEMPOTENT, MAGIC, VERSION, ProtocolError, SidecarUnavailableError,
+from kvstore.sidecar.procinfo import self_identity
+from kvstore.sidecar.protocol import (IDEMPOTENT, MAGIC, VERSION, ProtocolError, SidecarUnavailableError,
                               UnknownLeaseError, UnknownNamespaceError, VersionMismatchError, check_act, check_kv,
                               error_from_reply, request_frames, tensor_desc, tensor_frame, tensor_from_frame,
                               unpack)
-from kvstore.security import CurveKeys, apply_client_curve, load_keys
-from kvstore.server import host_id
+from kvstore.sidecar.security import CurveKeys, apply_client_curve, load_keys
+from kvstore.sidecar.server import host_id
 
 ENV_SECRET = "KVSTORE_CURVE_SECRET"
 ENV_SERVER = "KVSTORE_CURVE_SERVER"

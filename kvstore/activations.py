@@ -1,7 +1,7 @@
 """Activations as a second payload of the store: the disk slab's kind and the keep rule.
 
 A block may hold KV, activations (``[layers, block_tokens, hidden]``: the input of the K/V
-projections, see :mod:`kvstore.hf` for why post-norm), or both. Each form has its own tier
+projections, see :mod:`kvstore.models.hf` for why post-norm), or both. Each form has its own tier
 manager, arenas and slots (sized ``layout.act_block_bytes``), keyed by the same block keys,
 so capacities, eviction and pins of one form never disturb the other's bookkeeping.
 """

@@ -26,13 +26,13 @@ from allocator.disk import KIND_ACT, KIND_KV, SlabInUseError, SlabMismatchError,
 from eviction import make_policy
 from kvstore.activations import ActDiskArena, put_forms
 from kvstore.config import TIERS, StoreConfig
-from kvstore.costmodel import ComputeCost, CostModel, CostProfile, LinkCost
+from kvstore.restore.costmodel import ComputeCost, CostModel, CostProfile, LinkCost
 from kvstore.errors import (BlockNotFoundError, ConfigError, InvalidInputError, StoreClosedError)
-from kvstore.executor import Executor, Recomputer, Source, Timings
+from kvstore.restore.executor import Executor, Recomputer, Source, Timings
 from kvstore.hashing import block_keys, namespace_salt, tokens_to_array
 from kvstore.layout import ModelLayout
 from kvstore.validate import check_act, check_kv
-from kvstore.planner import BlockForms, Plan, plan_restore
+from kvstore.restore.planner import BlockForms, Plan, plan_restore
 from kvstore.tiers import BlockEntry, Tier, TierManager
 
 log = logging.getLogger(__name__)
@@ -383,10 +383,10 @@ class KVStore:
     @property
     def cost_model(self) -> CostModel:
         """The cost model plans use: injected, else the calibrated profile, else a quick
-        measurement (made once, on first use; see :mod:`kvstore.profiles`)."""
+        measurement (made once, on first use; see :mod:`kvstore.restore.profiles`)."""
         with self._lock:
             if self._cost_model is None:
-                from kvstore.profiles import store_profile
+                from kvstore.restore.profiles import store_profile
 
                 self._cost_model = CostModel(store_profile(self.layout, self.device))
             return self._cost_model
@@ -610,7 +610,7 @@ class KVStore:
             pass
 
     # -- sidecar support (two-phase reads, shared memory) --
-    # Used by kvstore.server: a memory tier may live in a shared-memory arena that clients
+    # Used by kvstore.sidecar.server: a memory tier may live in a shared-memory arena that clients
     # map (``arena_factory``); a read pins blocks in place and hands out their slots (a
     # lease) so the client copies them out itself; a write reserves slots, the client
     # fills them, and ``commit`` makes them visible. Reserved slots are invisible to the

@@ -3,7 +3,7 @@ that every acknowledged block comes back exactly (issue 6's evidence).
 
 Setup: ``kvstore serve`` with ``persist = true``, ``fsync = "always"`` on a temporary
 ``disk_path`` whose disk tier holds every block the storm can write (nothing is evicted, so
-"acknowledged and lost" must be 0). Client processes (``python -m clients.bench_chaos
+"acknowledged and lost" must be 0). Client processes (``python -m kvstore.bench.chaos_client
 storm``; ``kvstore`` does not import ``clients``) put unique prompts and log each
 acknowledged one. This module kills the sidecar at seeded random moments (``--kills``, at
 least 20 for the full run), restarts it each time, and between kills throws seeded
@@ -32,7 +32,7 @@ import time
 from kvstore.bench.report import Report, machine_info
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-BLOCK_BYTES = 2 * 2 * 4 * 2 * 16 * 2  # clients.bench_chaos.LAYOUT with BT=4 (checked by the verifier's gets)
+BLOCK_BYTES = 2 * 2 * 4 * 2 * 16 * 2  # kvstore.bench.chaos_client.LAYOUT with BT=4 (checked by the verifier's gets)
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -93,7 +93,7 @@ def _fuzz(endpoint: str, rng: random.Random, n: int) -> tuple[int, int]:
     """Send ``n`` seeded malformed requests; returns (sent, answered with an error)."""
     import zmq
 
-    from kvstore.protocol import MAGIC, OPS, VERSION, pack, unpack
+    from kvstore.sidecar.protocol import MAGIC, OPS, VERSION, pack, unpack
 
     ctx = zmq.Context()
     sock = ctx.socket(zmq.DEALER)
@@ -145,9 +145,9 @@ def _unauthorised(tmp: Path, rng: random.Random, attempts: int) -> tuple[int, in
     Returns (refusals the sidecar counted, attempts that got any answer: must be 0)."""
     import zmq
 
-    from kvstore.keygen_cmd import write_keypair
-    from kvstore.protocol import MAGIC, VERSION, pack, unpack
-    from kvstore.security import load_keys
+    from kvstore.sidecar.security import write_keypair
+    from kvstore.sidecar.protocol import MAGIC, VERSION, pack, unpack
+    from kvstore.sidecar.security import load_keys
 
     keys = tmp / "keys"
     write_keypair(keys, "server")
@@ -218,7 +218,7 @@ def run(args: argparse.Namespace) -> Report:
         logs = [tmp / f"ack-{i}.log" for i in range(nclients)]
         t0 = time.monotonic()
         side.start()
-        storm = [subprocess.Popen([sys.executable, "-m", "clients.bench_chaos", "storm", "--endpoint", endpoint,
+        storm = [subprocess.Popen([sys.executable, "-m", "kvstore.bench.chaos_client", "storm", "--endpoint", endpoint,
                                    "--client", str(i), "--seed", str(seed), "--log", str(logs[i]), "--stop", str(stop),
                                    "--max-puts", str(max_puts), "--max-seconds", "900"],
                                   cwd=ROOT, stdout=subprocess.PIPE, stderr=open(tmp / f"client-{i}.err", "w"),
@@ -250,7 +250,7 @@ def run(args: argparse.Namespace) -> Report:
             fuzz_answered += answered
             side.kill()  # one more crash, right after the storm, then verify from disk alone
             side.start()
-            v = subprocess.run([sys.executable, "-m", "clients.bench_chaos", "verify", "--endpoint", endpoint,
+            v = subprocess.run([sys.executable, "-m", "kvstore.bench.chaos_client", "verify", "--endpoint", endpoint,
                                 "--seed", str(seed), *map(str, logs)], cwd=ROOT, capture_output=True, text=True,
                                timeout=600)
             if v.returncode != 0:

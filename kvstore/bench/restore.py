@@ -96,10 +96,10 @@ def _scenario(report: Report, workdir: Path, name: str, dims: dict, tier: str, t
 
     from allocator.disk import slab_file_bytes
     from kvstore import KVStore, StoreConfig
-    from kvstore.costmodel import ComputeCost, CostModel, CostProfile, LinkCost, recompute_flops
-    from kvstore.executor import Executor, Source
-    from kvstore.hf import HFAdapter
-    from kvstore.planner import BlockForms, Step, plan_restore, simulate
+    from kvstore.restore.costmodel import ComputeCost, CostModel, CostProfile, LinkCost, recompute_flops
+    from kvstore.restore.executor import Executor, Source
+    from kvstore.models import HFAdapter
+    from kvstore.restore.planner import BlockForms, Step, plan_restore, simulate
 
     adapter = HFAdapter(_model(**dims))
     lay = adapter.layout

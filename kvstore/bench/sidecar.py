@@ -11,7 +11,7 @@ Results (DESIGN.md bench shape), each with the machine limit measured in the sam
   of the same bytes (target >= 0.7);
 * ``lookup_ops_per_s_8_clients``: 8 client processes doing lookups vs 8 processes echoing.
 
-Layout: the engine-side work runs in ``python -m clients.bench_sidecar`` (``kvstore`` does
+Layout: the engine-side work runs in ``python -m kvstore.bench.sidecar_client`` (``kvstore`` does
 not import ``clients``); the sidecar is ``python -m kvstore serve`` and the echo peer is
 this module's ``__main__``, each in its own process, so the GIL of one never slows another.
 """
@@ -53,7 +53,7 @@ def run(args: argparse.Namespace) -> Report:
     echo, echo_endpoint = _spawn_and_read_endpoint([sys.executable, "-m", "kvstore.bench.sidecar", "echo"],
                                                    "echo on ")
     try:
-        cmd = [sys.executable, "-m", "clients.bench_sidecar", "--endpoint", endpoint, "--echo", echo_endpoint]
+        cmd = [sys.executable, "-m", "kvstore.bench.sidecar_client", "--endpoint", endpoint, "--echo", echo_endpoint]
         if quick:
             cmd.append("--quick")
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)

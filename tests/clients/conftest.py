@@ -10,7 +10,7 @@ import pytest
 from allocator.disk import slab_file_bytes
 from clients import connect
 from kvstore import StoreConfig
-from kvstore.server import ServerOptions, SidecarServer
+from kvstore.sidecar.server import ServerOptions, SidecarServer
 
 BT = 4
 DEVICE_BLOCKS, HOST_BLOCKS, DISK_BLOCKS = 4, 4, 8

@@ -7,7 +7,7 @@ import torch
 
 from clients import connect
 from kvstore import ModelLayout, StoreConfig
-from kvstore.server import ServerOptions, SidecarServer
+from kvstore.sidecar.server import ServerOptions, SidecarServer
 
 
 def tensors(layout: ModelLayout, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -12,7 +12,7 @@ import torch
 
 from clients import connect
 from kvstore.errors import BlockNotFoundError
-from kvstore.procinfo import owner_alive, process_start_time
+from kvstore.sidecar.procinfo import owner_alive, process_start_time
 from tests.clients.conftest import BT, start_server
 from tests.clients.test_remote import make_kv, wait_until
 

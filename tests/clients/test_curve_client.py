@@ -8,8 +8,8 @@ import torch
 
 from clients import CurveConfig, connect
 from kvstore.errors import ConfigError
-from kvstore.keygen_cmd import write_keypair
-from kvstore.protocol import SidecarUnavailableError
+from kvstore.sidecar.security import write_keypair
+from kvstore.sidecar.protocol import SidecarUnavailableError
 from tests.clients.conftest import BT, start_server
 from tests.clients.test_remote import make_kv, wait_until
 

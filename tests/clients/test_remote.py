@@ -17,7 +17,7 @@ import zmq
 
 from clients import RemoteClient, connect
 from kvstore import ConfigError, ModelLayout
-from kvstore.protocol import (MAGIC, LayoutMismatchError, SidecarUnavailableError, VersionMismatchError, pack,
+from kvstore.sidecar.protocol import (MAGIC, LayoutMismatchError, SidecarUnavailableError, VersionMismatchError, pack,
                               unpack)
 from tests.clients.conftest import BT, start_server
 
@@ -301,7 +301,7 @@ def test_serve_command_sigterm_exits_zero_and_cleans_up(tmp_path, layout):
 
 
 def test_stale_shared_arenas_of_dead_sidecars_are_swept(tmp_path):
-    from kvstore.server import sweep_stale_shm
+    from kvstore.sidecar.server import sweep_stale_shm
 
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait(30)

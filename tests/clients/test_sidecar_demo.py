@@ -1,6 +1,6 @@
 """``run_sidecar_demo``: two engine processes share one cache; the report says so."""
 
-from kvstore.sidecar_demo import run_sidecar_demo
+from kvstore.cli.sidecar_demo import run_sidecar_demo
 
 
 def test_sidecar_demo_shares_a_prompt_between_processes(capsys):

@@ -1,0 +1,223 @@
+"""The engine side of ``kvstore bench sidecar`` (run as ``python -m kvstore.bench.sidecar_client``).
+
+Measures the client ops and, in this same process, the limits they are compared with
+(bare zmq echo, zmq bulk transfer, memcpy); prints one JSON document on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+import zmq
+
+from clients import connect
+from kvstore.layout import ModelLayout
+from kvstore.sidecar.protocol import request_frames
+
+BT = 16
+MiB = 1 << 20
+
+
+def _layout(quick: bool) -> ModelLayout:
+    # 32 layers x 8 KV heads x 128 dims fp16 = 128 KiB per token, 2 MiB per 16-token block
+    return ModelLayout(num_layers=8 if quick else 32, num_kv_heads=8, head_dim=128, hidden_size=4096,
+                       dtype=torch.float16)
+
+
+def _pct(samples: list[float], q: float) -> float:
+    s = sorted(samples)
+    return s[min(len(s) - 1, int(q * len(s)))]
+
+
+def _echo_latency(endpoint: str, frames: list, n: int) -> list[float]:
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(endpoint)
+    out = []
+    for i in range(n + 50):
+        t0 = time.perf_counter()
+        sock.send_multipart(frames)
+        sock.recv_multipart()
+        if i >= 50:
+            out.append(time.perf_counter() - t0)
+    sock.close(0)
+    ctx.term()
+    return out
+
+
+def _bulk(endpoint: str, nbytes: int, reps: int) -> tuple[float, float]:
+    """Seconds (median) to fetch ``nbytes`` from the echo peer, and to send it there."""
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(endpoint)
+    data = bytearray(nbytes)
+    gets, puts = [], []
+    for i in range(reps + 1):
+        t0 = time.perf_counter()
+        sock.send_multipart([b"GET", str(nbytes).encode()])
+        sock.recv_multipart(copy=False)
+        t1 = time.perf_counter()
+        sock.send_multipart([b"PUT", data], copy=False)
+        sock.recv_multipart()
+        t2 = time.perf_counter()
+        if i:
+            gets.append(t1 - t0)
+            puts.append(t2 - t1)
+    sock.close(0)
+    ctx.term()
+    return statistics.median(gets), statistics.median(puts)
+
+
+def _timed(fn, reps: int, before=None) -> float:
+    """Median seconds of ``fn`` after one warm-up call; ``before`` runs untimed before each."""
+    times = []
+    for i in range(reps + 1):
+        if before is not None:
+            before()
+        t0 = time.perf_counter()
+        fn()
+        dt = time.perf_counter() - t0
+        if i:
+            times.append(dt)
+    return statistics.median(times)
+
+
+def _load(args) -> int:
+    """One of the concurrent clients: lookups (or bare echoes) until told to stop."""
+    lay = _layout(True)
+    tokens = list(range(32 * BT))
+    if args.load == "sidecar":
+        c = connect(args.endpoint, layout=lay, namespace="bench-load", block_tokens=BT, timeout=30, shm=False)
+        op = lambda: c.lookup(tokens)  # noqa: E731
+    else:
+        ctx = zmq.Context()
+        sock = ctx.socket(zmq.DEALER)
+        sock.connect(args.echo)
+        frames = request_frames(1, "lookup", {"ns": "bench-load", "tokens": torch.tensor(tokens, dtype=torch.int32)
+                                              .numpy().tobytes()}, 30000)
+
+        def op():
+            sock.send_multipart(frames)
+            sock.recv_multipart()
+    for _ in range(20):
+        op()
+    print("ready", flush=True)
+    sys.stdin.readline()
+    n, end = 0, time.perf_counter() + args.seconds
+    while time.perf_counter() < end:
+        op()
+        n += 1
+    print(n, flush=True)
+    return 0
+
+
+def _concurrent(args, kind: str, clients: int = 8) -> float:
+    cmd = [sys.executable, "-m", "kvstore.bench.sidecar_client", "--endpoint", args.endpoint, "--echo", args.echo,
+           "--load", kind, "--seconds", str(args.seconds)]
+    procs = [subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) for _ in range(clients)]
+    try:
+        for p in procs:
+            assert p.stdout.readline().strip() == "ready"
+        for p in procs:
+            p.stdin.write("go\n")
+            p.stdin.flush()
+        total = sum(int(p.stdout.readline()) for p in procs)
+    finally:
+        for p in procs:
+            p.wait(60)
+    return total / args.seconds
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--endpoint", required=True)
+    ap.add_argument("--echo", required=True)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--load", choices=("sidecar", "echo"), default=None)
+    ap.add_argument("--seconds", type=float, default=None)
+    args = ap.parse_args(argv)
+    if args.seconds is None:
+        args.seconds = 1.0 if args.quick else 3.0
+    if args.load:
+        return _load(args)
+    results = []
+
+    def add(name, value, unit, limit, target, better):
+        results.append({"name": name, "value": value, "unit": unit, "limit": limit, "target": target,
+                        "better": better})
+        print(f"  {name}: {value:.4g} {unit} (limit {limit:.4g})", file=sys.stderr, flush=True)
+
+    lay = _layout(args.quick)
+    nbytes = (16 if args.quick else 64) * MiB
+    ntok = nbytes // lay.kv_bytes_per_token
+    tokens = list(range(ntok))
+    kv = torch.randn(lay.kv_shape(ntok)).to(lay.dtype)
+
+    # -- lookup latency vs bare echo of the same request bytes
+    small = _layout(True)
+    ltoks = list(range(10_000, 10_000 + 32 * BT))
+    n = 300 if args.quick else 3000
+    with connect(args.endpoint, layout=small, namespace="bench-lookup", block_tokens=BT, shm=False) as c:
+        c.put(ltoks, torch.zeros(small.kv_shape(len(ltoks)), dtype=small.dtype))
+        assert c.lookup(ltoks) == len(ltoks)
+        lat = []
+        for i in range(n + 50):
+            t0 = time.perf_counter()
+            c.lookup(ltoks)
+            if i >= 50:
+                lat.append(time.perf_counter() - t0)
+    frames = request_frames(1, "lookup", {"ns": "bench-lookup", "tokens": torch.tensor(ltoks, dtype=torch.int32)
+                                          .numpy().tobytes()}, 30000)
+    echo = _echo_latency(args.echo, frames, n)
+    add("lookup_p50_us", _pct(lat, 0.5) * 1e6, "us", _pct(echo, 0.5) * 1e6, 1.5, "lower")
+    add("lookup_p99_us", _pct(lat, 0.99) * 1e6, "us", _pct(echo, 0.99) * 1e6, 1.5, "lower")
+
+    # -- 64 MiB via shared memory vs memcpy
+    reps = 3 if args.quick else 7
+    src = torch.empty(nbytes, dtype=torch.uint8).random_()
+    dst = torch.empty_like(src)
+    clone_s = _timed(lambda: src.clone(), reps)
+    copy_s = _timed(lambda: dst.copy_(src), reps)
+    gbps = lambda s: nbytes / s / 1e9  # noqa: E731
+    with connect(args.endpoint, layout=lay, namespace="bench-kv", block_tokens=BT, device="cpu") as c:
+        assert c.uses_shm, "the sidecar offered no shared memory"
+        put_s = _timed(lambda: c.put(tokens, kv), reps, before=c.clear)
+        assert c.lookup(tokens) == ntok
+        get_s = _timed(lambda: c.get(tokens), reps)
+        assert torch.equal(c.get(tokens), kv)
+        c.clear()
+    add("shm_get_gbps", gbps(get_s), "GB/s", gbps(clone_s), 0.8, "higher")
+    add("shm_put_gbps", gbps(put_s), "GB/s", gbps(copy_s), 0.8, "higher")
+
+    # -- 64 MiB as zmq frames vs a bare zmq transfer
+    bare_get_s, bare_put_s = _bulk(args.echo, nbytes, reps)
+    with connect(args.endpoint, layout=lay, namespace="bench-kv", block_tokens=BT, device="cpu", shm=False) as c:
+        put_s = _timed(lambda: c.put(tokens, kv), reps, before=c.clear)
+        get_s = _timed(lambda: c.get(tokens), reps)
+        assert torch.equal(c.get(tokens), kv)
+        c.clear()
+    add("tcp_get_gbps", gbps(get_s), "GB/s", gbps(bare_get_s), 0.7, "higher")
+    add("tcp_put_gbps", gbps(put_s), "GB/s", gbps(bare_put_s), 0.7, "higher")
+
+    # -- throughput with 8 concurrent clients (processes)
+    with connect(args.endpoint, layout=_layout(True), namespace="bench-load", block_tokens=BT, shm=False) as c:
+        c.put(list(range(32 * BT)), torch.zeros(_layout(True).kv_shape(32 * BT), dtype=torch.float16))
+    ops = _concurrent(args, "sidecar")
+    echo_ops = _concurrent(args, "echo")
+    add("lookup_ops_per_s_8_clients", ops, "ops/s", echo_ops, None, "higher")
+    print(json.dumps({"machine": {"kv_bytes": nbytes, "layout": lay.to_dict(), "block_tokens": BT,
+                                  "torch_threads": torch.get_num_threads()},
+                      "results": results}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

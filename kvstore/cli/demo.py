@@ -1,0 +1,175 @@
+"""``kvstore demo``: the whole job on embedded defaults, readable in one screen.
+
+A small Llama-architecture decoder with random weights (built from a config: nothing is
+downloaded) serves a batch of chats: three system prompts shared by several users, each
+user talking for a few turns so every request repeats its history. Before each prefill the
+engine asks the store for the cached prefix, restores it, prefills only the rest, and puts
+the new blocks back. The tiers are deliberately tiny so blocks are demoted to disk and
+promoted back. For every request the demo also runs the uncached prefill and checks that
+greedy generation from the restored cache produces exactly the same tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import random
+import sys
+import time
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--users", type=int, default=6, help="concurrent chats (default 6)")
+    parser.add_argument("--turns", type=int, default=3, help="turns per chat (default 3)")
+    parser.add_argument("--gen", type=int, default=8, help="tokens generated per turn (default 8)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--sidecar", action="store_true",
+                        help="instead: two engine processes share one cache through a sidecar")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.sidecar:
+        try:
+            from kvstore.cli.sidecar_demo import run_sidecar_demo
+        except ImportError as exc:
+            print(f"the sidecar demo is not available in this build: {exc}", file=sys.stderr)
+            return 1
+        return run_sidecar_demo()
+    return Demo(users=args.users, turns=args.turns, gen_tokens=args.gen, seed=args.seed).run()
+
+
+class _Model:
+    """The few model calls the demo needs, across transformers 4.x (``past_key_values``) and
+    5.x (``cache``) naming."""
+
+    def __init__(self, seed: int) -> None:
+        import torch
+        from transformers import LlamaConfig, LlamaForCausalLM
+        from transformers.cache_utils import DynamicCache
+
+        self.torch = torch
+        self.config = LlamaConfig(vocab_size=2048, hidden_size=256, intermediate_size=704, num_hidden_layers=4,
+                                  num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=4096)
+        torch.manual_seed(seed)
+        self.model = LlamaForCausalLM(self.config).eval()
+        self._cache_kw = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
+        self._DynamicCache = DynamicCache
+
+    def new_cache(self):
+        try:
+            return self._DynamicCache(config=self.config)
+        except TypeError:
+            return self._DynamicCache()
+
+    def forward(self, ids: list[int], cache):
+        torch = self.torch
+        with torch.no_grad():
+            out = self.model(torch.tensor([ids]), use_cache=True, **{self._cache_kw: cache})
+        cache = getattr(out, "cache", None) or getattr(out, "past_key_values")
+        return out.logits[0, -1], cache
+
+    def cache_to_kv(self, cache, tokens: int):
+        """DynamicCache -> ``[layers, 2, T, kv_heads, head_dim]`` (the store's layout)."""
+        torch = self.torch
+        layers = []
+        for layer in range(self.config.num_hidden_layers):
+            k, v = (cache.layers[layer].keys, cache.layers[layer].values) if hasattr(cache, "layers") \
+                else (cache.key_cache[layer], cache.value_cache[layer])
+            layers.append(torch.stack([k[0, :, :tokens].transpose(0, 1), v[0, :, :tokens].transpose(0, 1)]))
+        return torch.stack(layers).contiguous()
+
+    def kv_to_cache(self, kv):
+        cache = self.new_cache()
+        for layer in range(kv.shape[0]):
+            cache.update(kv[layer, 0].transpose(0, 1).unsqueeze(0).contiguous(),
+                         kv[layer, 1].transpose(0, 1).unsqueeze(0).contiguous(), layer)
+        return cache
+
+    def generate(self, logits, cache, n: int) -> list[int]:
+        out = []
+        for _ in range(n):
+            tok = int(logits.argmax())
+            out.append(tok)
+            logits, cache = self.forward([tok], cache)
+        return out
+
+
+class Demo:
+    def __init__(self, users: int = 6, turns: int = 3, gen_tokens: int = 8, seed: int = 0) -> None:
+        self.users, self.turns, self.gen_tokens, self.seed = users, turns, gen_tokens, seed
+
+    def run(self) -> int:
+        import torch
+
+        from kvstore import KVStore, ModelLayout, StoreConfig
+
+        t_start = time.perf_counter()
+        m = _Model(self.seed)
+        c = m.config
+        layout = ModelLayout(num_layers=c.num_hidden_layers, num_kv_heads=c.num_key_value_heads,
+                             head_dim=c.hidden_size // c.num_attention_heads, hidden_size=c.hidden_size,
+                             dtype=torch.float32)
+        bt = 16
+        block = layout.kv_block_bytes(bt)
+        config = StoreConfig(layout=layout, block_tokens=bt, device_bytes=32 * block, host_bytes=32 * block,
+                             disk_bytes=512 * block, policy="lru", namespace="demo-llama")
+        rng = random.Random(self.seed)
+        systems = [[rng.randrange(c.vocab_size) for _ in range(rng.randrange(150, 260))] for _ in range(3)]
+        chats = [(u % 3, list(systems[u % 3])) for u in range(self.users)]
+        print(f"model: Llama, {c.num_hidden_layers} layers, {c.num_attention_heads} heads "
+              f"({c.num_key_value_heads} KV heads), hidden {c.hidden_size}, random weights, fp32, CPU")
+        print(f"store: {bt}-token blocks of {block // 1024} KiB; tiers device {config.device_bytes // block}, "
+              f"host {config.host_bytes // block}, disk {config.disk_bytes // block} blocks (temp dir)")
+        print(f"workload: {self.users} chats x {self.turns} turns over {len(systems)} shared system prompts\n")
+        totals = dict(requests=0, prompt_tokens=0, cached_tokens=0, t_full=0.0, t_cached=0.0, same=0)
+        with KVStore(config) as store:
+            print(f"{'req':>3} {'chat':>4} {'turn':>4} {'prompt':>6} {'cached':>6} {'full ms':>8} "
+                  f"{'cached ms':>9}  same tokens")
+            for turn in range(self.turns):
+                for u, (_, history) in enumerate(chats):
+                    history += [rng.randrange(c.vocab_size) for _ in range(rng.randrange(20, 60))]
+                    prompt = list(history)
+                    # the uncached reference
+                    t0 = time.perf_counter()
+                    logits_ref, cache_ref = m.forward(prompt, m.new_cache())
+                    t_full = time.perf_counter() - t0
+                    ref_tokens = m.generate(logits_ref, cache_ref, self.gen_tokens)
+                    # with the store: restore the cached prefix, prefill only the rest
+                    t0 = time.perf_counter()
+                    hit = min(store.lookup(prompt), (len(prompt) - 1) // bt * bt)  # keep >= 1 token to prefill
+                    cache = m.kv_to_cache(store.get(prompt[:hit])) if hit else m.new_cache()
+                    logits, cache = m.forward(prompt[hit:], cache)
+                    t_cached = time.perf_counter() - t0
+                    kv = m.cache_to_kv(cache, len(prompt))
+                    tokens = m.generate(logits, cache, self.gen_tokens)
+                    store.put(prompt, kv)
+                    same = tokens == ref_tokens
+                    history += tokens
+                    totals["requests"] += 1
+                    totals["prompt_tokens"] += len(prompt)
+                    totals["cached_tokens"] += hit
+                    totals["t_full"] += t_full
+                    totals["t_cached"] += t_cached
+                    totals["same"] += same
+                    print(f"{totals['requests']:>3} {u:>4} {turn:>4} {len(prompt):>6} {hit:>6} {t_full * 1e3:>8.1f} "
+                          f"{t_cached * 1e3:>9.1f}  {'yes' if same else 'NO'}")
+            st = store.stats()
+        self._report(st, totals, time.perf_counter() - t_start)
+        return 0 if totals["same"] == totals["requests"] else 1
+
+    @staticmethod
+    def _report(st: dict, t: dict, elapsed: float) -> None:
+        print("\ntier     used/capacity blocks  hits  demoted in  promoted in  dropped")
+        for name, tier in st["tiers"].items():
+            print(f"{name:<8} {tier['used_blocks']:>6}/{tier['capacity_blocks']:<14} {tier['hits']:>5} "
+                  f"{tier['demotions_in']:>11} {tier['promotions_in']:>12} {tier['drops']:>8}")
+        saved = t["t_full"] - t["t_cached"]
+        print(f"\nprefix hits: {t['cached_tokens']} of {t['prompt_tokens']} prompt tokens "
+              f"({t['cached_tokens'] / max(1, t['prompt_tokens']):.0%}) restored from the store")
+        print(f"prefill time: {t['t_full'] * 1e3:.0f} ms uncached vs {t['t_cached'] * 1e3:.0f} ms with the store "
+              f"(restore included): {saved * 1e3:.0f} ms saved ({saved / max(t['t_full'], 1e-9):.0%})")
+        print(f"evictions {st['evictions']}, demotions {st['demotions']}, promotions {st['promotions']}, "
+              f"dropped {st['dropped']}, corrupt reads {st['corrupt_blocks']}")
+        verdict = "identical" if t["same"] == t["requests"] else "DIFFERENT"
+        print(f"generation from restored KV vs no cache: {verdict} in {t['same']}/{t['requests']} requests")
+        print(f"done in {elapsed:.1f} s; temporary slab file removed")

@@ -1,0 +1,109 @@
+"""``kvstore serve``: run the sidecar until SIGTERM/SIGINT (then finish in-flight work, exit 0).
+
+Security: only loopback TCP or ipc:// unless ``--curve-secret``/``--curve-allow`` (CurveZMQ)
+or ``--insecure-allow-remote``; see :mod:`kvstore.sidecar.security`.
+
+Store capacities come from ``--config store.toml`` (keys = ``StoreConfig`` field names) with
+flags overriding the file; every namespace gets these capacities, and its layout and block
+size from its first client.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def _size(text: str) -> int:
+    """Bytes from ``123``, ``64MiB``, ``1GiB``, ``500MB``..."""
+    units = {"": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
+             "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
+    t = text.strip().lower()
+    num = t.rstrip("abcdefghijklmnopqrstuvwxyz")
+    unit = t[len(num):]
+    if unit not in units or not num:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (use e.g. 1048576, 64MiB, 1GiB)")
+    return int(float(num) * units[unit])
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--endpoint", default="tcp://127.0.0.1:5555",
+                        help="ZeroMQ endpoint to bind: tcp://HOST:PORT (PORT * = any free) or ipc:///path")
+    parser.add_argument("--config", default=None, help="TOML file whose keys are StoreConfig fields")
+    for tier in ("device", "host", "disk"):
+        parser.add_argument(f"--{tier}-bytes", type=_size, default=None, help=f"{tier} tier capacity per namespace")
+    parser.add_argument("--disk-path", default=None, help="directory for the namespaces' slab files")
+    parser.add_argument("--policy", default=None, help="eviction policy for every tier (registry name)")
+    parser.add_argument("--fsync", choices=("always", "interval", "never"), default=None)
+    parser.add_argument("--persist", action="store_true", default=None, help="keep disk blocks across restarts")
+    parser.add_argument("--device", default=None, help="device tier device: cuda or cpu (default: cuda if present)")
+    parser.add_argument("--workers", type=int, default=4, help="threads serving blocking requests")
+    parser.add_argument("--lease-timeout", type=float, default=30.0,
+                        help="seconds after which a client's unreleased lease/reservation is reclaimed")
+    parser.add_argument("--max-message-bytes", type=_size, default=1 << 30,
+                        help="larger requests are refused with a too_large error")
+    parser.add_argument("--max-namespaces", type=int, default=64)
+    parser.add_argument("--no-shm", action="store_true", help="no shared-memory data plane (frames only)")
+    parser.add_argument("--shm-dir", default="/dev/shm", help="where shared arenas live (a tmpfs)")
+    parser.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port")
+    parser.add_argument("--metrics-addr", default="127.0.0.1", help="address for the metrics endpoint")
+    parser.add_argument("--max-tokens", type=int, default=1 << 20, help="tokens one request may name")
+    parser.add_argument("--max-inflight", type=int, default=64,
+                        help="requests one connection may have queued or running (more get a busy error)")
+    parser.add_argument("--curve-secret", default=None,
+                        help="CurveZMQ: the server's NAME.key_secret (from kvstore keygen)")
+    parser.add_argument("--curve-allow", default=None,
+                        help="CurveZMQ: directory of allowed client NAME.key files; others are refused")
+    parser.add_argument("--insecure-allow-remote", action="store_true",
+                        help="allow a non-loopback tcp bind without CurveZMQ (anyone who can reach it can "
+                             "read and write every namespace)")
+
+
+def build(args: argparse.Namespace):
+    """The (endpoint, StoreConfig, ServerOptions) an invocation asks for."""
+    from kvstore.config import StoreConfig
+    from kvstore.sidecar.server import ServerOptions
+
+    overrides = {"device_bytes": args.device_bytes, "host_bytes": args.host_bytes, "disk_bytes": args.disk_bytes,
+                 "disk_path": args.disk_path, "policy": args.policy, "fsync": args.fsync, "persist": args.persist,
+                 "device": args.device}
+    if args.config:
+        config = StoreConfig.from_toml(args.config, **overrides)
+    else:
+        config = StoreConfig(**{k: v for k, v in overrides.items() if v is not None})
+    options = ServerOptions(workers=args.workers, lease_timeout_s=args.lease_timeout,
+                            max_message_bytes=args.max_message_bytes, max_namespaces=args.max_namespaces,
+                            shm=not args.no_shm, shm_dir=args.shm_dir, metrics_port=args.metrics_port,
+                            metrics_addr=args.metrics_addr, max_tokens=args.max_tokens,
+                            max_inflight_per_client=args.max_inflight, curve_secret=args.curve_secret,
+                            curve_allow=args.curve_allow, insecure_allow_remote=args.insecure_allow_remote)
+    return args.endpoint, config, options
+
+
+def run(args: argparse.Namespace) -> int:
+    import logging
+    import signal
+    import sys
+
+    from kvstore.errors import ConfigError
+    from kvstore.sidecar.server import SidecarServer
+
+    log = logging.getLogger("kvstore.serve")
+    try:
+        endpoint, config, options = build(args)
+        server = SidecarServer(endpoint, config, options)
+        bound = server.bind()
+    except (ConfigError, OSError) as exc:
+        print(f"kvstore serve: {exc}", file=sys.stderr)
+        return 2
+
+    def on_signal(signum, _frame):
+        log.warning("received %s: finishing in-flight requests", signal.Signals(signum).name)
+        server.request_stop()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    metrics = f", metrics on http://{options.metrics_addr}:{server.metrics_port}/metrics" if server.metrics_port else ""
+    print(f"kvstore sidecar serving on {bound}{metrics}", file=sys.stderr, flush=True)
+    server.serve_forever()
+    print("kvstore sidecar stopped", file=sys.stderr, flush=True)
+    return 0

@@ -1,0 +1,190 @@
+"""Machine measurements behind ``kvstore calibrate``: measure link bandwidths, latencies and compute rates into a cost profile.
+
+Measures, on this machine:
+
+* ``disk->host``: positioned reads (``os.preadv`` into a preallocated buffer) from a file in
+  a temporary directory (``--dir``), after ``posix_fadvise(DONTNEED)`` so the page cache is
+  not measured where the OS honours it; latency from 4 KiB reads, bandwidth from large ones;
+* ``host->device``: pinned host -> CUDA copies when CUDA is present, else a host memcpy (the
+  "device" is the CPU); ``disk->device`` only where a direct path exists (not measured
+  here, so absent: disk payloads then cross disk->host->device);
+* ``recompute``: the K/V projection GEMM ``T x hidden x 2*kvd`` plus RoPE at the layout's
+  shapes, as an effective FLOP rate and a per-call latency (from a tiny call);
+* ``prefill``: a square GEMM at the model width as the effective FLOP rate of a forward.
+
+Each measurement takes the median of several repetitions (robust to a noisy neighbour).
+The profile is written as JSON to the user cache dir (``platformdirs.user_cache_dir
+("kvstore")/cost_profile.json``) and reused unless ``--refresh``. ``--json`` prints one JSON
+document on stdout; progress goes to stderr. Top-level imports stay light (torch is
+imported inside the functions) so ``kvstore --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+PROFILE_NAME = "cost_profile.json"
+
+
+def default_profile_path() -> Path:
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("kvstore")) / PROFILE_NAME
+
+
+
+def _median_time(fn: Callable[[], None], reps: int, sync: Callable[[], None] = lambda: None,
+                 clock: Callable[[], float] = time.perf_counter) -> float:
+    fn()  # warm-up
+    sync()
+    samples = []
+    for _ in range(reps):
+        t0 = clock()
+        fn()
+        sync()
+        samples.append(clock() - t0)
+    return statistics.median(samples)
+
+
+def _fit(small_bytes: int, small_s: float, big_bytes: int, big_s: float) -> tuple[float, float]:
+    """(bandwidth, latency) of the line through two (size, time) points, clamped to be sane."""
+    slope = (big_s - small_s) / max(big_bytes - small_bytes, 1)
+    bandwidth = 1.0 / slope if slope > 0 else big_bytes / max(big_s, 1e-12)
+    latency = max(0.0, small_s - small_bytes / bandwidth)
+    return bandwidth, latency
+
+
+def measure_disk(directory: Path | None, big: int, reps: int) -> tuple[float, float]:
+    import numpy as np
+
+    small = 4096
+    with tempfile.TemporaryDirectory(dir=directory) as tmp:
+        path = os.path.join(tmp, "calibrate.bin")
+        with open(path, "wb") as f:
+            f.write(os.urandom(1 << 20) * max(1, big >> 20))
+            f.flush()
+            os.fsync(f.fileno())
+        size = os.path.getsize(path)
+        buf = np.empty(size, dtype=np.uint8)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            def drop() -> None:
+                if hasattr(os, "posix_fadvise"):
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+
+            def read(n: int) -> Callable[[], None]:
+                view = memoryview(buf)[:n]
+
+                def go() -> None:
+                    drop()
+                    got = os.preadv(fd, [view], 0)
+                    if got != n:
+                        raise OSError(f"short read {got} of {n}")
+                return go
+            t_small = _median_time(read(small), reps * 3)
+            t_big = _median_time(read(size), reps)
+        finally:
+            os.close(fd)
+    return _fit(small, t_small, size, t_big)
+
+
+def measure_host_to_device(big: int, reps: int) -> tuple[float, float, str]:
+    import torch
+
+    small = 4096
+    if torch.cuda.is_available():
+        dev = torch.device("cuda")
+        src = torch.empty(big, dtype=torch.uint8).pin_memory()
+        dst = torch.empty(big, dtype=torch.uint8, device=dev)
+        sync = torch.cuda.synchronize
+        kind = torch.cuda.get_device_name()
+    else:
+        src = torch.empty(big, dtype=torch.uint8)
+        dst = torch.empty(big, dtype=torch.uint8)
+        src.fill_(1)
+        sync = lambda: None  # noqa: E731
+        kind = "cpu"
+    t_small = _median_time(lambda: dst[:small].copy_(src[:small], non_blocking=True), reps * 3, sync)
+    t_big = _median_time(lambda: dst.copy_(src, non_blocking=True), reps, sync)
+    bw, lat = _fit(small, t_small, big, t_big)
+    return bw, lat, kind
+
+
+def measure_gemm(tokens: int, hidden: int, out: int, reps: int, rope: bool) -> tuple[float, float]:
+    """(flops/s, per-call latency) of ``[tokens, hidden] @ [hidden, out]`` (+ RoPE on half)."""
+    import torch
+
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.float16 if dev.type == "cuda" else torch.float32
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    w = torch.randn(out, hidden, device=dev, dtype=dtype)
+
+    def call(t: int) -> Callable[[], None]:
+        x = torch.randn(t, hidden, device=dev, dtype=dtype)
+        cos = torch.randn(t, out // 2, device=dev, dtype=dtype)
+
+        def go() -> None:
+            y = torch.nn.functional.linear(x, w)
+            if rope:
+                k = y[:, : out // 2]
+                half = k.shape[-1] // 2
+                _ = k * cos + torch.cat((-k[:, half:], k[:, :half]), dim=-1) * cos
+        return go
+    t_small = _median_time(call(1), reps * 3, sync)
+    t_big = _median_time(call(tokens), reps, sync)
+    flops = 2.0 * tokens * hidden * out + (3.0 * tokens * out / 2 if rope else 0.0)
+    rate = flops / max(t_big - t_small, t_big * 0.05, 1e-12)
+    return rate, t_small
+
+
+def measure(args: argparse.Namespace):
+    """Run every measurement and return a ``CostProfile``."""
+    from kvstore.restore.costmodel import ComputeCost, CostProfile, LinkCost
+
+    quick = bool(args.quick)
+    reps = 3 if quick else 7
+    big = (8 if quick else 128) << 20
+    log.info("measuring disk->host")
+    d_bw, d_lat = measure_disk(args.dir, big, reps)
+    log.info("measuring host->device")
+    h_bw, h_lat, kind = measure_host_to_device(big, reps)
+    tokens = min(args.tokens, 128) if quick else args.tokens
+    hidden = min(args.hidden, 512) if quick else args.hidden
+    kvd = min(args.kv_dim, 256) if quick else args.kv_dim
+    log.info("measuring recompute GEMM")
+    r_rate, r_lat = measure_gemm(tokens, hidden, 2 * kvd, reps, rope=True)
+    log.info("measuring prefill GEMM")
+    p_rate, p_lat = measure_gemm(tokens, hidden, hidden, reps, rope=False)
+    return CostProfile(
+        links={"disk->host": LinkCost(d_bw, d_lat), "host->device": LinkCost(h_bw, h_lat)},
+        recompute=ComputeCost(r_rate, r_lat), prefill=ComputeCost(p_rate, p_lat), device=kind,
+        shared_compute=(kind == "cpu"), meta={"measured_at": time.time(), "quick": quick, "shapes": {"tokens": tokens, "hidden": hidden,
+                                                                      "kv_dim": kvd}})
+
+
+def load_or_measure(path: Path, refresh: bool, args: argparse.Namespace):
+    """The saved profile at ``path`` unless missing, unreadable or ``refresh``; else measure and save."""
+    from kvstore.restore.costmodel import CostProfile
+
+    if not refresh and path.exists():
+        try:
+            return CostProfile.from_dict(json.loads(path.read_text())), False
+        except (ValueError, KeyError, TypeError) as exc:
+            log.warning("ignoring unreadable profile %s: %s", path, exc)
+    profile = measure(args)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(profile.to_dict(), indent=2))
+    os.replace(tmp, path)  # atomic: a concurrent reader never sees half a profile
+    return profile, True

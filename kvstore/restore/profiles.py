@@ -1,0 +1,79 @@
+"""Which cost profile a store plans with: the calibrated one, else a quick measurement.
+
+``kvstore calibrate`` writes a full profile to the user cache dir; a store that needs to
+plan (it holds activations and was given a recompute adapter) uses it when present. Without
+one, the built-in ``default_profile()`` describes a GPU box and would make a CPU-only
+machine recompute far too much, so the store measures the few figures the planner needs in
+about a tenth of a second: a host memcpy (host->device on CPU; a pinned copy on CUDA), a
+cold read of a small file, and the recompute GEMM at the layout's own shapes and dtype (CPU
+fp16 GEMMs are several times slower than bf16 or fp32, so a generic rate would mislead).
+The online refinement in :class:`~kvstore.restore.costmodel.CostModel` then corrects what a quick
+measurement gets wrong.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+import time
+
+import torch
+
+from kvstore.restore.costmodel import ComputeCost, CostProfile, LinkCost, recompute_flops
+from kvstore.layout import ModelLayout
+
+log = logging.getLogger(__name__)
+
+
+def measure_recompute(layout: ModelLayout, tokens: int, device: torch.device, reps: int = 3
+                      ) -> tuple[float, float]:
+    """(flops/s, per-call latency) of the K/V GEMM at the layout's shapes, dtype and device."""
+    kvd = layout.num_kv_heads * layout.head_dim
+    w = torch.randn(2 * kvd, layout.hidden_size, device=device).to(layout.dtype)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def timed(t: int) -> float:
+        x = torch.randn(t, layout.hidden_size, device=device).to(layout.dtype)
+        torch.nn.functional.linear(x, w)
+        sync()
+        best = float("inf")
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            torch.nn.functional.linear(x, w)
+            sync()
+            best = min(best, time.perf_counter() - t0)
+        return best
+    small, big = timed(1), timed(tokens)
+    per_layer = recompute_flops(layout, tokens) / layout.num_layers
+    return per_layer / max(big - small, big * 0.05, 1e-9), small * layout.num_layers
+
+
+def quick_profile(layout: ModelLayout, device: torch.device | None = None, tokens: int = 256) -> CostProfile:
+    """A coarse profile measured now (about 0.1-0.3 s); see the module doc."""
+    from kvstore.restore import calibrate
+
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    d_bw, d_lat = calibrate.measure_disk(None, 8 << 20, 3)
+    h_bw, h_lat, kind = calibrate.measure_host_to_device(16 << 20, 3)
+    r_rate, r_lat = measure_recompute(layout, tokens, device)
+    # A forward is mostly larger GEMMs than the K/V one: at least the same rate.
+    return CostProfile(links={"disk->host": LinkCost(d_bw, d_lat), "host->device": LinkCost(h_bw, h_lat)},
+                       recompute=ComputeCost(r_rate, r_lat), prefill=ComputeCost(r_rate, 1e-3), device=kind,
+                       shared_compute=(kind == "cpu"),
+                       meta={"source": "quick measurement", "measured_at": time.time()})
+
+
+def store_profile(layout: ModelLayout, device: torch.device | None = None, path: Path | None = None
+                  ) -> CostProfile:
+    """The calibrated profile at ``path`` (default: the user cache dir) if readable, else
+    :func:`quick_profile`."""
+    from kvstore.restore import calibrate
+
+    path = path or calibrate.default_profile_path()
+    if path.exists():
+        try:
+            return CostProfile.from_dict(json.loads(path.read_text()))
+        except (ValueError, KeyError, TypeError) as exc:
+            log.warning("ignoring unreadable cost profile %s: %s", path, exc)
+    return quick_profile(layout, device)

@@ -1,0 +1,912 @@
+"""The sidecar: one process owns the tiers; engines talk to it over ZeroMQ (DESIGN.md).
+
+Threads and sockets
+-------------------
+One *loop* thread owns the ROUTER socket: it reads requests, validates them, answers the
+cheap ones itself (``health``; ``lookup`` when the namespace's store lock is free) and
+hands every other request to a pool of worker threads, so disk I/O or a large copy never
+stalls the socket. ZeroMQ sockets are not thread-safe, so workers do not touch the ROUTER:
+each sends its reply over its own ``inproc`` PUSH socket to a PULL socket the loop polls and
+forwards to the ROUTER (inproc passes messages by reference: tensor frames stay zero-copy).
+
+Namespaces
+----------
+One :class:`~kvstore.store.KVStore` per namespace, created by its first ``hello`` with that
+client's layout and block size and the server's capacities; a later ``hello`` that
+disagrees gets ``layout_mismatch``. Memory tiers on the CPU live in shared memory
+(:class:`allocator.shm.ShmArena`) that a client on the same host maps: a ``get`` pins the
+blocks and replies with their slots (a *lease*; the client copies, then ``release``s), a
+put ``reserve``s slots, the client writes them, ``commit`` publishes them. Leases and
+reservations carry an expiry (``lease_timeout_s``). A same-host client names itself by
+``(pid, start time)`` (:mod:`kvstore.sidecar.procinfo`); past the expiry the loop reclaims its claims
+only once that process is dead, so a live client that stalls mid-copy never writes into slots
+handed to another block, and a killed one leaks nothing. Claims of clients that cannot be
+checked (another host, no /proc) are reclaimed on the timeout alone.
+
+Security (:mod:`kvstore.sidecar.security`): a non-loopback TCP bind is refused without CurveZMQ
+(unless ``insecure_allow_remote``); an ``ipc://`` socket file is made 0600. With CurveZMQ a
+ZAP handler admits only allow-listed client keys (refusals are logged and counted) and each
+namespace is bound to the key name that created it: other keys get ``forbidden``, and
+``stats`` without a namespace lists only the caller's. Limits: message bytes, tokens per
+request, in-flight requests per connection (``busy`` beyond it).
+
+Robustness: every request is validated (frames, msgpack, types, version, op, size) and any
+failure is an error reply ``{code, message}``; an unexpected exception in a handler is
+logged and answered with ``internal``. Nothing a client sends can stop the loop.
+SIGTERM/SIGINT (see :mod:`kvstore.cli.serve`) call :meth:`SidecarServer.request_stop`:
+the loop stops reading, in-flight work finishes and is answered, stores are closed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+import dataclasses
+from dataclasses import dataclass
+import importlib
+import logging
+import os
+import re
+import secrets
+import socket
+import threading
+import time
+from typing import Any
+
+import torch
+import zmq
+
+from allocator.memory import MemoryArena
+from allocator.shm import ShmArena, shm_free_bytes
+from kvstore.config import StoreConfig
+from kvstore.errors import CapacityError, ConfigError, InvalidInputError
+from kvstore.sidecar.procinfo import owner_alive, owner_from_wire
+from kvstore.layout import ModelLayout
+from kvstore.sidecar.protocol import (MAGIC, OPS, VERSION, LayoutMismatchError, MessageTooLargeError, ProtocolError,
+                              RemoteError, UnknownLeaseError, UnknownNamespaceError, UnsupportedError, arg,
+                              check_header, error_code, layout_from_wire, parse_request, reply_error, reply_ok,
+                              tensor_desc, tensor_frame, tensor_from_frame, tokens_from_wire)
+from kvstore.sidecar.security import ZAP_DOMAIN, RefusalLog, ZapHandler, check_bind, handshake_failure, load_allow_dir, load_keys
+from kvstore.store import KVStore
+
+log = logging.getLogger(__name__)
+
+
+def host_id() -> str:
+    """Names this host (and boot): a client maps shared memory only when its own id matches."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+    except OSError:
+        boot = ""
+    return f"{socket.gethostname()}/{boot}"
+
+
+_SHM_NAME = re.compile(r"^kvstore-.*-(\d+)-[0-9a-f]{16}\.shm$")
+
+
+def sweep_stale_shm(directory: str) -> int:
+    """Unlink shared arenas left by sidecars that were killed (SIGKILL skips cleanup): files
+    named by :class:`ShmArena` whose creating pid no longer exists. O(files in directory)."""
+    removed = 0
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return 0
+    for name in names:
+        m = _SHM_NAME.match(name)
+        if not m:
+            continue
+        try:
+            os.kill(int(m.group(1)), 0)
+            continue  # alive
+        except ProcessLookupError:
+            pass
+        except (PermissionError, OverflowError):
+            continue
+        try:
+            os.unlink(os.path.join(directory, name))
+            removed += 1
+        except OSError:
+            pass
+    if removed:
+        log.warning("removed %d shared arena file(s) of dead sidecars from %s", removed, directory)
+    return removed
+
+
+@dataclass
+class ServerOptions:
+    """Knobs of the sidecar itself (store capacities come from the ``StoreConfig``)."""
+
+    workers: int = 4
+    lease_timeout_s: float = 30.0
+    max_message_bytes: int = 1 << 30
+    max_namespaces: int = 64
+    max_queued: int = 1024
+    shm: bool = True
+    shm_dir: str = "/dev/shm"
+    metrics_port: int | None = None
+    metrics_addr: str = "127.0.0.1"
+    #: tokens one request may name (lookup/get/put/reserve/plan); more is ``invalid_argument``
+    max_tokens: int = 1 << 20
+    #: requests one connection may have queued or running at once; more is ``busy``
+    max_inflight_per_client: int = 64
+    #: CurveZMQ: the server's ``.key_secret`` and a directory of allowed client ``.key`` files
+    curve_secret: str | None = None
+    curve_allow: str | None = None
+    #: bind a routable TCP address without CurveZMQ (logs a loud warning)
+    insecure_allow_remote: bool = False
+
+
+class ForbiddenError(RemoteError):
+    """The namespace belongs to another CurveZMQ identity."""
+
+    code = "forbidden"
+
+
+@dataclass(frozen=True)
+class Peer:
+    """Who sent a request: the ROUTER identity of its connection and, with CurveZMQ, the
+    allow-list name of its key. Set by the server under ``args[PEER]`` (a client cannot
+    forge it: msgpack cannot carry this type)."""
+
+    ident: bytes
+    user: str | None
+
+
+PEER = "@peer"
+
+
+@dataclass
+class Namespace:
+    name: str
+    store: KVStore
+    layout: ModelLayout
+    block_tokens: int
+    segments: list[dict]          # shared arenas a client maps, in this order
+    seg_of_tier: dict[int, int]   # tier index -> segment index
+    put_tier: int | None          # first shared tier: where reservations land
+    owner: str | None = None      # CurveZMQ key name that created it (None: no CURVE)
+
+
+@dataclass
+class _Claim:
+    """A lease or reservation the server holds for a client, until ``expires``."""
+
+    kind: str  # "lease" | "reservation"
+    ns: Namespace
+    obj: Any
+    expires: float
+    owner: tuple[int, int] | None = None  # (pid, start time) of a same-host client
+
+
+def plan_result(store: KVStore, tokens: Any, profile: dict | None = None) -> dict:
+    """The transfer-or-recompute plan for ``tokens``' cached prefix, as plain data.
+
+    Raises :class:`UnsupportedError` when this build has no planner. O(planner).
+    """
+    try:
+        planner = importlib.import_module("kvstore.restore.planner")
+        costmodel = importlib.import_module("kvstore.restore.costmodel")
+    except ModuleNotFoundError as exc:
+        raise UnsupportedError(f"plan is not available in this build ({exc.name} is missing)") from None
+    try:
+        prof = costmodel.CostProfile.from_dict(profile) if profile is not None else costmodel.default_profile()
+    except (KeyError, TypeError, ValueError) as exc:
+        raise InvalidInputError(f"bad cost profile: {exc}") from None
+    tiers = store.locate(tokens)
+    blocks = [planner.BlockForms(kv=t) for t in tiers]
+    plan = planner.plan_restore(blocks, store.layout, store.block_tokens, prof)
+    return {"blocks": len(blocks), "cached_tokens": len(blocks) * store.block_tokens,
+            "steps": [[s.block, s.action, s.tier] for s in plan.steps],
+            "predicted_s": plan.predicted_s, "lower_bound_s": plan.lower_bound_s,
+            "restore_s": plan.restore_s, "prefill_tokens": plan.prefill_tokens, "exact": plan.exact}
+
+
+class _Metrics:
+    """Prometheus metrics in a registry of this server's own (no process-global state)."""
+
+    def __init__(self, server: "SidecarServer") -> None:
+        from prometheus_client import CollectorRegistry, Counter, Histogram
+
+        self.registry = CollectorRegistry()
+        self.latency = Histogram("kvstore_request_seconds", "request latency by op", ["op"],
+                                 registry=self.registry,
+                                 buckets=(5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 0.01, 0.025, 0.05, 0.1,
+                                          0.25, 0.5, 1, 2.5, 5, 10))
+        self.requests = Counter("kvstore_requests", "requests by op and outcome code", ["op", "code"],
+                                registry=self.registry)
+        self.registry.register(_StoreCollector(server))
+        self._http = None
+
+    def observe(self, op: str, code: str, seconds: float) -> None:
+        self.latency.labels(op).observe(seconds)
+        self.requests.labels(op, code).inc()
+
+    def serve(self, port: int, addr: str) -> int:
+        from prometheus_client import start_http_server
+
+        self._http, _ = start_http_server(port, addr=addr, registry=self.registry)
+        return self._http.server_port
+
+    def close(self) -> None:
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+            self._http = None
+
+
+class _StoreCollector:
+    """Reads every namespace's ``stats()`` at scrape time (no duplicated counters)."""
+
+    def __init__(self, server: "SidecarServer") -> None:
+        self.server = server
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        counters = {name: CounterMetricFamily(f"kvstore_{name}", f"{name} (blocks)", labels=["namespace"])
+                    for name in ("hits", "misses", "evictions", "demotions", "promotions", "put_blocks", "get_blocks")}
+        used = GaugeMetricFamily("kvstore_tier_used_bytes", "bytes held per tier", labels=["namespace", "tier"])
+        cap = GaugeMetricFamily("kvstore_tier_capacity_bytes", "capacity per tier", labels=["namespace", "tier"])
+        claims = GaugeMetricFamily("kvstore_open_claims", "leases and reservations held by clients")
+        server = CounterMetricFamily("kvstore_server_events", "sidecar events by kind (requests, errors, "
+                                     "malformed, reclaimed, unauthorised, busy...)", labels=["kind"])
+        for name, value in dict(self.server.counters).items():
+            server.add_metric([name], value)
+        for ns in self.server.namespaces():
+            st = ns.store.stats()
+            for name, fam in counters.items():
+                fam.add_metric([ns.name], st[name])
+            for tier, t in st["tiers"].items():
+                used.add_metric([ns.name, tier], t["used_bytes"])
+                cap.add_metric([ns.name, tier], t["capacity_bytes"])
+        claims.add_metric([], self.server.open_claims())
+        yield from counters.values()
+        yield used
+        yield cap
+        yield claims
+        yield server
+
+
+class SidecarServer:
+    """The sidecar. ``start()`` serves from a background thread (tests, demos);
+    ``serve_forever()`` from the calling thread (the ``kvstore serve`` command).
+
+    ``endpoint`` is a ZeroMQ endpoint to bind (``tcp://127.0.0.1:*`` picks a free port;
+    :attr:`endpoint` then holds the one bound). ``config`` is the template of every
+    namespace's ``StoreConfig`` (its layout, block size and namespace are replaced).
+    """
+
+    def __init__(self, endpoint: str, config: StoreConfig | None = None,
+                 options: ServerOptions | None = None) -> None:
+        self.requested_endpoint = endpoint
+        self.endpoint = endpoint
+        self.config = config or StoreConfig()
+        self.options = options or ServerOptions()
+        self._ctx = zmq.Context()
+        self._router: zmq.Socket | None = None
+        self._pull: zmq.Socket | None = None
+        self._inproc = f"inproc://kvstore-replies-{id(self):x}"
+        self._stop = threading.Event()
+        self._stopped = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._ns: dict[str, Namespace] = {}
+        self._ns_lock = threading.Lock()
+        self._claims: dict[int, _Claim] = {}
+        self._claims_lock = threading.Lock()
+        self._local = threading.local()
+        self._push_sockets: list[zmq.Socket] = []
+        self._push_lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(max_workers=max(1, self.options.workers), thread_name_prefix="kvs-worker")
+        self._queued = 0
+        self._queued_lock = threading.Lock()
+        self._started = time.monotonic()
+        self._host = host_id()
+        self.counters = {"requests": 0, "errors": 0, "malformed": 0, "reclaimed": 0, "kept_alive": 0,
+                         "unauthorised": 0, "busy": 0}
+        self._counters_lock = threading.Lock()
+        self._inflight: dict[bytes, int] = {}  # connection -> requests queued or running
+        self._zap: ZapHandler | None = None
+        self._monitor: zmq.Socket | None = None
+        self._refusal_log = RefusalLog(log)
+        self.curve = bool(self.options.curve_secret or self.options.curve_allow)
+        self.metrics: _Metrics | None = None
+        self.metrics_port: int | None = None
+        self._handlers: dict[str, Callable[[dict, list], tuple[Any, list]]] = {
+            op: getattr(self, f"_op_{op}") for op in OPS}
+
+    # -- lifecycle ---------------------------------------------------------------------
+    def bind(self) -> str:
+        """Bind the sockets (idempotent); returns the endpoint bound."""
+        if self._router is not None:
+            return self.endpoint
+        opts = self.options
+        if bool(opts.curve_secret) != bool(opts.curve_allow):
+            raise ConfigError("CurveZMQ needs both the server's key (curve_secret) and an allow-list directory "
+                              "(curve_allow)")
+        check_bind(self.requested_endpoint, self.curve, opts.insecure_allow_remote)
+        router = self._ctx.socket(zmq.ROUTER)
+        router.setsockopt(zmq.LINGER, 2000)
+        if self.curve:
+            try:
+                self._enable_curve(router)
+            except BaseException:
+                self._close_security()
+                router.close(0)
+                raise
+        router.setsockopt(zmq.SNDHWM, 0)
+        router.setsockopt(zmq.RCVHWM, 0)
+        # A hard cap far above the reply-with-an-error limit: beyond it the peer is dropped
+        # (protects memory); between the two the client gets a ``too_large`` reply.
+        router.setsockopt(zmq.MAXMSGSIZE, max(self.options.max_message_bytes * 4, 64 << 20))
+        try:
+            router.bind(self.requested_endpoint)
+        except zmq.ZMQError as exc:
+            self._close_security()
+            router.close(0)
+            raise OSError(f"cannot bind {self.requested_endpoint}: {exc}") from None
+        self.endpoint = router.getsockopt(zmq.LAST_ENDPOINT).decode()
+        if self.endpoint.startswith("ipc://"):
+            # Only this user may connect (the socket file's mode is the access control of ipc).
+            # libzmq creates it with the umask's mode; tightened at once, before the loop serves.
+            os.chmod(self.endpoint[len("ipc://"):], 0o600)
+        if self.options.shm:
+            sweep_stale_shm(self.options.shm_dir)
+        pull = self._ctx.socket(zmq.PULL)
+        pull.setsockopt(zmq.LINGER, 0)
+        pull.bind(self._inproc)
+        self._router, self._pull = router, pull
+        if self.options.metrics_port is not None:
+            self.metrics = _Metrics(self)
+            self.metrics_port = self.metrics.serve(self.options.metrics_port, self.options.metrics_addr)
+            log.info("metrics on http://%s:%d/metrics", self.options.metrics_addr, self.metrics_port)
+        else:
+            self.metrics = None
+        return self.endpoint
+
+    def start(self) -> "SidecarServer":
+        self.bind()
+        self._thread = threading.Thread(target=self._loop, name="kvs-loop", daemon=True)
+        self._thread.start()
+        return self
+
+    def serve_forever(self) -> None:
+        self.bind()
+        self._loop()
+
+    def request_stop(self) -> None:
+        """Ask the loop to finish (safe from a signal handler)."""
+        self._stop.set()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                log.error("sidecar loop did not stop within %.1f s", timeout)
+        elif self._router is not None and not self._stopped.is_set():
+            self._shutdown()
+
+    def __enter__(self) -> "SidecarServer":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def _enable_curve(self, router: zmq.Socket) -> None:
+        """Make ``router`` a CURVE server whose handshakes our ZAP handler admits."""
+        opts = self.options
+        keys = load_keys(opts.curve_secret)
+        if keys.secret is None:
+            raise ConfigError(f"{opts.curve_secret} holds no secret-key (pass the .key_secret file)")
+        allowed = load_allow_dir(opts.curve_allow)
+        self._zap = ZapHandler(self._ctx, allowed, self._count_refusal)
+        router.curve_server = True
+        router.curve_publickey = keys.public
+        router.curve_secretkey = keys.secret
+        router.zap_domain = ZAP_DOMAIN
+        self._monitor = router.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                                                  | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
+        log.info("CurveZMQ on: %d allowed client key(s) from %s", len(allowed), opts.curve_allow)
+
+    def _close_security(self) -> None:
+        if self._monitor is not None:
+            self._monitor.close(0)
+            self._monitor = None
+        if self._zap is not None:
+            self._zap.close()
+            self._zap = None
+
+    def _count(self, name: str, n: int = 1) -> None:
+        with self._counters_lock:
+            self.counters[name] += n
+
+    def _count_refusal(self, reason: str) -> None:
+        self._count("unauthorised")
+
+    def _on_monitor(self) -> None:
+        """Count and log handshakes that failed before ZAP (no CURVE, wrong server key)."""
+        from zmq.utils.monitor import recv_monitor_message
+
+        assert self._monitor is not None
+        for _ in range(256):
+            try:
+                event = recv_monitor_message(self._monitor, zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            reason = handshake_failure(event["event"])
+            if reason is not None:
+                self._count("unauthorised")
+                self._refusal_log(event.get("endpoint", b"?").decode(errors="replace"), reason)
+
+    def namespaces(self) -> list[Namespace]:
+        with self._ns_lock:
+            return list(self._ns.values())
+
+    def open_claims(self) -> int:
+        with self._claims_lock:
+            return len(self._claims)
+
+    # -- the loop ----------------------------------------------------------------------
+    def _loop(self) -> None:
+        router, pull = self._router, self._pull
+        assert router is not None and pull is not None
+        poller = zmq.Poller()
+        poller.register(router, zmq.POLLIN)
+        poller.register(pull, zmq.POLLIN)
+        if self._monitor is not None:
+            poller.register(self._monitor, zmq.POLLIN)
+        reap_every = max(0.05, min(1.0, self.options.lease_timeout_s / 4))
+        next_reap = time.monotonic() + reap_every
+        log.info("sidecar serving on %s (protocol v%d, %d workers)", self.endpoint, VERSION, self.options.workers)
+        try:
+            while not self._stop.is_set():
+                events = dict(poller.poll(100))
+                if pull in events:
+                    self._forward_replies()
+                if self._monitor is not None and self._monitor in events:
+                    self._on_monitor()
+                if router in events:
+                    for _ in range(256):  # bounded batch, then look at replies again
+                        try:
+                            frames = router.recv_multipart(zmq.NOBLOCK, copy=False)
+                        except zmq.Again:
+                            break
+                        self._on_request(frames)
+                now = time.monotonic()
+                if now >= next_reap:
+                    self._reap(now)
+                    next_reap = now + reap_every
+        finally:
+            self._shutdown()
+
+    def _forward_replies(self) -> None:
+        assert self._pull is not None and self._router is not None
+        while True:
+            try:
+                msg = self._pull.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            self._router.send_multipart(msg, copy=False)
+
+    def _shutdown(self) -> None:
+        if self._stopped.is_set():
+            return
+        log.info("sidecar stopping: finishing in-flight requests")
+        self._pool.shutdown(wait=True)
+        if self._pull is not None:
+            self._forward_replies()
+        with self._claims_lock:
+            claims = list(self._claims.values())
+            self._claims.clear()
+        for c in claims:
+            self._drop_claim(c)
+        for ns in self.namespaces():
+            ns.store.close()
+        with self._push_lock:
+            for s in self._push_sockets:
+                s.close(0)
+        if self._pull is not None:
+            self._pull.close(0)
+        if self._router is not None and self._monitor is not None:
+            try:
+                self._router.disable_monitor()
+            except zmq.ZMQError:
+                pass
+        if self._router is not None:
+            self._router.close(2000)  # let the last replies go out
+        if self.metrics is not None:
+            self.metrics.close()
+        self._close_security()
+        self._ctx.term()
+        self._stopped.set()
+        log.info("sidecar stopped")
+
+    def _send_from_worker(self, msg: list) -> None:
+        sock = getattr(self._local, "push", None)
+        if sock is None:
+            sock = self._ctx.socket(zmq.PUSH)
+            sock.setsockopt(zmq.LINGER, 1000)
+            sock.connect(self._inproc)
+            self._local.push = sock
+            with self._push_lock:
+                self._push_sockets.append(sock)
+        sock.send_multipart(msg, copy=False)
+
+    def _on_request(self, frames: list) -> None:
+        """Validate one request and answer it here or hand it to a worker. Never raises."""
+        assert self._router is not None
+        ident, body = frames[0], frames[1:]
+        received = time.monotonic()
+        rid = None
+        op = "?"
+        self.counters["requests"] += 1
+        try:
+            size = sum(len(f) for f in body)
+            if size > self.options.max_message_bytes:
+                raise MessageTooLargeError(f"message of {size} bytes exceeds the server's limit of "
+                                           f"{self.options.max_message_bytes}")
+            header, payload = parse_request(body)
+            rid = header.get("id") if isinstance(header.get("id"), (int, str)) else None
+            op, args, deadline = check_header(header)
+            user = None
+            if self.curve:
+                try:
+                    user = body[0].get("User-Id") or None
+                except zmq.ZMQError:  # pragma: no cover - CURVE always sets it
+                    user = None
+            ident_bytes = bytes(ident)
+            args[PEER] = Peer(ident_bytes, user)
+            if op == "lookup":
+                ns = self._namespace(args)
+                n = ns.store.lookup_nowait(self._tokens(args))
+                if n is not None:
+                    self._no_payload(op, payload)
+                    self._router.send_multipart([ident, *reply_ok(rid, n)], copy=False)
+                    self._observe(op, "ok", received)
+                    return
+            if op == "health":
+                self._router.send_multipart([ident, *self._run(op, args, payload, rid, received, None)], copy=False)
+                return
+            with self._queued_lock:
+                if self._queued >= self.options.max_queued:
+                    raise RemoteError(f"server busy: {self._queued} requests queued", "busy")
+                mine = self._inflight.get(ident_bytes, 0)
+                if mine >= self.options.max_inflight_per_client:
+                    raise RemoteError(f"this connection has {mine} requests in flight, the limit is "
+                                      f"{self.options.max_inflight_per_client}; wait for replies", "busy")
+                self._queued += 1
+                self._inflight[ident_bytes] = mine + 1
+            self._pool.submit(self._work, ident, op, args, payload, rid, received, deadline)
+        except Exception as exc:
+            code = error_code(exc)
+            if code in ("bad_frame", "bad_version", "unknown_op", "too_large"):
+                self.counters["malformed"] += 1
+                log.warning("malformed request answered with %s: %s", code, exc)
+            elif code == "busy":
+                self._count("busy")
+            if code == "internal":
+                log.exception("unexpected error while reading a request")
+            self.counters["errors"] += 1
+            self._observe(op if op in OPS else "invalid", code, received)
+            try:
+                self._router.send_multipart([ident, *reply_error(rid, code, str(exc))])
+            except zmq.ZMQError as send_exc:  # the peer is gone; nothing to answer
+                log.debug("could not send an error reply: %s", send_exc)
+
+    def _work(self, ident, op, args, payload, rid, received, deadline) -> None:
+        with self._queued_lock:
+            self._queued -= 1
+        try:
+            reply = self._run(op, args, payload, rid, received, deadline)
+        finally:
+            key = args[PEER].ident
+            with self._queued_lock:  # decremented before the reply leaves: the client may send again
+                left = self._inflight.get(key, 1) - 1
+                if left > 0:
+                    self._inflight[key] = left
+                else:
+                    self._inflight.pop(key, None)
+        try:
+            self._send_from_worker([ident, *reply])
+        except Exception:  # pragma: no cover - sending may fail on shutdown
+            log.exception("worker failed to answer %s", op)
+
+    def _run(self, op: str, args: dict, payload: list, rid: Any, received: float, deadline: float | None) -> list:
+        """Run one handler and build its reply frames; every exception becomes an error reply."""
+        code = "ok"
+        try:
+            if deadline is not None and time.monotonic() - received > deadline:
+                raise RemoteError(f"{op} waited {time.monotonic() - received:.3f} s in the queue, past its "
+                                  f"deadline of {deadline:.3f} s", "deadline_exceeded")
+            result, out = self._handlers[op](args, payload)
+            return reply_ok(rid, result, out)
+        except Exception as exc:
+            code = error_code(exc)
+            if code == "internal":
+                log.exception("%s failed", op)
+            self.counters["errors"] += 1
+            return reply_error(rid, code, str(exc) or type(exc).__name__)
+        finally:
+            self._observe(op, code, received)
+
+    def _observe(self, op: str, code: str, received: float) -> None:
+        if self.metrics is not None:
+            self.metrics.observe(op, code, time.monotonic() - received)
+
+    # -- claims (leases and reservations) ----------------------------------------------
+    def _add_claim(self, kind: str, ns: Namespace, obj: Any, args: dict) -> int:
+        # Random, not sequential: a claim id is a capability (whoever names it may commit or
+        # release it), so another client must not be able to guess one.
+        cid = secrets.randbits(62) or 1
+        owner = owner_from_wire(args.get("owner"), self._host)
+        with self._claims_lock:
+            self._claims[cid] = _Claim(kind, ns, obj, time.monotonic() + self.options.lease_timeout_s, owner)
+        return cid
+
+    def _take_claim(self, args: dict, kind: str | None = None) -> _Claim:
+        cid = arg(args, "claim", int)
+        with self._claims_lock:
+            claim = self._claims.get(cid)
+            if claim is None or (kind is not None and claim.kind != kind):
+                raise UnknownLeaseError(f"no open {kind or 'lease or reservation'} {cid} (expired and reclaimed, "
+                                        "or never granted)")
+            self._check_owner(claim.ns, args)
+            del self._claims[cid]
+        return claim
+
+    @staticmethod
+    def _drop_claim(claim: _Claim) -> None:
+        if claim.kind == "lease":
+            claim.ns.store.release(claim.obj)
+        else:
+            claim.ns.store.abort(claim.obj)
+
+    def _reap(self, now: float) -> None:
+        """Reclaim expired claims whose owner is dead or unknown; extend those of live owners.
+
+        O(open claims) per pass plus one /proc read per expired claim with an owner.
+        """
+        with self._claims_lock:
+            expired = [(cid, c) for cid, c in self._claims.items() if c.expires <= now]
+        dead, kept = [], 0
+        for cid, c in expired:
+            if c.owner is not None and owner_alive(c.owner):
+                c.expires = now + self.options.lease_timeout_s  # alive, just slow: its slots stay its own
+                kept += 1
+            else:
+                dead.append(cid)
+        if kept:
+            self._count("kept_alive", kept)
+            log.info("kept %d expired lease(s)/reservation(s) of clients that are alive but slow", kept)
+        with self._claims_lock:
+            claims = [self._claims.pop(cid) for cid in dead if cid in self._claims]
+        if not claims:
+            return
+        for c in claims:
+            try:
+                self._drop_claim(c)
+            except Exception:
+                log.exception("could not reclaim a %s", c.kind)
+        self.counters["reclaimed"] += len(claims)
+        log.warning("reclaimed %d lease(s)/reservation(s) of clients that died (or cannot be checked) "
+                    "after %.1f s", len(claims), self.options.lease_timeout_s)
+
+    # -- helpers -----------------------------------------------------------------------
+    def _namespace(self, args: dict) -> Namespace:
+        name = arg(args, "ns", str)
+        with self._ns_lock:
+            ns = self._ns.get(name)
+        if ns is None:
+            raise UnknownNamespaceError(f"namespace {name[:100]!r} is unknown to this sidecar (say hello first; "
+                                        "it may have restarted)")
+        self._check_owner(ns, args)
+        return ns
+
+    @staticmethod
+    def _check_owner(ns: Namespace, args: dict) -> None:
+        """With CurveZMQ a namespace is its creator's: another key may not touch it."""
+        peer = args.get(PEER)
+        user = peer.user if isinstance(peer, Peer) else None
+        if ns.owner is not None and user != ns.owner:
+            raise ForbiddenError(f"namespace {ns.name[:100]!r} belongs to another client key")
+
+    @staticmethod
+    def _no_payload(op: str, payload: list) -> None:
+        if payload:
+            raise ProtocolError(f"{op} takes no payload frames, got {len(payload)}")
+
+    def _tokens(self, args: dict):
+        raw = arg(args, "tokens", (bytes, list))
+        n = len(raw) // 4 if isinstance(raw, bytes) else len(raw)
+        if n > self.options.max_tokens:
+            raise InvalidInputError(f"{n} tokens in one request exceeds the server's limit of "
+                                    f"{self.options.max_tokens}")
+        return tokens_from_wire(raw)
+
+    def _arena_factory(self, ns_name: str):
+        opts = self.options
+        safe = re.sub(r"[^A-Za-z0-9_.-]", "_", ns_name)[:32] or "ns"
+
+        def factory(tier: str, num_slots: int, slot_bytes: int, device: torch.device):
+            if not opts.shm or device.type != "cpu" or num_slots == 0:
+                return None
+            need = num_slots * slot_bytes
+            try:
+                free = shm_free_bytes(opts.shm_dir)
+            except OSError:
+                free = 0
+            if free < need:
+                log.warning("namespace %s: %s tier (%d bytes) does not fit in %s (%d free); "
+                            "it stays private memory (no shared-memory data plane for it)",
+                            ns_name, tier, need, opts.shm_dir, free)
+                return None
+            return ShmArena(num_slots, slot_bytes, directory=opts.shm_dir, prefix=f"kvstore-{safe}-{tier}")
+
+        return factory
+
+    def _create_namespace(self, name: str, layout: ModelLayout, block_tokens: int) -> Namespace:
+        cfg = dataclasses.replace(self.config, layout=layout, block_tokens=block_tokens, namespace=name)
+        store = KVStore(cfg, arena_factory=self._arena_factory(name))
+        segments, seg_of_tier = [], {}
+        for t, (tier, arena) in enumerate(store.tier_arenas()):
+            if isinstance(arena, ShmArena):
+                seg_of_tier[t] = len(segments)
+                segments.append({"tier": tier, **arena.describe()})
+        put_tier = min(seg_of_tier) if seg_of_tier else None
+        log.info("namespace %r created: layout %s, block_tokens=%d, block %d bytes, tiers %s, shared %s",
+                 name, layout.to_dict(), block_tokens, store.block_bytes,
+                 [t for t, _ in store.tier_arenas()], [s["tier"] for s in segments])
+        return Namespace(name, store, layout, block_tokens, segments, seg_of_tier, put_tier)
+
+    # -- ops: each returns (result, payload frames) --------------------------------------
+    def _op_hello(self, args: dict, payload: list) -> tuple[Any, list]:
+        self._no_payload("hello", payload)
+        name = arg(args, "ns", str)
+        if not name or len(name) > 256:
+            raise InvalidInputError("namespace must be a non-empty string of at most 256 characters")
+        layout = layout_from_wire(arg(args, "layout", dict))
+        bt = arg(args, "block_tokens", int)
+        if bt <= 0:
+            raise InvalidInputError(f"block_tokens must be a positive int, got {bt}")
+        with self._ns_lock:
+            ns = self._ns.get(name)
+            if ns is None:
+                if len(self._ns) >= self.options.max_namespaces:
+                    raise CapacityError(f"this sidecar serves at most {self.options.max_namespaces} namespaces")
+                ns = self._create_namespace(name, layout, bt)
+                peer = args.get(PEER)
+                ns.owner = peer.user if isinstance(peer, Peer) else None
+                self._ns[name] = ns
+            self._check_owner(ns, args)
+            if ns.layout != layout or ns.block_tokens != bt:
+                log.warning("client pid=%s refused from namespace %r: layout/block_tokens disagree",
+                            args.get("pid"), name)
+                raise LayoutMismatchError(
+                    f"namespace {name!r} is fixed to layout {ns.layout.to_dict()} with block_tokens="
+                    f"{ns.block_tokens} by its first client; this client has {layout.to_dict()} with "
+                    f"block_tokens={bt}. Use another namespace for another model.")
+        log.info("client pid=%s host=%s joined namespace %r", args.get("pid"), str(args.get("host", "?"))[:64], name)
+        return {"server_version": VERSION, "capabilities": list(OPS), "ns": name,
+                "layout": ns.layout.to_dict(), "block_tokens": ns.block_tokens,
+                "block_bytes": ns.store.block_bytes,
+                "shm": {"host": self._host, "segments": ns.segments} if ns.segments else None,
+                "lease_timeout_s": self.options.lease_timeout_s,
+                "max_message_bytes": self.options.max_message_bytes, "max_tokens": self.options.max_tokens,
+                "max_inflight": self.options.max_inflight_per_client,
+                # claims of a live same-host client are never reclaimed under it
+                "owner_checked": owner_from_wire(args.get("owner"), self._host) is not None}, []
+
+    def _op_health(self, args: dict, payload: list) -> tuple[Any, list]:
+        self._no_payload("health", payload)
+        return {"status": "ok", "version": VERSION, "endpoint": self.endpoint,
+                "uptime_s": time.monotonic() - self._started, "namespaces": len(self._ns),
+                "open_claims": self.open_claims(), "queued": self._queued}, []
+
+    def _op_lookup(self, args: dict, payload: list) -> tuple[Any, list]:
+        self._no_payload("lookup", payload)
+        ns = self._namespace(args)
+        return ns.store.lookup(self._tokens(args)), []
+
+    def _op_put(self, args: dict, payload: list) -> tuple[Any, list]:
+        ns = self._namespace(args)
+        tokens = self._tokens(args)
+        want = 2 if args.get("act") is not None else 1
+        if len(payload) != want:
+            raise ProtocolError(f"put takes {want} payload frame(s) (the KV{', then the activations' if want == 2 else ''}), "
+                                f"got {len(payload)}")
+        kv = tensor_from_frame(payload[0], arg(args, "kv", dict))
+        act = tensor_from_frame(payload[1], arg(args, "act", dict)) if want == 2 else None
+        return ns.store.put(tokens, kv, activations=act), []
+
+    def _op_get(self, args: dict, payload: list) -> tuple[Any, list]:
+        self._no_payload("get", payload)
+        ns = self._namespace(args)
+        tokens = self._tokens(args)
+        if arg(args, "shm", bool, required=False, default=False) and ns.seg_of_tier:
+            lease = ns.store.acquire(tokens, list(ns.seg_of_tier))
+            if lease is not None:
+                cid = self._add_claim("lease", ns, lease, args)
+                return {"mode": "shm", "claim": cid,
+                        "blocks": [[ns.seg_of_tier[t], slot] for t, slot in lease.blocks]}, []
+        kv = self._get_one_copy(ns, tokens)
+        return {"mode": "frames", "kv": tensor_desc(kv)}, [tensor_frame(kv)]
+
+    @staticmethod
+    def _get_one_copy(ns: Namespace, tokens: Any) -> torch.Tensor:
+        """``store.get`` with one copy when every block is in a memory tier: pin the blocks,
+        copy each run of consecutive slots straight into its place in the result, unpin.
+        Blocks on disk (or a miss) take ``store.get``'s path (two copies, counts the miss)."""
+        store = ns.store
+        memory = [t for t, (_, arena) in enumerate(store.tier_arenas()) if isinstance(arena, MemoryArena)]
+        lease = store.acquire(tokens, memory) if memory else None
+        if lease is None:
+            return store.get(tokens, device="cpu").contiguous()
+        try:
+            lay, bt, nb = store.layout, store.block_tokens, len(lease.blocks)
+            block_shape = (lay.num_layers, 2, bt, lay.num_kv_heads, lay.head_dim)
+            out = torch.empty(lay.kv_shape(nb * bt), dtype=lay.dtype)
+            out6 = out.view(lay.num_layers, 2, nb, bt, lay.num_kv_heads, lay.head_dim).permute(2, 0, 1, 3, 4, 5)
+            arenas = store.tier_arenas()
+            runs: list[list[int]] = []
+            for pos, (t, slot) in enumerate(lease.blocks):
+                if runs and runs[-1][1] == t and slot == runs[-1][2] + runs[-1][3]:
+                    runs[-1][3] += 1
+                else:
+                    runs.append([pos, t, slot, 1])
+            for pos, t, slot, k in runs:
+                rows = arenas[t][1].rows(lay.dtype, block_shape)
+                out6[pos:pos + k].copy_(rows[slot:slot + k])
+            return out
+        finally:
+            store.release(lease)
+
+    def _op_release(self, args: dict, payload: list) -> tuple[Any, list]:
+        self._no_payload("release", payload)
+        self._drop_claim(self._take_claim(args))
+        return True, []
+
+    def _op_reserve(self, args: dict, payload: list) -> tuple[Any, list]:
+        self._no_payload("reserve", payload)
+        ns = self._namespace(args)
+        tokens = self._tokens(args)
+        if ns.put_tier is None:
+            return {"mode": "frames"}, []
+        res = ns.store.reserve(tokens, ns.put_tier)
+        if res is None:
+            return {"mode": "frames"}, []
+        if res.done:
+            return {"mode": "done", "tokens": res.cached}, []
+        cid = self._add_claim("reservation", ns, res, args)
+        seg = ns.seg_of_tier[res.tier]
+        return {"mode": "shm", "claim": cid,
+                "blocks": [[pos, seg, slot] for pos, slot in zip(res.positions, res.slots)]}, []
+
+    def _op_commit(self, args: dict, payload: list) -> tuple[Any, list]:
+        self._no_payload("commit", payload)
+        claim = self._take_claim(args, "reservation")
+        return claim.ns.store.commit(claim.obj), []
+
+    def _op_plan(self, args: dict, payload: list) -> tuple[Any, list]:
+        self._no_payload("plan", payload)
+        ns = self._namespace(args)
+        return plan_result(ns.store, self._tokens(args), arg(args, "profile", dict, required=False)), []
+
+    def _op_stats(self, args: dict, payload: list) -> tuple[Any, list]:
+        self._no_payload("stats", payload)
+        server = {"endpoint": self.endpoint, "version": VERSION, "uptime_s": time.monotonic() - self._started,
+                  "open_claims": self.open_claims(), **self.counters}
+        if args.get("ns") is not None:
+            return {"server": server, "namespace": self._namespace(args).store.stats()}, []
+        peer = args.get(PEER)
+        user = peer.user if isinstance(peer, Peer) else None
+        visible = [ns for ns in self.namespaces() if ns.owner is None or ns.owner == user]
+        return {"server": server, "namespaces": {ns.name: ns.store.stats() for ns in visible}}, []
+
+    def _op_clear(self, args: dict, payload: list) -> tuple[Any, list]:
+        self._no_payload("clear", payload)
+        return self._namespace(args).store.clear(), []
+
+
+__all__ = ["SidecarServer", "ServerOptions", "plan_result", "host_id", "MAGIC"]
