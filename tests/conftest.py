@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import zlib
 
 import pytest
 import torch
@@ -18,8 +19,9 @@ def layout() -> ModelLayout:
 
 @pytest.fixture
 def seed(request) -> int:
-    """A seed from KVSTORE_TEST_SEED or fixed per test; printed when the test fails."""
-    value = int(os.environ.get("KVSTORE_TEST_SEED", "0")) or (hash(request.node.name) & 0xFFFF) + 1
+    """A seed from KVSTORE_TEST_SEED or fixed per test (crc32 of its name: ``hash()`` of a str
+    changes per process); printed when the test fails."""
+    value = int(os.environ.get("KVSTORE_TEST_SEED", "0")) or (zlib.crc32(request.node.name.encode()) & 0xFFFF) + 1
     request.node.user_properties.append(("seed", value))
     return value
 

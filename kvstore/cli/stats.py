@@ -56,7 +56,12 @@ def _table(stats: dict) -> str:
     lines = [f"sidecar {s['endpoint']}  protocol v{s['version']}  up {s['uptime_s']:.0f} s  "
              f"requests {s['requests']}  errors {s['errors']}  open leases {s['open_claims']}  "
              f"reclaimed {s['reclaimed']}  unauthorised {s.get('unauthorised', 0)}  busy {s.get('busy', 0)}"]
-    namespaces = stats.get("namespaces") or {stats["namespace"]["namespace"]: stats["namespace"]}
+    namespaces = stats.get("namespaces")
+    if namespaces is None and "namespace" in stats:
+        namespaces = {stats["namespace"]["namespace"]: stats["namespace"]}
+    if not namespaces:
+        lines.append("  no namespaces yet (a namespace is created by its first client's hello)")
+        return "\n".join(lines)
     for name, st in namespaces.items():
         lines.append(f"  namespace {name}: {st['blocks']} blocks of {st['block_bytes']} B, hits {st['hits']}, "
                      f"misses {st['misses']}, evictions {st['evictions']}, demotions {st['demotions']}")
