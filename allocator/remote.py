@@ -219,15 +219,19 @@ class RemoteBackend:
         no node answers within the deadline (the caller decides whether to start degraded).
         """
         import redis
+        from redis.backoff import NoBackoff
         from redis.cluster import ClusterNode, RedisCluster
+        from redis.retry import Retry
 
         a = self.address
+        no_retry = Retry(NoBackoff(), 0)  # retrying is ours (backoff per shard), never inside a deadline
         try:
             if a.cluster:
                 client = RedisCluster(startup_nodes=[ClusterNode(h, p) for h, p in a.nodes],
-                                      require_full_coverage=False, **self._kwargs())
+                                      require_full_coverage=False, retry=no_retry, **self._kwargs())
             else:
-                client = redis.Redis(host=a.nodes[0][0], port=a.nodes[0][1], db=a.db, **self._kwargs())
+                client = redis.Redis(host=a.nodes[0][0], port=a.nodes[0][1], db=a.db, retry=no_retry,
+                                     **self._kwargs())
                 client.ping()
         except redis.AuthenticationError as exc:
             raise RemoteAuthError(f"{a.describe()} refused the credentials ({exc}); set the password in the URL "

@@ -261,6 +261,8 @@ class RemoteTier:
             if m and elapsed > self._rtt_s:
                 bw = m * self.block_bytes / (elapsed - self._rtt_s)
                 self.link = (self._rtt_s, bw if self.link is None else 0.8 * self.link[1] + 0.2 * bw)
+        if not m:
+            return torch.empty((0, *self.block_shape), dtype=self.dtype), 0
         arr = np.empty((m, self.block_bytes), dtype=np.uint8)
         for i, p in enumerate(payloads):
             arr[i] = np.frombuffer(p, dtype=np.uint8)

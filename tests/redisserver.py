@@ -20,6 +20,8 @@ import pytest
 
 def require_redis() -> None:
     missing = [b for b in ("redis-server", "redis-cli") if shutil.which(b) is None]
+    if missing and os.environ.get("KVSTORE_REQUIRE_REDIS"):  # CI: a missing server is a failure
+        pytest.fail(f"{' and '.join(missing)} not on PATH and KVSTORE_REQUIRE_REDIS is set")
     if missing:
         pytest.skip(f"{' and '.join(missing)} not on PATH: install redis-server (apt-get install -y redis-server)")
 
