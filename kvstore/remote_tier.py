@@ -30,8 +30,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from allocator.remote import (FORM_KV, RemoteAuthError, RemoteBackend, RemoteURLError, pack_block,
-                              parse_remote_url, unpack_block)
+from allocator.remote import (FORM_KV, HEADER_BYTES, RemoteAuthError, RemoteBackend, RemoteURLError,
+                              block_buffer, parse_remote_url, seal_blocks, unpack_block)
 from kvstore.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -97,7 +97,7 @@ class RemoteTier:
         self.link: tuple[float, float] | None = None
         # write-behind
         self.queue_bytes_limit = queue_bytes
-        self._queue: deque[tuple[bytes, bytes, bytes]] = deque()  # (block key, redis key, value)
+        self._queue: deque[tuple[bytes, bytes, memoryview]] = deque()  # (block key, redis key, value)
         self._queued_keys: set[bytes] = set()
         self._queue_bytes = 0
         self._inflight = 0
@@ -121,9 +121,21 @@ class RemoteTier:
     def redis_key(key: bytes) -> bytes:
         return KEY_PREFIX + key
 
-    def _encode(self, key: bytes, block: torch.Tensor) -> bytes:
-        raw = block.detach().to("cpu").contiguous().view(-1).view(torch.uint8).numpy()
-        return pack_block(key, FORM_KV, self.fingerprint, memoryview(raw))
+    def _encode(self, keys: Sequence[bytes], blocks: torch.Tensor) -> list[memoryview]:
+        """Values of ``blocks`` (``[n, *block_shape]``, any strides and device): one batched
+        copy into a send buffer, then a header and checksum per block."""
+        n = len(keys)
+        src = blocks.detach()
+        if src.device.type != "cpu":
+            src = src.cpu()
+        if src.stride(-1) != 1:
+            src = src.contiguous()
+        buf = block_buffer(n, self.block_bytes)
+        dst = buf[:, HEADER_BYTES:]
+        dst.shape = (n, *self.block_shape[:-1], self.block_shape[-1] * src.element_size())  # a view, never a copy
+        # numpy's copy is single-threaded: torch's intra-op threads stall badly on a busy host
+        np.copyto(dst, src.view(torch.uint8).numpy())
+        return seal_blocks(buf, keys, FORM_KV, self.fingerprint)
 
     def _remember(self, keys: Sequence[bytes]) -> None:
         with self._lock:
@@ -149,15 +161,19 @@ class RemoteTier:
         Returns how many were written (through) or queued (back)."""
         with self._lock:
             todo = [i for i, k in enumerate(keys) if k not in self._view and k not in self._queued_keys]
+            if self.write == "back":  # encode only what the queue can take (its bound holds memory)
+                fits = max(0, (self.queue_bytes_limit - self._queue_bytes) // (HEADER_BYTES + self.block_bytes))
+                self.counters["queue_dropped_blocks"] += max(0, len(todo) - fits)
+                todo = todo[:fits]
         if not todo:
             return 0
-        values = [self._encode(keys[i], blocks[i]) for i in todo]
         new_keys = [keys[i] for i in todo]
+        values = self._encode(new_keys, blocks if len(todo) == len(keys) else blocks[todo])
         if self.write == "back":
             return self._enqueue(new_keys, values)
         return self._send(new_keys, values)
 
-    def _send(self, keys: Sequence[bytes], values: Sequence[bytes]) -> int:
+    def _send(self, keys: Sequence[bytes], values: Sequence[memoryview]) -> int:
         ok = self.backend.set_many([self.redis_key(k) for k in keys], values, self.ttl_s)
         done = [k for k, good in zip(keys, ok) if good]
         self._remember(done)
@@ -166,7 +182,7 @@ class RemoteTier:
             self.counters["write_failed_blocks"] += len(keys) - len(done)
         return len(done)
 
-    def _enqueue(self, keys: Sequence[bytes], values: Sequence[bytes]) -> int:
+    def _enqueue(self, keys: Sequence[bytes], values: Sequence[memoryview]) -> int:
         """Queue writes while the queue stays within its byte bound; the rest are dropped
         (counted): a cache may lose writes, an engine must not wait for them."""
         queued = 0
@@ -228,10 +244,17 @@ class RemoteTier:
             self.counters["lookups"] += 1
         return n
 
-    def fetch(self, keys: Sequence[bytes]) -> tuple[torch.Tensor, int]:
+    def fetch(self, keys: Sequence[bytes], out: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
         """The leading blocks of ``keys`` that are remote and intact: ``(rows, m)`` with
         ``rows`` ``[m, *block_shape]``. A missing, damaged or mismatched value ends the run
-        (a miss, never bytes). One GET round trip per shard."""
+        (a miss, never bytes). One GET round trip per shard, then one copy per block,
+        straight into ``out`` (``[len(keys), *block_shape]`` on the CPU, any strides with
+        the last dimension contiguous, e.g. a permuted view of a KV tensor) when given;
+        ``rows`` is then ``out[:m]``."""
+        if out is not None and (tuple(out.shape) != (len(keys), *self.block_shape) or out.dtype != self.dtype
+                                or out.device.type != "cpu" or out.stride(-1) != 1):
+            raise ValueError(f"out must be a CPU {(len(keys), *self.block_shape)} {self.dtype} tensor "
+                             f"with a contiguous last dimension, got {tuple(out.shape)} {out.dtype}")
         if not keys:
             return torch.empty((0, *self.block_shape), dtype=self.dtype), 0
         t0 = time.perf_counter()
@@ -263,10 +286,11 @@ class RemoteTier:
                 self.link = (self._rtt_s, bw if self.link is None else 0.8 * self.link[1] + 0.2 * bw)
         if not m:
             return torch.empty((0, *self.block_shape), dtype=self.dtype), 0
-        arr = np.empty((m, self.block_bytes), dtype=np.uint8)
+        rows = out[:m] if out is not None else torch.empty((m, *self.block_shape), dtype=self.dtype)
+        dst = rows.view(torch.uint8).numpy()  # numpy's copy: single-threaded, no intra-op stalls
+        row_shape = dst.shape[1:]
         for i, p in enumerate(payloads):
-            arr[i] = np.frombuffer(p, dtype=np.uint8)
-        rows = torch.from_numpy(arr).view(self.dtype).view(m, *self.block_shape)
+            dst[i] = np.frombuffer(p, dtype=np.uint8).reshape(row_shape)
         return rows, m
 
     # -- state ------------------------------------------------------------------------------------

@@ -666,41 +666,41 @@ class KVStore:
         n = self._local_prefix(keys, adapter)
         if n == len(keys):
             return None
-        rows, m = self._remote.fetch(keys[n:])
+        nb = len(keys)
+        L, H, D = self.layout.num_layers, self.layout.num_kv_heads, self.layout.head_dim
+        shape = self.layout.kv_shape(nb * bt)
+        if out is not None and (tuple(out.shape) != shape or out.dtype != self.layout.dtype):
+            raise InvalidInputError(f"out must be a {shape} tensor of {self.layout.dtype}, "
+                                    f"got {tuple(out.shape)} {out.dtype}")
+        kv = torch.empty(self.layout.kv_shape(nb * bt), dtype=self.layout.dtype)
+        blocks = kv.view(L, 2, nb, bt, H, D).permute(2, 0, 1, 3, 4, 5)  # block i's KV, in place
+        _, m = self._remote.fetch(keys[n:], out=blocks[n:])  # lands in the result: one copy
         with self._lock:
             self._counters["gets"] += 1
-            if n + m < len(keys):
+            if n + m < nb:
                 self._counters["hits"] += n + m
-                self._counters["misses"] += len(keys) - n - m
+                self._counters["misses"] += nb - n - m
                 raise BlockNotFoundError(f"only {(n + m) * bt} of {len(arr)} tokens are cached "
                                          f"(block {n + m} is missing locally and remotely)")
-        local = None
+        first = n
         if n:
             try:
-                local = self.get(arr[: n * bt], device="cpu", adapter=adapter, exact=exact)
+                kv[:, :, : n * bt] = self.get(arr[: n * bt], device="cpu", adapter=adapter, exact=exact)
             except BlockNotFoundError:  # evicted locally meanwhile: the remote has it too
-                head, h = self._remote.fetch(keys[:n])
-                if h < n:
+                if self._remote.fetch(keys[:n], out=blocks[:n])[1] < n:
                     raise
-                rows, local = torch.cat([head, rows]), None
-                n = 0
+                first = 0
         with self._lock:
-            self._counters["hits"] += len(rows)
-            self._counters["get_blocks"] += len(rows)
-            self._admit_remote(keys, n, rows)
-        kv = rows.permute(1, 2, 0, 3, 4, 5).reshape(self.layout.kv_shape(len(rows) * bt))
-        if local is not None:
-            kv = torch.cat([local, kv], dim=2)
+            self._counters["hits"] += nb - first
+            self._counters["get_blocks"] += nb - first
+            self._admit_remote(keys, first, blocks[first:])
         if out is not None:
-            if tuple(out.shape) != tuple(kv.shape) or out.dtype != kv.dtype:
-                raise InvalidInputError(f"out must be a {tuple(kv.shape)} tensor of {kv.dtype}, "
-                                        f"got {tuple(out.shape)} {out.dtype}")
             out.copy_(kv)
             kv = out
         else:
             kv = kv.to(device)
         if on_layer is not None:
-            for layer in range(self.layout.num_layers):
+            for layer in range(L):
                 on_layer(layer)
         return kv
 
