@@ -335,3 +335,56 @@ def test_write_behind_is_bounded_and_says_what_is_queued(server, seed):
     with make_store(server.url) as reader:
         assert reader.lookup(tokens) == 3 * BT
         assert same_bytes(reader.get(tokens[: 3 * BT]), kv[:, :, : 3 * BT])
+
+
+# -- planning --------------------------------------------------------------------------------------
+def _profile(remote_bw: float, prefill_flops: float):
+    from kvstore.restore.costmodel import ComputeCost, CostProfile, LinkCost
+
+    return CostProfile(links={"disk->host": LinkCost(1e9), "host->device": LinkCost(1e10),
+                              "remote->host": LinkCost(remote_bw, 1e-4)},
+                       recompute=ComputeCost(1e12), prefill=ComputeCost(prefill_flops))
+
+
+def test_planner_weighs_the_remote_link_against_prefill():
+    from kvstore.restore.planner import remote_worth_reading
+
+    assert remote_worth_reading(_profile(1e9, 1e9), LAYOUT, BT, 8)        # fast link, slow prefill: read
+    assert not remote_worth_reading(_profile(1e3, 1e15), LAYOUT, BT, 8)   # slow link, fast prefill: prefill
+    # no remote->host in the profile: the store's own observation decides
+    from kvstore.restore.costmodel import ComputeCost, CostProfile, LinkCost
+    bare = CostProfile(links={"disk->host": LinkCost(1e9), "host->device": LinkCost(1e10)},
+                       recompute=ComputeCost(1e12), prefill=ComputeCost(1e9))
+    prefill_s = bare.prefill_s(LAYOUT, 8 * BT)
+    assert not remote_worth_reading(bare, LAYOUT, BT, 8, observed=(2 * prefill_s, 1e12))  # latency alone loses
+    assert remote_worth_reading(bare, LAYOUT, BT, 8, observed=(prefill_s / 4, 1e12))
+
+
+@pytest.mark.parametrize("remote_bw, prefill_flops, restored_blocks", [(1e9, 1e9, 4), (1e3, 1e15, 1)])
+def test_load_reads_remote_blocks_only_when_the_cost_model_says_so(server, seed, remote_bw, prefill_flops,
+                                                                    restored_blocks):
+    from kvstore.restore.costmodel import CostModel
+
+    tokens, kv = sequence(seed + int(remote_bw), 4)
+    with make_store(server.url) as a:
+        a.put(tokens, kv)
+    cfg = StoreConfig(layout=LAYOUT, block_tokens=BT, device_bytes=0, host_bytes=64 * BLOCK_BYTES, device="cpu",
+                      namespace="ns", remote_url=server.url)
+    with KVStore(cfg, cost_model=CostModel(_profile(remote_bw, prefill_flops))) as b:
+        b.put(tokens[:BT], kv[:, :, :BT])
+        res = b.load(tokens)
+        assert res.tokens_restored == restored_blocks * BT
+        assert same_bytes(res.kv, kv[:, :, : restored_blocks * BT])
+
+
+def test_calibrate_measures_the_remote_link(server, tmp_path):
+    import json as _json
+
+    from kvstore.cli.main import main
+
+    path = tmp_path / "profile.json"
+    assert main(["calibrate", "--quick", "--json", "--profile", str(path), "--dir", str(tmp_path),
+                 "--remote-url", server.url]) == 0
+    link = _json.loads(path.read_text())["links"]["remote->host"]
+    assert link["bandwidth_Bps"] > 1e6 and 0 <= link["latency_s"] < 0.5
+    assert server.client().keys(b"kvs1:calibrate:*") == []
