@@ -388,3 +388,26 @@ def test_calibrate_measures_the_remote_link(server, tmp_path):
     link = _json.loads(path.read_text())["links"]["remote->host"]
     assert link["bandwidth_Bps"] > 1e6 and 0 <= link["latency_s"] < 0.5
     assert server.client().keys(b"kvs1:calibrate:*") == []
+
+
+# -- a fleet of sidecars ------------------------------------------------------------------------------
+@pytest.mark.parametrize("shm", [True, False])
+def test_two_sidecars_share_one_redis(server, tmp_path, seed, shm):
+    from clients import connect
+    from kvstore.sidecar.server import ServerOptions, SidecarServer
+
+    cfg = StoreConfig(device_bytes=0, host_bytes=32 * BLOCK_BYTES, device="cpu", remote_url=server.url)
+    servers = [SidecarServer(f"ipc://{tmp_path}/s{i}.sock", cfg, ServerOptions(workers=2, shm=shm)).start()
+               for i in range(2)]
+    try:
+        tokens, kv = sequence(seed, 3)
+        ns = f"fleet-{shm}"
+        with connect(servers[0].endpoint, layout=LAYOUT, namespace=ns, block_tokens=BT, timeout=10.0) as a:
+            assert a.put(tokens, kv) == len(tokens)  # with shm: reserve/commit, the client writes in place
+        with connect(servers[1].endpoint, layout=LAYOUT, namespace=ns, block_tokens=BT, timeout=10.0) as b:
+            assert b.lookup(tokens) == len(tokens)
+            assert same_bytes(b.get(tokens), kv)
+            assert b.stats()["remote"]["hit_blocks"] == 3
+    finally:
+        for s in servers:
+            s.stop()
