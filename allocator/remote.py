@@ -197,7 +197,12 @@ class RemoteCounters:
     bytes_received: int = 0
 
 
-_FAULT_REPLIES = ("OOM", "READONLY", "CLUSTERDOWN", "TRYAGAIN", "LOADING", "MASTERDOWN")
+def _fault_replies() -> tuple[type[BaseException], ...]:
+    """Replies that mean the shard cannot serve now (not that one key is odd)."""
+    from redis import exceptions as e
+
+    return (e.OutOfMemoryError, e.ReadOnlyError, e.ClusterDownError, e.TryAgainError, e.BusyLoadingError,
+            e.NoPermissionError, e.ConnectionError, e.TimeoutError)
 
 
 class RemoteBackend:
@@ -328,6 +333,10 @@ class RemoteBackend:
             st = self._state(name)
             return not st.degraded or now >= st.retry_at
 
+    def _count(self, field: str, n: int) -> None:
+        with self._lock:
+            setattr(self.counters, field, getattr(self.counters, field) + n)
+
     def _fail(self, name: str, kind: str, exc: BaseException | str) -> None:
         with self._lock:
             st = self._state(name)
@@ -405,11 +414,12 @@ class RemoteBackend:
         per shard (concurrently, bounded by the deadline), return per-key replies."""
         import redis
 
+        fault_replies = _fault_replies()
         out: list[Any] = [miss] * len(keys)
         if not keys or self._closed:
             return out
         if self._client is None and not self._reconnect():
-            self.counters.skipped_keys += len(keys)
+            self._count("skipped_keys", len(keys))
             return out
         start = self.clock()
         groups = self._group(keys)
@@ -418,7 +428,7 @@ class RemoteBackend:
             if self._available(name, start):
                 jobs.append((name, conn, idx))
             else:
-                self.counters.skipped_keys += len(idx)
+                self._count("skipped_keys", len(idx))
 
         def one(conn: Any, idx: list[int]) -> list[Any]:
             pipe = conn.pipeline(transaction=False)
@@ -434,23 +444,21 @@ class RemoteBackend:
             moved = fault = None
             for i, r in zip(idx, replies):
                 if isinstance(r, BaseException):
-                    text = str(r)
-                    if text.startswith(("MOVED", "ASK")) or isinstance(r, (redis.exceptions.MovedError,
-                                                                           redis.exceptions.AskError)):
+                    if isinstance(r, redis.exceptions.AskError):  # MOVED too: the slot map changed
                         moved = r
-                    elif text.startswith(_FAULT_REPLIES) or isinstance(r, (redis.ConnectionError, redis.TimeoutError)):
+                    elif isinstance(r, fault_replies):
                         fault = r
                     continue
                 out[i] = r
             if moved is not None:
-                self.counters.redirects += 1
+                self._count("redirects", 1)
                 self._refresh_slots()
             if fault is not None:
-                self._fail(name, "full" if str(fault).startswith("OOM") else "error", fault)
+                self._fail(name, "full" if isinstance(fault, redis.exceptions.OutOfMemoryError) else "error", fault)
             elif moved is None:
                 self._ok(name)
 
-        self.counters.round_trips += len(jobs)
+        self._count("round_trips", len(jobs))
         if len(jobs) == 1:  # one shard: run inline; socket timeouts bound it by the deadline
             name, conn, idx = jobs[0]
             try:
@@ -487,14 +495,14 @@ class RemoteBackend:
 
         replies = self._run(keys, add, None)
         ok = [r is True or r == b"OK" for r in replies]
-        self.counters.bytes_sent += sum(memoryview(v).nbytes for v, good in zip(values, ok) if good)
+        self._count("bytes_sent", sum(memoryview(v).nbytes for v, good in zip(values, ok) if good))
         return ok
 
     def get_many(self, keys: Sequence[bytes]) -> list[bytes | None]:
         """GET each key; None for a missing key or an unreachable shard."""
         replies = self._run(keys, lambda pipe, i: pipe.get(keys[i]), None)
         out = [r if isinstance(r, bytes) else None for r in replies]
-        self.counters.bytes_received += sum(len(v) for v in out if v is not None)
+        self._count("bytes_received", sum(len(v) for v in out if v is not None))
         return out
 
     def exists_many(self, keys: Sequence[bytes]) -> list[bool]:

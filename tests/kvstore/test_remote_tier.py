@@ -234,6 +234,25 @@ def test_redis_eviction_gives_clean_misses_and_drops_the_local_view(seed):
 
 
 # -- faults -----------------------------------------------------------------------------------
+def test_full_redis_is_a_counted_fault_and_puts_still_land_locally(seed, caplog):
+    require_redis()
+    s = RedisServer(maxmemory=2 << 20, policy="noeviction")  # full, and told not to evict
+    try:
+        caplog.set_level(logging.ERROR, logger="allocator.remote")
+        seqs = [sequence(seed * 100 + i, 4) for i in range(200)]  # ~1.7 MiB of values: past maxmemory
+        with make_store(s.url, host_bytes=1024 * BLOCK_BYTES) as st:
+            for tokens, kv in seqs:
+                assert st.put(tokens, kv) == len(tokens)  # the local tiers take every put
+            r = st.stats()["remote"]
+            assert r["full_errors"] >= 1 and r["degraded"] and r["write_failed_blocks"] > 0
+            assert 0 < r["written_blocks"] < 4 * len(seqs)
+            assert sum(1 for x in caplog.records if "degraded" in x.getMessage()) == 1
+            for tokens, kv in seqs:  # served locally, exact
+                assert same_bytes(st.get(tokens), kv)
+    finally:
+        s.stop()
+
+
 def test_killed_shard_gives_misses_for_its_blocks_exact_bytes_for_the_rest(seed, caplog):
     require_redis()
     c = RedisClusterProcs(3)
