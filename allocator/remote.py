@@ -232,6 +232,7 @@ class RemoteBackend:
         self._client: Any = None
         self._pool: ThreadPoolExecutor | None = None
         self._last_refresh = float("-inf")
+        self._refreshing = False
         self._closed = False
 
     # -- connection ----------------------------------------------------------------------
@@ -379,16 +380,29 @@ class RemoteBackend:
         return True
 
     def _refresh_slots(self) -> None:
-        """Reload a cluster's slot map after MOVED/ASK (at most once per deadline period)."""
+        """Reload a cluster's slot map in the background (after MOVED/ASK, or while a shard is
+        failing: a failover moves its slots to a replica), at most once per
+        ``max(deadline, 1 s)``; callers never wait for it. Until it lands, the old map holds."""
         client = self._client
         now = self.clock()
-        if client is None or not self.address.cluster or now - self._last_refresh < self.deadline_s:
-            return
-        self._last_refresh = now
+        with self._lock:
+            if (client is None or not self.address.cluster or self._refreshing
+                    or now - self._last_refresh < max(self.deadline_s, 1.0)):
+                return
+            self._last_refresh, self._refreshing = now, True
+
+        def refresh() -> None:
+            try:
+                client.nodes_manager.initialize()
+            except Exception as exc:  # noqa: BLE001 - a refresh that fails leaves the old map
+                log.debug("slot map refresh failed: %s", exc)
+            finally:
+                self._refreshing = False
+
         try:
-            client.nodes_manager.initialize()
-        except Exception as exc:  # noqa: BLE001 - a refresh that fails leaves the old map
-            log.debug("slot map refresh failed: %s", exc)
+            self._executor().submit(refresh)
+        except RuntimeError:  # closed meanwhile
+            self._refreshing = False
 
     # -- batching ------------------------------------------------------------------------------
     def _group(self, keys: Sequence[bytes]) -> dict[str, tuple[Any, list[int]]]:
@@ -429,6 +443,7 @@ class RemoteBackend:
                 jobs.append((name, conn, idx))
             else:
                 self._count("skipped_keys", len(idx))
+                self._refresh_slots()  # a failover may have moved this shard's slots
 
         def one(conn: Any, idx: list[int]) -> list[Any]:
             pipe = conn.pipeline(transaction=False)
@@ -440,6 +455,7 @@ class RemoteBackend:
             if isinstance(replies, BaseException):
                 kind = "timeout" if isinstance(replies, (redis.TimeoutError, TimeoutError)) else "error"
                 self._fail(name, kind, replies)
+                self._refresh_slots()
                 return
             moved = fault = None
             for i, r in zip(idx, replies):
@@ -455,6 +471,8 @@ class RemoteBackend:
                 self._refresh_slots()
             if fault is not None:
                 self._fail(name, "full" if isinstance(fault, redis.exceptions.OutOfMemoryError) else "error", fault)
+                if not isinstance(fault, redis.exceptions.OutOfMemoryError):
+                    self._refresh_slots()
             elif moved is None:
                 self._ok(name)
 
@@ -477,6 +495,7 @@ class RemoteBackend:
         for fut in pending:  # still running at the deadline: its keys are misses
             name, idx = futures[fut]
             self._fail(name, "timeout", f"no answer within the {self.deadline_s}s deadline")
+            self._refresh_slots()
         return out
 
     def _executor(self) -> ThreadPoolExecutor:

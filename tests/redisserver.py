@@ -126,15 +126,16 @@ class RedisServer:
 
 
 class RedisClusterProcs:
-    """``masters`` cluster-enabled servers joined with ``redis-cli --cluster create``."""
+    """``masters`` cluster-enabled servers (each with ``replicas`` replicas) joined with
+    ``redis-cli --cluster create``."""
 
-    def __init__(self, masters: int = 3) -> None:
+    def __init__(self, masters: int = 3, replicas: int = 0) -> None:
         self.nodes: list[RedisServer] = []
         try:
-            for _ in range(masters):
+            for _ in range(masters * (1 + replicas)):
                 self.nodes.append(RedisServer(cluster=True))
             out = subprocess.run(["redis-cli", "--cluster", "create", *[n.addr for n in self.nodes],
-                                  "--cluster-replicas", "0", "--cluster-yes"],
+                                  "--cluster-replicas", str(replicas), "--cluster-yes"],
                                  capture_output=True, text=True, timeout=60)
             if out.returncode != 0:
                 raise RuntimeError(f"redis-cli --cluster create failed: {out.stdout}{out.stderr}")
@@ -158,7 +159,8 @@ class RedisClusterProcs:
         return self.node_for_slot(key_slot(key))
 
     def node_for_slot(self, slot: int) -> RedisServer:
-        info = self.nodes[0].client().execute_command("CLUSTER", "SLOTS")
+        alive = next(n for n in self.nodes if n.proc.poll() is None)
+        info = alive.client().execute_command("CLUSTER", "SLOTS")
         for start, end, master, *_ in info:
             if start <= slot <= end:
                 port = int(master[1])

@@ -291,6 +291,36 @@ def test_killed_shard_gives_misses_for_its_blocks_exact_bytes_for_the_rest(seed,
         c.stop()
 
 
+def test_failover_to_a_replica_serves_the_shard_again(seed):
+    require_redis()
+    c = RedisClusterProcs(3, replicas=1)
+    try:
+        seqs = [sequence(seed * 1000 + i, 1) for i in range(30)]
+        with make_store(c.url) as writer:
+            for tokens, kv in seqs:
+                writer.put(tokens, kv)
+            keys = [RemoteTier.redis_key(writer._keys(t)[1][0]) for t, _ in seqs]
+        masters = {c.node_of(k).port for k in keys}
+        for n in c.nodes:  # every write has reached its replica
+            if n.port in masters:
+                n.client().execute_command("WAIT", 1, 5000)
+        victim = c.node_of(keys[0])
+        mine = [i for i, k in enumerate(keys) if c.node_of(k) is victim]
+        with make_store(c.url) as reader:
+            victim.kill()
+            tokens, kv = seqs[mine[0]]
+            assert reader.lookup(tokens) == 0  # its master is gone: a miss, not an error
+            end = time.monotonic() + 20
+            while reader.lookup(tokens) == 0:  # the cluster promotes the replica; the store follows
+                assert time.monotonic() < end, "the store never followed the failover"
+                time.sleep(0.2)
+            for i in mine:
+                assert same_bytes(reader.get(seqs[i][0]), seqs[i][1])
+            assert reader.stats()["remote"]["degraded_episodes"] >= 1
+    finally:
+        c.stop()
+
+
 def test_hung_server_never_blocks_past_the_deadline_and_recovers(seed):
     require_redis()
     s = RedisServer()
