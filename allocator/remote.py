@@ -233,6 +233,7 @@ class RemoteBackend:
         self._pool: ThreadPoolExecutor | None = None
         self._last_refresh = float("-inf")
         self._refreshing = False
+        self._calls = threading.local()  # per calling thread: did its last batch leave a send running?
         self._closed = False
 
     # -- connection ----------------------------------------------------------------------
@@ -430,6 +431,7 @@ class RemoteBackend:
 
         fault_replies = _fault_replies()
         out: list[Any] = [miss] * len(keys)
+        self._calls.abandoned = False
         if not keys or self._closed:
             return out
         if self._client is None and not self._reconnect():
@@ -492,6 +494,7 @@ class RemoteBackend:
             name, idx = futures[fut]
             exc = fut.exception()
             settle(name, idx, exc if exc is not None else fut.result())
+        self._calls.abandoned = bool(pending)
         for fut in pending:  # still running at the deadline: its keys are misses
             name, idx = futures[fut]
             self._fail(name, "timeout", f"no answer within the {self.deadline_s}s deadline")
@@ -516,6 +519,11 @@ class RemoteBackend:
         ok = [r is True or r == b"OK" for r in replies]
         self._count("bytes_sent", sum(memoryview(v).nbytes for v, good in zip(values, ok) if good))
         return ok
+
+    def left_running(self) -> bool:
+        """Whether this thread's last batch returned at its deadline while a shard's send was
+        still running (so the values' memory may still be read: do not reuse it)."""
+        return getattr(self._calls, "abandoned", False)
 
     def get_many(self, keys: Sequence[bytes]) -> list[bytes | None]:
         """GET each key; None for a missing key or an unreachable shard."""

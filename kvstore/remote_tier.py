@@ -41,6 +41,8 @@ KEY_PREFIX = b"kvs1:"
 VIEW_LIMIT = 1 << 20
 #: a write-behind batch sends at most this many blocks in one round trip per shard
 WRITE_BATCH = 256
+#: write-through keeps one send buffer per thread up to this size (larger puts allocate)
+SCRATCH_LIMIT = 256 << 20
 
 
 def layout_fingerprint(layout_desc: str, block_tokens: int, form: int = FORM_KV) -> bytes:
@@ -90,6 +92,7 @@ class RemoteTier:
         self.fingerprint = layout_fingerprint(layout_desc, block_tokens, FORM_KV)
         self._lock = threading.Lock()
         self._view: OrderedDict[bytes, None] = OrderedDict()
+        self._scratch = threading.local()
         self.counters = dict(written_blocks=0, write_failed_blocks=0, hit_blocks=0, miss_blocks=0,
                              damaged_blocks=0, vanished_blocks=0, lookups=0, fetches=0,
                              queue_dropped_blocks=0)
@@ -121,7 +124,19 @@ class RemoteTier:
     def redis_key(key: bytes) -> bytes:
         return KEY_PREFIX + key
 
-    def _encode(self, keys: Sequence[bytes], blocks: torch.Tensor) -> list[memoryview]:
+    def _send_buffer(self, n: int, reuse: bool):
+        """An ``n``-value send buffer. Write-through reuses one per thread (its values are
+        sent before the call returns; fresh memory would cost a page fault per 4 KiB on
+        every put), up to :data:`SCRATCH_LIMIT` bytes; write-behind values outlive the call."""
+        size = n * (HEADER_BYTES + self.block_bytes)
+        if not reuse or size > SCRATCH_LIMIT:
+            return block_buffer(n, self.block_bytes)
+        buf = getattr(self._scratch, "buf", None)
+        if buf is None or buf.shape[0] < n:
+            buf = self._scratch.buf = block_buffer(n, self.block_bytes)
+        return buf[:n]
+
+    def _encode(self, keys: Sequence[bytes], blocks: torch.Tensor, reuse: bool = False) -> list[memoryview]:
         """Values of ``blocks`` (``[n, *block_shape]``, any strides and device): one batched
         copy into a send buffer, then a header and checksum per block."""
         n = len(keys)
@@ -130,7 +145,7 @@ class RemoteTier:
             src = src.cpu()
         if src.stride(-1) != 1:
             src = src.contiguous()
-        buf = block_buffer(n, self.block_bytes)
+        buf = self._send_buffer(n, reuse)
         dst = buf[:, HEADER_BYTES:]
         dst.shape = (n, *self.block_shape[:-1], self.block_shape[-1] * src.element_size())  # a view, never a copy
         # numpy's copy is single-threaded: torch's intra-op threads stall badly on a busy host
@@ -168,13 +183,16 @@ class RemoteTier:
         if not todo:
             return 0
         new_keys = [keys[i] for i in todo]
-        values = self._encode(new_keys, blocks if len(todo) == len(keys) else blocks[todo])
-        if self.write == "back":
+        through = self.write == "through"
+        values = self._encode(new_keys, blocks if len(todo) == len(keys) else blocks[todo], reuse=through)
+        if not through:
             return self._enqueue(new_keys, values)
         return self._send(new_keys, values)
 
     def _send(self, keys: Sequence[bytes], values: Sequence[memoryview]) -> int:
         ok = self.backend.set_many([self.redis_key(k) for k in keys], values, self.ttl_s)
+        if self.backend.left_running():  # a late send may still read the scratch buffer: let it have it
+            self._scratch.buf = None
         done = [k for k, good in zip(keys, ok) if good]
         self._remember(done)
         with self._lock:

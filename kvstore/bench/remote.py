@@ -19,8 +19,9 @@ same Redis:
 
 The server: ``--url`` (an existing Redis / Valkey / Cluster), else a ``redis-server``
 started here on a free loopback port (``--cluster N``: N masters joined with
-``redis-cli --cluster create``), stopped at the end. Figures are medians of ``--repeats``
-interleaved runs (ours, then the bare one), so a noisy machine shows in both.
+``redis-cli --cluster create``), stopped at the end. Ours and the bare client alternate batch
+by batch (the order alternating too), so both see the same moments of a busy machine;
+figures are medians over ``--repeats`` runs.
 """
 
 from __future__ import annotations
@@ -208,40 +209,38 @@ def _throughput(report: Report, url: str, block_bytes: int, blocks: int, batch: 
     for rep in range(repeats):
         keys = [os.urandom(16) for _ in range(blocks)]  # fresh keys: nothing is skipped as known
         bare_keys = [b"bare:" + k for k in keys]
-        def put() -> None:
-            for s in range(0, blocks, batch):
-                tier.put(keys[s:s + batch], data[s:s + batch])
+        def put(s: int) -> None:
+            tier.put(keys[s:s + batch], data[s:s + batch])
 
-        def bare_put() -> None:
-            for s in range(0, blocks, batch):
-                pipe = bare.pipeline(transaction=False)
-                for k, v in zip(bare_keys[s:s + batch], raw[s:s + batch]):
-                    pipe.set(k, v)
-                pipe.execute()
+        def bare_put(s: int) -> None:
+            pipe = bare.pipeline(transaction=False)
+            for k, v in zip(bare_keys[s:s + batch], raw[s:s + batch]):
+                pipe.set(k, v)
+            pipe.execute()
 
-        def get() -> None:
-            got = 0
-            for s in range(0, blocks, batch):  # into the engine's preallocated KV memory
-                got += tier.fetch(keys[s:s + batch], out=landing[s:s + batch])[1]
-            if got != blocks:
-                raise SystemExit(f"remote tier returned {got} of {blocks} blocks (is maxmemory too small?)")
+        def get(s: int) -> None:  # into the engine's preallocated KV memory
+            if tier.fetch(keys[s:s + batch], out=landing[s:s + batch])[1] != len(keys[s:s + batch]):
+                raise SystemExit("the remote tier lost blocks (is the server's maxmemory too small?)")
 
-        def bare_get() -> None:
+        def bare_get(s: int) -> None:
             nonlocal values
-            for s in range(0, blocks, batch):
-                pipe = bare.pipeline(transaction=False)
-                for k in bare_keys[s:s + batch]:
-                    pipe.get(k)
-                values = pipe.execute()
+            pipe = bare.pipeline(transaction=False)
+            for k in bare_keys[s:s + batch]:
+                pipe.get(k)
+            values = pipe.execute()
 
         values: list = []
-        order = [("put", put), ("bare_put", bare_put), ("get", get), ("bare_get", bare_get)]
-        if rep % 2:  # alternate who goes first, so neither always meets a colder server
-            order = [order[1], order[0], order[3], order[2]]
-        for name, fn in order:
-            t0 = time.perf_counter()
-            fn()
-            runs[name].append(time.perf_counter() - t0)
+        spent = dict.fromkeys(runs, 0.0)
+        # Ours and the bare client alternate batch by batch (who goes first alternates too),
+        # so both see the same moment of a busy machine.
+        for pair in ((("put", put), ("bare_put", bare_put)), (("get", get), ("bare_get", bare_get))):
+            for j, s in enumerate(range(0, blocks, batch)):
+                for name, fn in (pair if (j + rep) % 2 == 0 else pair[::-1]):
+                    t0 = time.perf_counter()
+                    fn(s)
+                    spent[name] += time.perf_counter() - t0
+        for name, t in spent.items():
+            runs[name].append(t)
         if rep == 0:  # the bytes that came back are the bytes that went in
             assert torch.equal(landing.view(torch.int16), data.view(torch.int16)), "remote bytes differ"
             assert values[-1] == raw[-1]
