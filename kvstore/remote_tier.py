@@ -166,10 +166,6 @@ class RemoteTier:
                 if self._view.pop(k, 0) is None:
                     self.counters["vanished_blocks"] += 1
 
-    def known(self, key: bytes) -> bool:
-        with self._lock:
-            return key in self._view
-
     # -- writes ------------------------------------------------------------------------------
     def put(self, keys: Sequence[bytes], blocks: torch.Tensor) -> int:
         """Write the blocks not known remote (``blocks[i]`` is ``keys[i]``'s KV block).

@@ -69,7 +69,6 @@ def test_bad_remote_config_fails_at_construction(bad, match):
 
 
 def test_toml_and_serve_flag_set_the_remote(tmp_path):
-    from kvstore.cli import main as cli_main  # noqa: F401 - the parser lives there
     from kvstore.cli.serve import build, configure
     import argparse
 
@@ -153,8 +152,10 @@ def test_local_then_remote_continuation_and_load(server, seed):
     with make_store(server.url) as b:
         b.put(tokens[: 2 * BT], kv[:, :, : 2 * BT])  # b holds the first two blocks itself
         assert b.lookup(tokens) == len(tokens)
+        assert b.locate(tokens) == ["host"] * 2  # local tiers only (the planner's tiers)
         assert same_bytes(b.get(tokens), kv)
         assert b.stats()["remote"]["hit_blocks"] == 4  # only the missing four came from Redis
+        assert b.locate(tokens) == ["host"] * 6  # promoted
     with make_store(server.url) as c:
         res = c.load(tokens)
         assert res.tokens_restored == len(tokens) and same_bytes(res.kv, kv)
