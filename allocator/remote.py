@@ -118,6 +118,9 @@ class RemoteAddress:
     tls: bool = False
     username: str | None = None
     password: str | None = field(default=None, repr=False)
+    #: TLS settings from the URL's query (``ssl_ca_certs``, ``ssl_certfile``, ``ssl_keyfile``,
+    #: ``ssl_cert_reqs``, ``ssl_check_hostname``), as redis-py's keyword arguments
+    tls_options: tuple[tuple[str, Any], ...] = ()
 
     def describe(self) -> str:
         """The address without credentials (for logs and errors)."""
@@ -129,7 +132,8 @@ class RemoteAddress:
 def parse_remote_url(url: str, env: dict[str, str] | None = None) -> RemoteAddress:
     """Parse ``redis://[user:pass@]HOST:PORT[/DB]``, ``rediss://...`` (TLS) or
     ``redis+cluster://[user:pass@]HOST:PORT[,HOST:PORT...]`` (seed nodes; ``rediss+cluster``
-    for TLS). Credentials missing from the URL come from ``KVSTORE_REDIS_USERNAME`` /
+    for TLS). With TLS the query may carry ``ssl_ca_certs``, ``ssl_certfile``,
+    ``ssl_keyfile`` (paths), ``ssl_cert_reqs`` and ``ssl_check_hostname``. Credentials missing from the URL come from ``KVSTORE_REDIS_USERNAME`` /
     ``KVSTORE_REDIS_PASSWORD`` in ``env`` (default: the process environment)."""
     env = os.environ if env is None else env
     if not isinstance(url, str) or "://" not in url:
@@ -141,8 +145,9 @@ def parse_remote_url(url: str, env: dict[str, str] | None = None) -> RemoteAddre
         raise RemoteURLError(f"remote_url scheme {scheme!r} is not one of redis, rediss, redis+cluster, "
                              "rediss+cluster")
     cluster, tls = scheme.endswith("+cluster"), scheme.startswith("rediss")
+    rest, _, query = rest.partition("?")
     netloc, _, path = rest.partition("/")
-    path = path.split("?", 1)[0]
+    tls_options = _tls_options(query, tls)
     user = password = None
     if "@" in netloc:
         cred, netloc = netloc.rsplit("@", 1)
@@ -170,7 +175,32 @@ def parse_remote_url(url: str, env: dict[str, str] | None = None) -> RemoteAddre
         db = int(path)
     user = user or env.get("KVSTORE_REDIS_USERNAME") or None
     password = password or env.get("KVSTORE_REDIS_PASSWORD") or None
-    return RemoteAddress(cluster, tuple(nodes), db, tls, user, password)
+    return RemoteAddress(cluster, tuple(nodes), db, tls, user, password, tls_options)
+
+
+_TLS_KEYS = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_cert_reqs", "ssl_check_hostname")
+
+
+def _tls_options(query: str, tls: bool) -> tuple[tuple[str, Any], ...]:
+    """The URL query's TLS options (the only ones accepted), checked now rather than at connect."""
+    from urllib.parse import parse_qsl
+
+    out: list[tuple[str, Any]] = []
+    for key, value in parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query)) if query else []:
+        if key not in _TLS_KEYS:
+            raise RemoteURLError(f"remote_url option {key!r} is not one of {_TLS_KEYS}")
+        if not tls:
+            raise RemoteURLError(f"remote_url option {key!r} needs rediss:// (TLS)")
+        if key == "ssl_cert_reqs" and value not in ("none", "optional", "required"):
+            raise RemoteURLError(f"ssl_cert_reqs must be none, optional or required, got {value!r}")
+        if key == "ssl_check_hostname":
+            if value.lower() not in ("true", "false"):
+                raise RemoteURLError(f"ssl_check_hostname must be true or false, got {value!r}")
+            value = value.lower() == "true"
+        elif key != "ssl_cert_reqs" and not os.path.isfile(value):
+            raise RemoteURLError(f"remote_url {key}={value!r} is not a readable file")
+        out.append((key, value))
+    return tuple(out)
 
 
 # -- the backend -------------------------------------------------------------------------------
@@ -241,6 +271,8 @@ class RemoteBackend:
         a = self.address
         kw: dict[str, Any] = dict(username=a.username, password=a.password, socket_timeout=self.deadline_s,
                                   socket_connect_timeout=self.deadline_s, ssl=a.tls, max_connections=self._max_connections)
+        if a.tls:
+            kw.update(a.tls_options)
         return kw
 
     def connect(self) -> None:

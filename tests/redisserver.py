@@ -48,12 +48,24 @@ class RedisServer:
     stop and continue it (a hung shard)."""
 
     def __init__(self, *, password: str | None = None, maxmemory: int | None = None,
-                 policy: str = "allkeys-lru", cluster: bool = False) -> None:
+                 policy: str = "allkeys-lru", cluster: bool = False, tls: bool = False) -> None:
         self.dir = tempfile.mkdtemp(prefix="kvstore-redis-")
         self.password = password
+        self.tls = tls
+        if tls:  # a self-signed certificate for 127.0.0.1 (the CA clients must be given)
+            if shutil.which("openssl") is None:
+                pytest.skip("openssl not on PATH: cannot make a certificate for the TLS test")
+            self.cert = os.path.join(self.dir, "cert.pem")
+            key = os.path.join(self.dir, "key.pem")
+            subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out",
+                            self.cert, "-days", "1", "-subj", "/CN=127.0.0.1", "-addext",
+                            "subjectAltName=IP:127.0.0.1"], check=True, capture_output=True, timeout=60)
         for attempt in range(5):
             self.port = _free_port()
-            args = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+            ports = (["--port", "0", "--tls-port", str(self.port), "--tls-cert-file", self.cert, "--tls-key-file", key,
+                      "--tls-ca-cert-file", self.cert, "--tls-auth-clients", "no"] if tls
+                     else ["--port", str(self.port)])
+            args = ["redis-server", *ports, "--bind", "127.0.0.1", "--save", "",
                     "--appendonly", "no", "--dir", self.dir, "--daemonize", "no", "--loglevel", "warning",
                     "--logfile", os.path.join(self.dir, "redis.log")]
             if password:
@@ -73,6 +85,8 @@ class RedisServer:
     @property
     def url(self) -> str:
         auth = f":{self.password}@" if self.password else ""
+        if self.tls:
+            return f"rediss://{auth}127.0.0.1:{self.port}?ssl_ca_certs={self.cert}"
         return f"redis://{auth}127.0.0.1:{self.port}"
 
     @property

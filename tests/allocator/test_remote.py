@@ -23,6 +23,16 @@ def test_parse_urls():
     assert "pw" not in a.describe() and "pw" not in repr(a)
 
 
+def test_tls_options_from_the_query(tmp_path):
+    ca = tmp_path / "ca.pem"
+    ca.write_text("x")
+    a = parse_remote_url(f"rediss://h:1?ssl_ca_certs={ca}&ssl_cert_reqs=required&ssl_check_hostname=false", env={})
+    assert a.tls and dict(a.tls_options) == {"ssl_ca_certs": str(ca), "ssl_cert_reqs": "required",
+                                             "ssl_check_hostname": False}
+    with pytest.raises(RemoteURLError, match="ssl_cert_reqs"):
+        parse_remote_url("rediss://h:1?ssl_cert_reqs=maybe", env={})
+
+
 @pytest.mark.parametrize("url", ["http://x:1", "redis://", "redis://h:notaport", "redis://a:1,b:2",
                                  "redis+cluster://a:1/2", "redis://h:1/db", "localhost:6379"])
 def test_bad_urls_are_clear_errors(url):
