@@ -43,7 +43,7 @@ def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 @pytest.fixture(scope="module")
-def server():
+def server_proc():
     require_redis()
     s = RedisServer()
     yield s
@@ -51,11 +51,25 @@ def server():
 
 
 @pytest.fixture(scope="module")
-def cluster():
+def cluster_procs():
     require_redis()
     c = RedisClusterProcs(3)
     yield c
     c.stop()
+
+
+@pytest.fixture
+def server(server_proc):
+    """The module's server, emptied: tests share the process, never each other's blocks."""
+    server_proc.client().flushall()
+    return server_proc
+
+
+@pytest.fixture
+def cluster(cluster_procs):
+    for n in cluster_procs.nodes:
+        n.client().flushall()
+    return cluster_procs
 
 
 # -- configuration -----------------------------------------------------------------------------
