@@ -80,6 +80,7 @@ class KVStore:
                                     self.block_tokens)
         self._lock = threading.RLock()
         self._closed = False
+        self._remote: RemoteTier | None = None  # the shared tier below disk (kvstore.remote_tier)
         self._tmpdir: str | None = None
         self.device = torch.device(config.device) if config.device else default_device()
         self.act_block_bytes = self.layout.act_block_bytes(self.block_tokens)
@@ -108,13 +109,16 @@ class KVStore:
         self._counters = dict(lookups=0, puts=0, gets=0, hits=0, misses=0, put_blocks=0,
                               dedup_blocks=0, get_blocks=0, corrupt_blocks=0, rejected_blocks=0,
                               put_act_blocks=0, recomputed_blocks=0, loads=0)
-        self._remote: RemoteTier | None = None
         if config.remote_url:
-            self._remote = RemoteTier(
-                config.remote_url, layout_desc=repr(sorted(self.layout.to_dict().items())),
-                block_tokens=self.block_tokens, block_shape=self._block_shape, dtype=self.layout.dtype,
-                write=config.remote_write, ttl_s=config.remote_ttl_s, deadline_s=config.remote_deadline_s,
-                queue_bytes=config.remote_queue_bytes, clock=clock)
+            try:
+                self._remote = RemoteTier(
+                    config.remote_url, layout_desc=repr(sorted(self.layout.to_dict().items())),
+                    block_tokens=self.block_tokens, block_shape=self._block_shape, dtype=self.layout.dtype,
+                    write=config.remote_write, ttl_s=config.remote_ttl_s, deadline_s=config.remote_deadline_s,
+                    queue_bytes=config.remote_queue_bytes, clock=clock)
+            except BaseException:  # e.g. a wrong password: release the local tiers built so far
+                self.close()
+                raise
 
     # -- construction ------------------------------------------------------------------
     def _build_tiers(self, form: str = "kv") -> list[Tier]:

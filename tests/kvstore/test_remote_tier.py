@@ -388,6 +388,41 @@ def test_hung_server_never_blocks_past_the_deadline_and_recovers(seed):
         s.stop()
 
 
+def test_hung_cluster_shard_costs_at_most_the_deadline(seed):
+    require_redis()
+    c = RedisClusterProcs(3)
+    deadline = 0.3
+    try:
+        seqs = [sequence(seed * 1000 + i, 4) for i in range(8)]
+        with make_store(c.url) as writer:
+            for tokens, kv in seqs:
+                writer.put(tokens, kv)
+            keys = [[RemoteTier.redis_key(k) for k in writer._keys(t)[1]] for t, _ in seqs]
+        victim = c.nodes[2]
+        with make_store(c.url, remote_deadline_s=deadline) as reader:
+            victim.pause()
+            try:
+                for (tokens, kv), ks in zip(seqs, keys):
+                    owners = [c.node_of(k) is victim for k in ks]
+                    expect = owners.index(True) if True in owners else len(ks)
+                    t0 = time.monotonic()
+                    n = reader.lookup(tokens)
+                    assert time.monotonic() - t0 < deadline + 0.4
+                    assert n == expect * BT
+                    if n:
+                        assert same_bytes(reader.get(tokens[:n]), kv[:, :, :n])
+                more, more_kv = sequence(seed + 1, 8)
+                t0 = time.monotonic()
+                assert reader.put(more, more_kv) == len(more)  # write-through to a hung shard: bounded
+                assert time.monotonic() - t0 < deadline + 0.4
+                st = reader.stats()["remote"]
+                assert st["timeouts"] >= 1 and st["shards"][victim.addr]["degraded"]
+            finally:
+                victim.resume()
+    finally:
+        c.stop()
+
+
 def test_unreachable_at_start_serves_locally_then_connects(seed):
     require_redis()
     s = RedisServer()
