@@ -518,7 +518,8 @@ def test_two_sidecars_share_one_redis(server, tmp_path, seed, shm):
     from kvstore.sidecar.server import ServerOptions, SidecarServer
 
     cfg = StoreConfig(device_bytes=0, host_bytes=32 * BLOCK_BYTES, device="cpu", remote_url=server.url)
-    servers = [SidecarServer(f"ipc://{tmp_path}/s{i}.sock", cfg, ServerOptions(workers=2, shm=shm)).start()
+    servers = [SidecarServer(f"ipc://{tmp_path}/s{i}.sock", cfg,
+                             ServerOptions(workers=2, shm=shm, metrics_port=0 if i else None)).start()
                for i in range(2)]
     try:
         tokens, kv = sequence(seed, 3)
@@ -529,6 +530,11 @@ def test_two_sidecars_share_one_redis(server, tmp_path, seed, shm):
             assert b.lookup(tokens) == len(tokens)
             assert same_bytes(b.get(tokens), kv)
             assert b.stats()["remote"]["hit_blocks"] == 3
+        import urllib.request
+
+        body = urllib.request.urlopen(f"http://127.0.0.1:{servers[1].metrics_port}/metrics", timeout=10).read().decode()
+        assert f'kvstore_remote_hit_blocks_total{{namespace="{ns}"}} 3.0' in body
+        assert f'kvstore_remote_degraded{{namespace="{ns}"}} 0.0' in body
     finally:
         for s in servers:
             s.stop()
