@@ -776,9 +776,13 @@ class KVStore:
 
     def lookup_nowait(self, tokens: TokensLike) -> int | None:
         """``lookup`` if the lock is free right now, else None (the caller defers it). O(tokens)."""
-        if self._remote is not None or not self._lock.acquire(blocking=False):
-            return None  # a remote lookup is a network round trip: the caller defers it
+        if not self._lock.acquire(blocking=False):
+            return None
         try:
+            if self._remote is not None:  # a remote lookup is a network round trip: defer unless all local
+                _, keys = self._keys(tokens)
+                if self._closed or self._cached_prefix(keys, self.adapter) < len(keys):
+                    return None
             return self.lookup(tokens)
         finally:
             self._lock.release()

@@ -202,6 +202,16 @@ def test_local_then_remote_continuation_and_load(server, seed):
             assert layers == list(range(LAYOUT.num_layers))
 
 
+def test_lookup_nowait_defers_only_when_the_remote_must_be_asked(server, seed):
+    tokens, kv = sequence(seed, 3)
+    with make_store(server.url) as a:
+        a.put(tokens, kv)
+        assert a.lookup_nowait(tokens) == len(tokens)  # all local: answered at once
+    with make_store(server.url) as b:
+        assert b.lookup_nowait(tokens) is None  # needs a round trip: the sidecar hands it to a worker
+        assert b.lookup(tokens) == len(tokens)
+
+
 def test_ttl_per_namespace(server, seed):
     tokens, kv = sequence(seed, 1)
     with make_store(server.url, namespace="ttl-ns", remote_ttl_s=30) as st:
