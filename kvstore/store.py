@@ -684,6 +684,7 @@ class KVStore:
             if n + m < nb:
                 self._counters["hits"] += n + m
                 self._counters["misses"] += nb - n - m
+                self._admit_remote(keys, n, blocks[n:n + m])  # what was found is kept for next time
                 raise BlockNotFoundError(f"only {(n + m) * bt} of {len(arr)} tokens are cached "
                                          f"(block {n + m} is missing locally and remotely)")
         first = n

@@ -175,6 +175,12 @@ def test_two_processes_share_the_prefix_cache_byte_exact(cluster, write, seed):
         assert same_bytes(reader.get(longer[: len(tokens)]), kv)
         with pytest.raises(BlockNotFoundError):
             reader.get(longer)
+    with make_store(cluster.url) as fresh:  # a get that misses still keeps the blocks it found
+        tokens, kv = sequence(seeds[1], 5)
+        with pytest.raises(BlockNotFoundError):
+            fresh.get(torch.cat([tokens, torch.arange(BT)]))
+        assert fresh.stats()["blocks"] == 5 and fresh.stats()["remote"]["hit_blocks"] == 5
+        assert same_bytes(fresh.get(tokens), kv) and fresh.stats()["remote"]["hit_blocks"] == 5  # now local
     # another namespace with the same prompt never sees these blocks
     with make_store(cluster.url, namespace="other-tenant") as other:
         tokens, _ = sequence(seeds[0], 5)
