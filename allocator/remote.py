@@ -227,6 +227,25 @@ class RemoteCounters:
     bytes_received: int = 0
 
 
+_AUTH_MARKERS = ("noauth", "wrongpass", "invalid password", "invalid username-password", "authentication required",
+                 "must be called with the client already authenticated", "auth called without any password")
+
+
+def _is_auth_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` (or what it wraps: the cluster client rewraps node errors) is the
+    server refusing our credentials rather than an unreachable node."""
+    import redis
+
+    seen: BaseException | None = exc
+    for _ in range(5):
+        if seen is None:
+            break
+        if isinstance(seen, redis.AuthenticationError) or any(m in str(seen).lower() for m in _AUTH_MARKERS):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
 def _fault_replies() -> tuple[type[BaseException], ...]:
     """Replies that mean the shard cannot serve now (not that one key is odd)."""
     from redis import exceptions as e
@@ -299,13 +318,11 @@ class RemoteBackend:
         except redis.AuthenticationError as exc:
             raise RemoteAuthError(f"{a.describe()} refused the credentials ({exc}); set the password in the URL "
                                   "or KVSTORE_REDIS_PASSWORD (and KVSTORE_REDIS_USERNAME for an ACL user)") from None
-        except redis.ResponseError as exc:
-            if "NOAUTH" in str(exc) or "WRONGPASS" in str(exc) or "AUTH" in str(exc).upper()[:10]:
-                raise RemoteAuthError(f"{a.describe()} needs a password: {exc}") from None
-            raise ConnectionError(f"{a.describe()}: {exc}") from None
-        except (redis.ConnectionError, redis.TimeoutError, redis.exceptions.RedisClusterException, OSError) as exc:
-            if "auth" in str(exc).lower() or "WRONGPASS" in str(exc):
-                raise RemoteAuthError(f"{a.describe()} refused the credentials: {exc}") from None
+        except (redis.RedisError, redis.exceptions.RedisClusterException, OSError) as exc:
+            if _is_auth_failure(exc):
+                raise RemoteAuthError(f"{a.describe()} refused the credentials ({exc}); set the password in the "
+                                      "URL or KVSTORE_REDIS_PASSWORD (and KVSTORE_REDIS_USERNAME for an ACL user)"
+                                      ) from None
             raise ConnectionError(f"cannot reach {a.describe()} within {self.deadline_s}s: {exc}") from None
         if a.cluster:
             try:  # the cluster client authenticates lazily: check each primary now

@@ -69,7 +69,7 @@ class RedisServer:
                     "--appendonly", "no", "--dir", self.dir, "--daemonize", "no", "--loglevel", "warning",
                     "--logfile", os.path.join(self.dir, "redis.log")]
             if password:
-                args += ["--requirepass", password]
+                args += ["--requirepass", password, "--masterauth", password]
             if maxmemory:
                 args += ["--maxmemory", str(maxmemory), "--maxmemory-policy", policy]
             if cluster:
@@ -143,14 +143,16 @@ class RedisClusterProcs:
     """``masters`` cluster-enabled servers (each with ``replicas`` replicas) joined with
     ``redis-cli --cluster create``."""
 
-    def __init__(self, masters: int = 3, replicas: int = 0) -> None:
+    def __init__(self, masters: int = 3, replicas: int = 0, password: str | None = None) -> None:
         self.nodes: list[RedisServer] = []
+        self.password = password
         try:
             for _ in range(masters * (1 + replicas)):
-                self.nodes.append(RedisServer(cluster=True))
+                self.nodes.append(RedisServer(cluster=True, password=password))
+            env = {**os.environ, **({"REDISCLI_AUTH": password} if password else {})}
             out = subprocess.run(["redis-cli", "--cluster", "create", *[n.addr for n in self.nodes],
                                   "--cluster-replicas", str(replicas), "--cluster-yes"],
-                                 capture_output=True, text=True, timeout=60)
+                                 capture_output=True, text=True, timeout=60, env=env)
             if out.returncode != 0:
                 raise RuntimeError(f"redis-cli --cluster create failed: {out.stdout}{out.stderr}")
             end = time.monotonic() + 30

@@ -122,3 +122,20 @@ def test_wrong_password_is_a_clear_error():
         good.close()
     finally:
         s.stop()
+
+
+def test_cluster_wrong_password_is_a_clear_error():
+    require_redis()
+    c = RedisClusterProcs(3, password="cluster-pw")
+    try:
+        hosts = ",".join(n.addr for n in c.nodes)
+        for url in (f"redis+cluster://:wrong@{hosts}", f"redis+cluster://{hosts}"):
+            with pytest.raises(RemoteAuthError, match="credentials"):
+                RemoteBackend(parse_remote_url(url, env={})).connect()
+        good = RemoteBackend(parse_remote_url(f"redis+cluster://{hosts}", env={"KVSTORE_REDIS_PASSWORD": "cluster-pw"}))
+        good.connect()
+        keys = [b"k%d" % i for i in range(30)]
+        assert all(good.set_many(keys, keys)) and good.get_many(keys) == keys
+        good.close()
+    finally:
+        c.stop()
