@@ -246,6 +246,9 @@ def _is_auth_failure(exc: BaseException) -> bool:
     return False
 
 
+_UNANSWERED = object()  # a key whose shard gave no usable reply
+
+
 def _fault_replies() -> tuple[type[BaseException], ...]:
     """Replies that mean the shard cannot serve now (not that one key is odd)."""
     from redis import exceptions as e
@@ -479,13 +482,14 @@ class RemoteBackend:
         import redis
 
         fault_replies = _fault_replies()
-        out: list[Any] = [miss] * len(keys)
+        out: list[Any] = [_UNANSWERED] * len(keys)
         self._calls.abandoned = False
+        self._calls.unanswered = ()
         if not keys or self._closed:
-            return out
+            return self._finish(out, miss)
         if self._client is None and not self._reconnect():
             self._count("skipped_keys", len(keys))
-            return out
+            return self._finish(out, miss)
         start = self.clock()
         groups = self._group(keys)
         jobs: list[tuple[str, Any, list[int]]] = []
@@ -535,7 +539,7 @@ class RemoteBackend:
             except (redis.RedisError, OSError) as exc:
                 replies = exc
             settle(name, idx, replies)
-            return out
+            return self._finish(out, miss)
         pool = self._executor()
         futures = {pool.submit(one, conn, idx): (name, idx) for name, conn, idx in jobs}
         done, pending = wait(futures, timeout=max(0.0, self.deadline_s - (self.clock() - start)))
@@ -548,7 +552,20 @@ class RemoteBackend:
             name, idx = futures[fut]
             self._fail(name, "timeout", f"no answer within the {self.deadline_s}s deadline")
             self._refresh_slots()
+        return self._finish(out, miss)
+
+    def _finish(self, out: list[Any], miss: Any) -> list[Any]:
+        """Replace unanswered slots by ``miss``, remembering which they were (per thread)."""
+        unanswered = [i for i, r in enumerate(out) if r is _UNANSWERED]
+        self._calls.unanswered = unanswered
+        for i in unanswered:
+            out[i] = miss
         return out
+
+    def unanswered(self) -> Sequence[int]:
+        """Positions of this thread's last batch whose shard did not answer (down, hung,
+        backing off, refusing): unknown, unlike a key the server said is absent."""
+        return getattr(self._calls, "unanswered", ())
 
     def _executor(self) -> ThreadPoolExecutor:
         with self._lock:
@@ -581,10 +598,10 @@ class RemoteBackend:
         self._count("bytes_received", sum(len(v) for v in out if v is not None))
         return out
 
-    def exists_many(self, keys: Sequence[bytes]) -> list[bool]:
-        """EXISTS each key (one pipelined round trip per shard)."""
+    def exists_many(self, keys: Sequence[bytes]) -> list[bool | None]:
+        """EXISTS each key (one pipelined round trip per shard); None where its shard did not answer."""
         replies = self._run(keys, lambda pipe, i: pipe.exists(keys[i]), None)
-        return [r == 1 for r in replies]
+        return [None if r is None else r == 1 for r in replies]
 
     def delete_many(self, keys: Sequence[bytes]) -> list[bool]:
         replies = self._run(keys, lambda pipe, i: pipe.delete(keys[i]), None)

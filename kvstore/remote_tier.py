@@ -253,7 +253,7 @@ class RemoteTier:
         while n < len(keys) and present[n]:
             n += 1
         self._remember([k for k, p in zip(keys, present) if p])
-        self._forget([k for k, p in zip(keys, present) if not p])
+        self._forget([k for k, p in zip(keys, present) if p is False])  # gone; an unanswered shard is not
         with self._lock:
             self.counters["lookups"] += 1
         return n
@@ -274,13 +274,17 @@ class RemoteTier:
         t0 = time.perf_counter()
         values = self.backend.get_many([self.redis_key(k) for k in keys])
         elapsed = time.perf_counter() - t0
+        unanswered = set(self.backend.unanswered())
         payloads: list[memoryview] = []
         damaged: list[bytes] = []
         gone: list[bytes] = []
-        for k, v in zip(keys, values):
+        for i, (k, v) in enumerate(zip(keys, values)):
             p = unpack_block(v, k, FORM_KV, self.fingerprint, self.block_bytes)
             if p is None:
-                (gone if v is None else damaged).append(k)
+                if v is not None:
+                    damaged.append(k)
+                elif i not in unanswered:  # the server said it is absent (evicted, expired)
+                    gone.append(k)
                 if v is not None:
                     log.warning("remote value for block %s is damaged or has another layout: a miss", k.hex()[:12])
                 break

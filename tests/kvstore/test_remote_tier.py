@@ -337,6 +337,7 @@ def test_killed_shard_gives_misses_for_its_blocks_exact_bytes_for_the_rest(seed,
             assert worst < 2 * 0.5 + 0.5  # lookup + get, each bounded by the deadline
             st = reader.stats()["remote"]
             assert st["degraded"] and st["errors"] >= 1 and st["shards"][victim.addr]["degraded"]
+            assert st["vanished_blocks"] == 0  # a shard that does not answer has not lost its blocks
             assert sum(1 for r in caplog.records if "degraded" in r.getMessage() and victim.addr in r.getMessage()) == 1
             for tokens, kv in seqs[:20]:  # the local tiers keep serving everything they hold
                 assert same_bytes(local.get(tokens), kv)
