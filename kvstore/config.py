@@ -15,6 +15,7 @@ GiB = 1 << 30
 TIERS = ("device", "host", "disk")
 FsyncMode = Literal["always", "interval", "never"]
 ActivationsMode = Literal["none", "beside", "instead"]
+RemoteWriteMode = Literal["through", "back"]
 ACTIVATION_MODES = ("none", "beside", "instead")
 
 
@@ -53,6 +54,14 @@ class StoreConfig:
     act_share: float = 0.0
     activations: ActivationsMode = "none"
     act_blocks: int = 0
+    #: the shared remote tier (kvstore.remote_tier): redis://HOST:PORT[/DB], rediss://...,
+    #: redis+cluster://H1:P1[,H2:P2...]; None: no remote tier. Password/ACL user from the URL
+    #: or KVSTORE_REDIS_PASSWORD / KVSTORE_REDIS_USERNAME.
+    remote_url: str | None = None
+    remote_write: RemoteWriteMode = "through"
+    remote_ttl_s: float | None = None          # per-namespace expiry of remote blocks
+    remote_deadline_s: float = 0.5             # no remote call blocks the caller longer
+    remote_queue_bytes: int = 256 * MiB        # write-behind bound (beyond it, writes are dropped)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -79,6 +88,10 @@ class StoreConfig:
                               "'beside' or 'instead'")
         if not isinstance(self.namespace, str) or not self.namespace:
             raise ConfigError("namespace must be a non-empty string")
+        from kvstore.remote_tier import check_remote_config
+
+        check_remote_config(self.remote_url, self.remote_write, self.remote_ttl_s, self.remote_deadline_s,
+                            self.remote_queue_bytes)
 
     def policy_for(self, tier: str) -> str:
         if isinstance(self.policy, str):

@@ -32,6 +32,7 @@ from kvstore.restore.executor import Executor, Recomputer, Source, Timings
 from kvstore.hashing import block_keys, namespace_salt, tokens_to_array
 from kvstore.layout import ModelLayout
 from kvstore.validate import check_act, check_kv
+from kvstore.remote_tier import RemoteTier
 from kvstore.restore.planner import BlockForms, Plan, plan_restore
 from kvstore.tiers import BlockEntry, Tier, TierManager
 
@@ -79,6 +80,7 @@ class KVStore:
                                     self.block_tokens)
         self._lock = threading.RLock()
         self._closed = False
+        self._remote: RemoteTier | None = None  # the shared tier below disk (kvstore.remote_tier)
         self._tmpdir: str | None = None
         self.device = torch.device(config.device) if config.device else default_device()
         self.act_block_bytes = self.layout.act_block_bytes(self.block_tokens)
@@ -107,6 +109,16 @@ class KVStore:
         self._counters = dict(lookups=0, puts=0, gets=0, hits=0, misses=0, put_blocks=0,
                               dedup_blocks=0, get_blocks=0, corrupt_blocks=0, rejected_blocks=0,
                               put_act_blocks=0, recomputed_blocks=0, loads=0)
+        if config.remote_url:
+            try:
+                self._remote = RemoteTier(
+                    config.remote_url, layout_desc=repr(sorted(self.layout.to_dict().items())),
+                    block_tokens=self.block_tokens, block_shape=self._block_shape, dtype=self.layout.dtype,
+                    write=config.remote_write, ttl_s=config.remote_ttl_s, deadline_s=config.remote_deadline_s,
+                    queue_bytes=config.remote_queue_bytes, clock=clock)
+            except BaseException:  # e.g. a wrong password: release the local tiers built so far
+                self.close()
+                raise
 
     # -- construction ------------------------------------------------------------------
     def _build_tiers(self, form: str = "kv") -> list[Tier]:
@@ -234,6 +246,8 @@ class KVStore:
         bt = self.block_tokens
         nb = len(keys)
         blocks = kv[:, :, : nb * bt].unflatten(2, (nb, bt)).permute(2, 0, 1, 3, 4, 5)  # [nb, L, 2, bt, H, D]
+        if self._remote is not None:  # the shared tier holds every block's KV (outside the lock)
+            self._remote.put(keys, blocks)
         want_kv, want_act = put_forms(self.config.activations, self.config.act_blocks, nb,
                                       activations is not None and self._acts is not None)
         with self._lock:
@@ -289,6 +303,13 @@ class KVStore:
             self._check_open()
             n = self._cached_prefix(keys, adapter or self.adapter)
             self._counters["lookups"] += 1
+            remote = self._remote is not None and n < len(keys)
+            if not remote:
+                self._counters["hits"] += n
+                self._counters["misses"] += len(keys) - n
+                return n * self.block_tokens
+        n += self._remote.count_prefix(keys[n:])  # one batched existence check, no lock held
+        with self._lock:
             self._counters["hits"] += n
             self._counters["misses"] += len(keys) - n
             return n * self.block_tokens
@@ -312,6 +333,11 @@ class KVStore:
         bt = self.block_tokens
         out_device = torch.device(device) if device is not None else self.device
         adapter = adapter or self.adapter
+        if self._remote is not None:
+            kv = self._get_with_remote(arr, keys, adapter, exact=exact, out=out, on_layer=on_layer,
+                                       device=out_device)
+            if kv is not None:
+                return kv
         if (adapter is not None and self._acts is not None) or out is not None or on_layer is not None:
             kv, _, _, _ = self._restore(keys, adapter, allow_prefill=False, exact=exact, out=out,
                                         on_layer=on_layer, device=out_device)
@@ -376,6 +402,8 @@ class KVStore:
         arr, keys = self._keys(tokens)
         adapter = adapter or self.adapter
         out_device = torch.device(device) if device is not None else self.device
+        if self._remote is not None:
+            self._promote_from_remote(keys, adapter)
         return LoadResult(*self._restore(keys, adapter, allow_prefill=True, exact=False, out=out,
                                          on_layer=on_layer, device=out_device))
 
@@ -577,6 +605,7 @@ class KVStore:
                 "promotions": total("promotions_in"),
                 "dropped": total("drops"), "orphans_dropped": self._tiers.orphans_dropped,
                 "tiers": tiers, **extra,
+                **({"remote": self._remote.stats()} if self._remote is not None else {}),
             }
 
     def _check(self) -> None:
@@ -591,6 +620,8 @@ class KVStore:
             if self._closed:
                 return
             self._closed = True
+            if self._remote is not None:
+                self._remote.close()
             for tier in self._tiers.tiers + (self._acts.tiers if self._acts is not None else []):
                 tier.arena.close()
             if self._tmpdir is not None:
@@ -608,6 +639,103 @@ class KVStore:
                 self.close()
         except Exception:
             pass
+
+    # -- the remote tier (kvstore.remote_tier) --
+    # Inclusive and below the local tiers: put writes every block there too; lookup and
+    # get/load extend the local prefix with remote blocks, read in one batch and promoted
+    # into the local tiers. Remote I/O never runs under the store's lock.
+
+    def _local_prefix(self, keys: list[bytes], adapter: Recomputer | None) -> int:
+        with self._lock:
+            self._check_open()
+            return self._cached_prefix(keys, adapter)
+
+    def _admit_remote(self, keys: list[bytes], start: int, rows: torch.Tensor) -> None:
+        """Promote remote blocks ``keys[start:start+len(rows)]`` into the local tiers (the
+        ones no one cached meanwhile; a block is stored only after its parent). Under the lock."""
+        index = self._tiers.index
+        pos = [start + i for i in range(len(rows)) if keys[start + i] not in index]
+        if pos and self.config.promote_on_hit and not self._closed:
+            src = rows[[p - start for p in pos]] if len(pos) < len(rows) else rows
+            self._tiers.add([keys[p] for p in pos], [keys[p - 1] if p > 0 else None for p in pos], src)
+
+    def _get_with_remote(self, arr: np.ndarray, keys: list[bytes], adapter: Recomputer | None, *, exact: bool,
+                         out: torch.Tensor | None, on_layer: Callable[[int], None] | None,
+                         device: torch.device) -> torch.Tensor | None:
+        """``get`` when the local prefix falls short: the local part as ``get`` reads it, the
+        rest from the remote tier in one batch; None when everything is local (the caller
+        goes on as usual). Raises :class:`BlockNotFoundError` when the remote lacks a block."""
+        assert self._remote is not None
+        bt = self.block_tokens
+        n = self._local_prefix(keys, adapter)
+        if n == len(keys):
+            return None
+        nb = len(keys)
+        L, H, D = self.layout.num_layers, self.layout.num_kv_heads, self.layout.head_dim
+        shape = self.layout.kv_shape(nb * bt)
+        if out is not None and (tuple(out.shape) != shape or out.dtype != self.layout.dtype):
+            raise InvalidInputError(f"out must be a {shape} tensor of {self.layout.dtype}, "
+                                    f"got {tuple(out.shape)} {out.dtype}")
+        kv = torch.empty(self.layout.kv_shape(nb * bt), dtype=self.layout.dtype)
+        blocks = kv.view(L, 2, nb, bt, H, D).permute(2, 0, 1, 3, 4, 5)  # block i's KV, in place
+        _, m = self._remote.fetch(keys[n:], out=blocks[n:])  # lands in the result: one copy
+        with self._lock:
+            self._counters["gets"] += 1
+            if n + m < nb:
+                self._counters["hits"] += n + m
+                self._counters["misses"] += nb - n - m
+                self._admit_remote(keys, n, blocks[n:n + m])  # what was found is kept for next time
+                raise BlockNotFoundError(f"only {(n + m) * bt} of {len(arr)} tokens are cached "
+                                         f"(block {n + m} is missing locally and remotely)")
+        first = n
+        if n:
+            try:
+                kv[:, :, : n * bt] = self.get(arr[: n * bt], device="cpu", adapter=adapter, exact=exact)
+            except BlockNotFoundError:  # evicted locally meanwhile: the remote has it too
+                if self._remote.fetch(keys[:n], out=blocks[:n])[1] < n:
+                    raise
+                first = 0
+        with self._lock:
+            self._counters["hits"] += nb - first
+            self._counters["get_blocks"] += nb - first
+            self._admit_remote(keys, first, blocks[first:])
+        if out is not None:
+            out.copy_(kv)
+            kv = out
+        else:
+            kv = kv.to(device)
+        if on_layer is not None:
+            for layer in range(L):
+                on_layer(layer)
+        return kv
+
+    def _promote_from_remote(self, keys: list[bytes], adapter: Recomputer | None) -> int:
+        """Before a planned ``load``: bring the remote continuation of the local prefix into
+        the local tiers when the cost model says reading it beats prefilling it. Returns the
+        blocks promoted."""
+        assert self._remote is not None
+        n = self._local_prefix(keys, adapter)
+        if n == len(keys):
+            return 0
+        want = self._remote.count_prefix(keys[n:])
+        if not want:
+            return 0
+        profile = self._cost_model.profile if self._cost_model is not None else None
+        if profile is not None:
+            from kvstore.restore.planner import remote_worth_reading
+
+            if not remote_worth_reading(profile, self.layout, self.block_tokens, want, self._remote.link):
+                return 0
+        rows, m = self._remote.fetch(keys[n:n + want])
+        if m:
+            with self._lock:
+                self._admit_remote(keys, n, rows)
+        return m
+
+    def flush_remote(self, timeout_s: float | None = None) -> bool:
+        """Wait for the remote tier's write-behind queue to drain (True; also without a remote
+        tier) or ``timeout_s`` to pass (False)."""
+        return self._remote.flush(timeout_s) if self._remote is not None else True
 
     # -- sidecar support (two-phase reads, shared memory) --
     # Used by kvstore.sidecar.server: a memory tier may live in a shared-memory arena that clients
@@ -652,6 +780,10 @@ class KVStore:
         if not self._lock.acquire(blocking=False):
             return None
         try:
+            if self._remote is not None:  # a remote lookup is a network round trip: defer unless all local
+                _, keys = self._keys(tokens)
+                if self._closed or self._cached_prefix(keys, self.adapter) < len(keys):
+                    return None
             return self.lookup(tokens)
         finally:
             self._lock.release()
@@ -752,7 +884,13 @@ class KVStore:
             new = set(res.positions)
             self._tiers.touch([index[k] for i, k in enumerate(res.keys) if i not in new and k in index])
             res.cached = self._cached_blocks(res.keys) * self.block_tokens
-            return res.cached
+            rows = None
+            if self._remote is not None and fresh:  # what a client wrote in place goes remote too
+                rows = torch.empty((len(fresh), *self._block_shape), dtype=self.layout.dtype)
+                tier.arena.read([slot_of[i] for i in fresh], rows)
+        if rows is not None:
+            self._remote.put([res.keys[i] for i in fresh], rows)
+        return res.cached
 
     def abort(self, res: "KVStore.Reservation") -> None:
         """Give a reservation's slots back (a client that died or gave up). Idempotent."""

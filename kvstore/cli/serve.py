@@ -36,6 +36,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fsync", choices=("always", "interval", "never"), default=None)
     parser.add_argument("--persist", action="store_true", default=None, help="keep disk blocks across restarts")
     parser.add_argument("--device", default=None, help="device tier device: cuda or cpu (default: cuda if present)")
+    parser.add_argument("--remote-url", default=None,
+                        help="shared remote tier: redis://HOST:PORT[/DB], rediss://..., or "
+                             "redis+cluster://H1:P1,H2:P2 (password in the URL or KVSTORE_REDIS_PASSWORD)")
+    parser.add_argument("--remote-write", choices=("through", "back"), default=None,
+                        help="write remote blocks during put (through) or from a bounded queue (back)")
+    parser.add_argument("--remote-ttl", type=float, default=None, help="seconds remote blocks live (default: forever)")
+    parser.add_argument("--remote-deadline", type=float, default=None,
+                        help="seconds a remote call may take before its blocks count as misses")
     parser.add_argument("--workers", type=int, default=4, help="threads serving blocking requests")
     parser.add_argument("--lease-timeout", type=float, default=30.0,
                         help="seconds after which a client's unreleased lease/reservation is reclaimed")
@@ -65,7 +73,8 @@ def build(args: argparse.Namespace):
 
     overrides = {"device_bytes": args.device_bytes, "host_bytes": args.host_bytes, "disk_bytes": args.disk_bytes,
                  "disk_path": args.disk_path, "policy": args.policy, "fsync": args.fsync, "persist": args.persist,
-                 "device": args.device}
+                 "device": args.device, "remote_url": args.remote_url, "remote_write": args.remote_write,
+                 "remote_ttl_s": args.remote_ttl, "remote_deadline_s": args.remote_deadline}
     if args.config:
         config = StoreConfig.from_toml(args.config, **overrides)
     else:

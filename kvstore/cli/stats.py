@@ -68,6 +68,11 @@ def _table(stats: dict) -> str:
         for tier, t in st["tiers"].items():
             lines.append(f"    {tier:6s} {t['used_blocks']:>8d}/{t['capacity_blocks']:<8d} blocks  "
                          f"{t['used_bytes'] / 2**20:10.1f} MiB  policy {t['policy']}")
+        r = st.get("remote")
+        if r:
+            lines.append(f"    remote {r['url']}  {'DEGRADED' if r['degraded'] else 'ok'}  hits {r['hit_blocks']} "
+                         f"misses {r['miss_blocks']} written {r['written_blocks']} queued {r['queued_blocks']} "
+                         f"errors {r['errors']} ({r['write']})")
     return "\n".join(lines)
 
 

@@ -10,7 +10,9 @@ Measures, on this machine:
   here, so absent: disk payloads then cross disk->host->device);
 * ``recompute``: the K/V projection GEMM ``T x hidden x 2*kvd`` plus RoPE at the layout's
   shapes, as an effective FLOP rate and a per-call latency (from a tiny call);
-* ``prefill``: a square GEMM at the model width as the effective FLOP rate of a forward.
+* ``prefill``: a square GEMM at the model width as the effective FLOP rate of a forward;
+* ``remote->host`` (with ``--remote-url``): the shared Redis tier's batched read, latency
+  from a one-value round trip, bandwidth from a pipelined batch of 256 KiB values.
 
 Each measurement takes the median of several repetitions (robust to a noisy neighbour).
 The profile is written as JSON to the user cache dir (``platformdirs.user_cache_dir
@@ -148,6 +150,28 @@ def measure_gemm(tokens: int, hidden: int, out: int, reps: int, rope: bool) -> t
     return rate, t_small
 
 
+def measure_remote(url: str, big: int, reps: int, block: int = 256 << 10) -> tuple[float, float]:
+    """(bandwidth, latency) of the remote tier's read path: one batched GET round trip of a
+    4 KiB value, then of ``big`` bytes in ``block``-sized values (pipelined, as the store
+    reads them). Writes its own keys under ``kvs1:calibrate:`` and deletes them after."""
+    from allocator.remote import RemoteBackend
+
+    backend = RemoteBackend(url, deadline_s=30.0)
+    backend.connect()
+    try:
+        small_key = [b"kvs1:calibrate:small"]
+        keys = [b"kvs1:calibrate:%d" % i for i in range(max(1, big // block))]
+        payload = os.urandom(block)
+        if not all(backend.set_many(small_key + keys, [os.urandom(4096)] + [payload] * len(keys))):
+            raise ConnectionError(f"could not write calibration values to {backend.address.describe()}")
+        t_small = _median_time(lambda: backend.get_many(small_key), reps * 3)
+        t_big = _median_time(lambda: backend.get_many(keys), reps)
+        backend.delete_many(small_key + keys)
+    finally:
+        backend.close()
+    return _fit(4096, t_small, len(keys) * block, t_big)
+
+
 def measure(args: argparse.Namespace):
     """Run every measurement and return a ``CostProfile``."""
     from kvstore.restore.costmodel import ComputeCost, CostProfile, LinkCost
@@ -166,8 +190,12 @@ def measure(args: argparse.Namespace):
     r_rate, r_lat = measure_gemm(tokens, hidden, 2 * kvd, reps, rope=True)
     log.info("measuring prefill GEMM")
     p_rate, p_lat = measure_gemm(tokens, hidden, hidden, reps, rope=False)
+    links = {"disk->host": LinkCost(d_bw, d_lat), "host->device": LinkCost(h_bw, h_lat)}
+    if getattr(args, "remote_url", None):
+        log.info("measuring remote->host")
+        links["remote->host"] = LinkCost(*measure_remote(args.remote_url, big, reps))
     return CostProfile(
-        links={"disk->host": LinkCost(d_bw, d_lat), "host->device": LinkCost(h_bw, h_lat)},
+        links=links,
         recompute=ComputeCost(r_rate, r_lat), prefill=ComputeCost(p_rate, p_lat), device=kind,
         shared_compute=(kind == "cpu"), meta={"measured_at": time.time(), "quick": quick, "shapes": {"tokens": tokens, "hidden": hidden,
                                                                       "kv_dim": kvd}})

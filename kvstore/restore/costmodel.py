@@ -5,6 +5,8 @@ A ``CostProfile`` is plain, immutable data (JSON round-trip) describing one mach
 * per link (``"disk->host"``, ``"host->device"``, optionally ``"disk->device"`` for direct
   storage-to-accelerator reads): ``seconds(n) = latency_s + n / bandwidth_Bps`` per
   transfer op (the store moves one block slot per op, so latency is paid per block);
+  optionally ``"remote->host"``, the shared Redis tier, where one op is a whole batch
+  (one pipelined round trip per shard), so latency is paid once per read;
 * ``recompute``: the K/V projection GEMM (+ RoPE) at the shapes recompute uses,
   ``tokens x hidden x 2*kv_heads*head_dim`` per layer, as an effective FLOP rate plus a
   fixed per-call latency; ``recompute_s(layout, T)`` turns it into seconds;
@@ -29,7 +31,7 @@ from dataclasses import asdict, dataclass, field, replace
 
 from kvstore.layout import ModelLayout
 
-LINKS = ("disk->host", "host->device", "disk->device")
+LINKS = ("disk->host", "host->device", "disk->device", "remote->host")
 TIERS = ("device", "host", "disk")
 PROFILE_VERSION = 1
 

@@ -79,7 +79,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from kvstore.restore.costmodel import TIERS, CostProfile
+from kvstore.restore.costmodel import TIERS, CostProfile, LinkCost
 from kvstore.layout import ModelLayout
 
 Action = Literal["kv", "recompute", "prefill"]
@@ -556,3 +556,21 @@ def _weak_lower_bound(blocks: Sequence[BlockForms], costs: _Costs, layout: Model
             continue
         best = min(best, max(acc.values()) + profile.prefill_s(layout, (n - m) * block_tokens))
     return best
+
+
+def remote_worth_reading(profile: CostProfile, layout: ModelLayout, block_tokens: int, n_blocks: int,
+                         observed: tuple[float, float] | None = None) -> bool:
+    """Whether reading ``n_blocks`` KV blocks from the remote tier (one batched round trip:
+    ``latency + bytes / bandwidth`` on ``"remote->host"``, else the store's ``observed``
+    ``(latency_s, bandwidth_Bps)``) finishes before prefilling their tokens. The restore
+    that follows moves them like host blocks, so only the remote hop is compared. With no
+    measurement at all the read is assumed worth it (a network read of KV beats a forward
+    pass by orders of magnitude on any link the tier is meant for). O(1).
+    """
+    link = profile.link("remote->host")
+    if link is None and observed is not None:
+        link = LinkCost(max(observed[1], 1.0), max(observed[0], 0.0)) if observed[1] > 0 else None
+    if link is None or n_blocks <= 0:
+        return n_blocks > 0
+    read_s = link.seconds(n_blocks * layout.kv_block_bytes(block_tokens))
+    return read_s < profile.prefill_s(layout, n_blocks * block_tokens)

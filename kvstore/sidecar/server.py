@@ -250,6 +250,12 @@ class _StoreCollector:
         used = GaugeMetricFamily("kvstore_tier_used_bytes", "bytes held per tier", labels=["namespace", "tier"])
         cap = GaugeMetricFamily("kvstore_tier_capacity_bytes", "capacity per tier", labels=["namespace", "tier"])
         claims = GaugeMetricFamily("kvstore_open_claims", "leases and reservations held by clients")
+        remote = {name: CounterMetricFamily(f"kvstore_remote_{name}", f"remote tier: {name}", labels=["namespace"])
+                  for name in ("hit_blocks", "miss_blocks", "written_blocks", "errors", "timeouts")}
+        remote_queued = GaugeMetricFamily("kvstore_remote_queued_blocks", "remote write-behind queue",
+                                          labels=["namespace"])
+        remote_degraded = GaugeMetricFamily("kvstore_remote_degraded", "1 while a remote shard is failing",
+                                            labels=["namespace"])
         server = CounterMetricFamily("kvstore_server_events", "sidecar events by kind (requests, errors, "
                                      "malformed, reclaimed, unauthorised, busy...)", labels=["kind"])
         for name, value in dict(self.server.counters).items():
@@ -261,12 +267,20 @@ class _StoreCollector:
             for tier, t in st["tiers"].items():
                 used.add_metric([ns.name, tier], t["used_bytes"])
                 cap.add_metric([ns.name, tier], t["capacity_bytes"])
+            if "remote" in st:
+                for name, fam in remote.items():
+                    fam.add_metric([ns.name], st["remote"][name])
+                remote_queued.add_metric([ns.name], st["remote"]["queued_blocks"])
+                remote_degraded.add_metric([ns.name], int(st["remote"]["degraded"]))
         claims.add_metric([], self.server.open_claims())
         yield from counters.values()
         yield used
         yield cap
         yield claims
         yield server
+        yield from remote.values()
+        yield remote_queued
+        yield remote_degraded
 
 
 class SidecarServer:

@@ -1,0 +1,623 @@
+"""A remote byte store on Redis or Valkey, single node or Cluster, through redis-py.
+
+Bytes, not tokens: callers hand in opaque keys and block values; this module knows shards,
+pipelines, deadlines and a self-checking value format, nothing about KV or models.
+
+Batches: the keys of one call are grouped by the shard that owns their hash slot (one
+shard for a single server) and each shard gets **one pipelined round trip**
+(``pipeline(transaction=False)``); with several shards the round trips run concurrently
+on a small thread pool. A call never blocks longer than ``deadline_s``: sockets time out
+at the deadline and a shard whose answer has not come back by then is treated as down.
+
+Faults: a shard that fails (refused, reset, timed out, ``OOM`` / ``READONLY`` /
+``CLUSTERDOWN`` replies) makes *its* keys misses; the shard is marked degraded and left
+alone for a backoff that doubles per failure (``backoff_s`` .. ``max_backoff_s``), after
+which one call probes it again. Errors are counted per kind and logged once per degraded
+episode (and once at recovery), never per block. ``MOVED``/``ASK`` (a failover or a
+resharding) refreshes the cluster's slot map, rate limited. Authentication failures are
+not faults to ride out: :class:`RemoteAuthError` is raised from :meth:`RemoteBackend.connect`.
+
+Value format (:func:`pack_block` / :func:`unpack_block`): a 56-byte header (magic,
+version, form, key echo, layout fingerprint, payload length, XXH3-64 of the payload) then
+the payload. A value whose header, length or checksum does not match what the reader
+expects is a miss, never bytes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+import logging
+import os
+import struct
+import threading
+import time
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+import xxhash
+
+log = logging.getLogger(__name__)
+
+__all__ = ["RemoteAddress", "RemoteAuthError", "RemoteBackend", "RemoteURLError", "block_buffer", "pack_block",
+           "seal_blocks",
+           "parse_remote_url", "unpack_block", "HEADER_BYTES", "FORM_KV", "FORM_ACT"]
+
+# -- value format ------------------------------------------------------------------------
+MAGIC = b"KVR1"
+FORM_KV, FORM_ACT = 0, 1
+_HEADER = struct.Struct("<4sBB2x16s16sQQ")  # magic, version, form, pad, key, fingerprint, length, xxh3
+HEADER_BYTES = _HEADER.size
+_VERSION = 1
+
+
+def pack_block(key: bytes, form: int, fingerprint: bytes, payload: bytes | memoryview) -> bytes:
+    """One self-describing value: header (form, key echo, layout fingerprint, length,
+    checksum) + payload. One copy of the payload; O(payload bytes)."""
+    mv = memoryview(payload).cast("B")
+    header = _HEADER.pack(MAGIC, _VERSION, form, key[:16].ljust(16, b"\0"), fingerprint[:16].ljust(16, b"\0"),
+                          mv.nbytes, xxhash.xxh3_64_intdigest(mv))
+    return b"".join((header, mv))
+
+
+def block_buffer(n: int, payload_bytes: int):
+    """An ``[n, HEADER_BYTES + payload_bytes]`` uint8 array: fill ``[:, HEADER_BYTES:]`` with
+    the payloads (one batched copy), then :func:`seal_blocks`. Saves a copy per block over
+    :func:`pack_block` (the values are views of this one buffer)."""
+    import numpy as np
+
+    return np.empty((n, HEADER_BYTES + payload_bytes), dtype=np.uint8)
+
+
+def seal_blocks(buf, keys: Sequence[bytes], form: int, fingerprint: bytes) -> list[memoryview]:
+    """Write each row's header (key ``keys[i]``, checksum of its payload) into ``buf`` from
+    :func:`block_buffer`; returns one value (a view of its row) per block. O(bytes)."""
+    fp = fingerprint[:16].ljust(16, b"\0")
+    length = buf.shape[1] - HEADER_BYTES
+    values = []
+    for i, key in enumerate(keys):
+        row = buf[i]
+        _HEADER.pack_into(row, 0, MAGIC, _VERSION, form, key[:16].ljust(16, b"\0"), fp, length,
+                          xxhash.xxh3_64_intdigest(row[HEADER_BYTES:]))
+        values.append(memoryview(row))
+    return values
+
+
+def unpack_block(value: bytes | None, key: bytes, form: int, fingerprint: bytes, length: int) -> memoryview | None:
+    """The payload of ``value`` if it is exactly what a reader of ``key`` expects (form,
+    fingerprint, ``length`` bytes, checksum), else None (a miss). Zero-copy; O(length)."""
+    if value is None or len(value) != HEADER_BYTES + length:
+        return None
+    magic, version, vform, vkey, vfp, vlen, digest = _HEADER.unpack_from(value)
+    if (magic != MAGIC or version != _VERSION or vform != form or vkey != key[:16].ljust(16, b"\0")
+            or vfp != fingerprint[:16].ljust(16, b"\0") or vlen != length):
+        return None
+    payload = memoryview(value)[HEADER_BYTES:]
+    if xxhash.xxh3_64_intdigest(payload) != digest:
+        return None
+    return payload
+
+
+# -- addresses -----------------------------------------------------------------------------
+class RemoteURLError(ValueError):
+    """A remote URL that cannot work (scheme, host, port, database)."""
+
+
+class RemoteAuthError(ConnectionError):
+    """The server refused our credentials (wrong password or ACL user)."""
+
+
+@dataclass(frozen=True)
+class RemoteAddress:
+    """A parsed ``redis://``, ``rediss://`` or ``redis+cluster://`` URL."""
+
+    cluster: bool
+    nodes: tuple[tuple[str, int], ...]
+    db: int = 0
+    tls: bool = False
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    #: TLS settings from the URL's query (``ssl_ca_certs``, ``ssl_certfile``, ``ssl_keyfile``,
+    #: ``ssl_cert_reqs``, ``ssl_check_hostname``), as redis-py's keyword arguments
+    tls_options: tuple[tuple[str, Any], ...] = ()
+
+    def describe(self) -> str:
+        """The address without credentials (for logs and errors)."""
+        scheme = ("rediss+cluster" if self.tls else "redis+cluster") if self.cluster else ("rediss" if self.tls else "redis")
+        hosts = ",".join(f"{h}:{p}" for h, p in self.nodes)
+        return f"{scheme}://{hosts}" + (f"/{self.db}" if self.db and not self.cluster else "")
+
+
+def parse_remote_url(url: str, env: dict[str, str] | None = None) -> RemoteAddress:
+    """Parse ``redis://[user:pass@]HOST:PORT[/DB]``, ``rediss://...`` (TLS) or
+    ``redis+cluster://[user:pass@]HOST:PORT[,HOST:PORT...]`` (seed nodes; ``rediss+cluster``
+    for TLS). With TLS the query may carry ``ssl_ca_certs``, ``ssl_certfile``,
+    ``ssl_keyfile`` (paths), ``ssl_cert_reqs`` and ``ssl_check_hostname``. Credentials missing from the URL come from ``KVSTORE_REDIS_USERNAME`` /
+    ``KVSTORE_REDIS_PASSWORD`` in ``env`` (default: the process environment)."""
+    env = os.environ if env is None else env
+    if not isinstance(url, str) or "://" not in url:
+        raise RemoteURLError(f"remote_url must look like redis://HOST:PORT, rediss://HOST:PORT or "
+                             f"redis+cluster://HOST:PORT[,HOST:PORT...], got {url!r}")
+    scheme, rest = url.split("://", 1)
+    scheme = scheme.lower()
+    if scheme not in ("redis", "rediss", "redis+cluster", "rediss+cluster"):
+        raise RemoteURLError(f"remote_url scheme {scheme!r} is not one of redis, rediss, redis+cluster, "
+                             "rediss+cluster")
+    cluster, tls = scheme.endswith("+cluster"), scheme.startswith("rediss")
+    rest, _, query = rest.partition("?")
+    netloc, _, path = rest.partition("/")
+    tls_options = _tls_options(query, tls)
+    user = password = None
+    if "@" in netloc:
+        cred, netloc = netloc.rsplit("@", 1)
+        user, _, pw = cred.partition(":")
+        user, password = unquote(user) or None, unquote(pw) or None
+    hostpart = netloc
+    nodes: list[tuple[str, int]] = []
+    for item in hostpart.split(","):
+        parts = urlsplit("//" + item)
+        try:
+            port = parts.port or 6379
+        except ValueError:
+            raise RemoteURLError(f"remote_url has a bad port in {item!r}") from None
+        if not parts.hostname:
+            raise RemoteURLError(f"remote_url names no host in {item!r}")
+        nodes.append((parts.hostname, port))
+    if len(nodes) > 1 and not cluster:
+        raise RemoteURLError("several hosts need redis+cluster:// (seed nodes of a Redis Cluster)")
+    db = 0
+    if path:
+        if cluster:
+            raise RemoteURLError("a Redis Cluster has only database 0; drop the /DB from redis+cluster://")
+        if not path.isdigit():
+            raise RemoteURLError(f"remote_url database must be a number, got {path!r}")
+        db = int(path)
+    user = user or env.get("KVSTORE_REDIS_USERNAME") or None
+    password = password or env.get("KVSTORE_REDIS_PASSWORD") or None
+    return RemoteAddress(cluster, tuple(nodes), db, tls, user, password, tls_options)
+
+
+_TLS_KEYS = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_cert_reqs", "ssl_check_hostname")
+
+
+def _tls_options(query: str, tls: bool) -> tuple[tuple[str, Any], ...]:
+    """The URL query's TLS options (the only ones accepted), checked now rather than at connect."""
+    from urllib.parse import parse_qsl
+
+    out: list[tuple[str, Any]] = []
+    for key, value in parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query)) if query else []:
+        if key not in _TLS_KEYS:
+            raise RemoteURLError(f"remote_url option {key!r} is not one of {_TLS_KEYS}")
+        if not tls:
+            raise RemoteURLError(f"remote_url option {key!r} needs rediss:// (TLS)")
+        if key == "ssl_cert_reqs" and value not in ("none", "optional", "required"):
+            raise RemoteURLError(f"ssl_cert_reqs must be none, optional or required, got {value!r}")
+        if key == "ssl_check_hostname":
+            if value.lower() not in ("true", "false"):
+                raise RemoteURLError(f"ssl_check_hostname must be true or false, got {value!r}")
+            value = value.lower() == "true"
+        elif key != "ssl_cert_reqs" and not os.path.isfile(value):
+            raise RemoteURLError(f"remote_url {key}={value!r} is not a readable file")
+        out.append((key, value))
+    return tuple(out)
+
+
+# -- the backend -------------------------------------------------------------------------------
+@dataclass
+class ShardState:
+    """Health of one shard: failures in a row and when it may be tried again."""
+
+    name: str
+    failures: int = 0
+    retry_at: float = 0.0
+    degraded: bool = False
+
+
+@dataclass
+class RemoteCounters:
+    round_trips: int = 0
+    errors: int = 0
+    timeouts: int = 0
+    full: int = 0            # OOM replies: Redis at maxmemory under noeviction
+    redirects: int = 0       # MOVED / ASK: the slot map changed
+    skipped_keys: int = 0    # keys not sent because their shard was backing off
+    degraded_episodes: int = 0
+    bytes_sent: int = 0
+    bytes_received: int = 0
+
+
+_AUTH_MARKERS = ("noauth", "wrongpass", "invalid password", "invalid username-password", "authentication required",
+                 "must be called with the client already authenticated", "auth called without any password")
+
+
+def _is_auth_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` (or what it wraps: the cluster client rewraps node errors) is the
+    server refusing our credentials rather than an unreachable node."""
+    import redis
+
+    seen: BaseException | None = exc
+    for _ in range(5):
+        if seen is None:
+            break
+        if isinstance(seen, redis.AuthenticationError) or any(m in str(seen).lower() for m in _AUTH_MARKERS):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+_UNANSWERED = object()  # a key whose shard gave no usable reply
+
+
+def _fault_replies() -> tuple[type[BaseException], ...]:
+    """Replies that mean the shard cannot serve now (not that one key is odd)."""
+    from redis import exceptions as e
+
+    return (e.OutOfMemoryError, e.ReadOnlyError, e.ClusterDownError, e.TryAgainError, e.BusyLoadingError,
+            e.NoPermissionError, e.ConnectionError, e.TimeoutError)
+
+
+class RemoteBackend:
+    """Batched SET/GET/EXISTS/DEL of byte values on Redis or a Redis Cluster.
+
+    Each batch method takes ``n`` keys and returns ``n`` results in order; a key whose
+    shard failed gets the miss value (None / False). Costs one pipelined round trip per
+    shard touched (concurrent across shards) plus the bytes. Thread-safe.
+    """
+
+    def __init__(self, address: RemoteAddress | str, *, deadline_s: float = 0.5, backoff_s: float = 0.25,
+                 max_backoff_s: float = 30.0, clock: Callable[[], float] = time.monotonic,
+                 max_connections: int = 16) -> None:
+        if isinstance(address, str):
+            address = parse_remote_url(address)
+        if not deadline_s > 0:
+            raise ValueError(f"deadline_s must be positive, got {deadline_s!r}")
+        self.address = address
+        self.deadline_s = float(deadline_s)
+        self.backoff_s = float(backoff_s)
+        self.max_backoff_s = float(max_backoff_s)
+        self.clock = clock
+        self.counters = RemoteCounters()
+        self._max_connections = max_connections
+        self._lock = threading.Lock()
+        self._shards: dict[str, ShardState] = {}
+        self._client: Any = None
+        self._pool: ThreadPoolExecutor | None = None
+        self._last_refresh = float("-inf")
+        self._refreshing = False
+        self._calls = threading.local()  # per calling thread: did its last batch leave a send running?
+        self._closed = False
+
+    # -- connection ----------------------------------------------------------------------
+    def _kwargs(self) -> dict[str, Any]:
+        a = self.address
+        kw: dict[str, Any] = dict(username=a.username, password=a.password, socket_timeout=self.deadline_s,
+                                  socket_connect_timeout=self.deadline_s, ssl=a.tls, max_connections=self._max_connections)
+        if a.tls:
+            kw.update(a.tls_options)
+        return kw
+
+    def connect(self) -> None:
+        """Reach the server (or the cluster's seed nodes) and check credentials.
+
+        Raises :class:`RemoteAuthError` for refused credentials and ``ConnectionError`` when
+        no node answers within the deadline (the caller decides whether to start degraded).
+        """
+        import redis
+        from redis.backoff import NoBackoff
+        from redis.cluster import ClusterNode, RedisCluster
+        from redis.retry import Retry
+
+        a = self.address
+        no_retry = Retry(NoBackoff(), 0)  # retrying is ours (backoff per shard), never inside a deadline
+        try:
+            if a.cluster:
+                client = RedisCluster(startup_nodes=[ClusterNode(h, p) for h, p in a.nodes],
+                                      require_full_coverage=False, retry=no_retry, **self._kwargs())
+            else:
+                client = redis.Redis(host=a.nodes[0][0], port=a.nodes[0][1], db=a.db, retry=no_retry,
+                                     **self._kwargs())
+                client.ping()
+        except redis.AuthenticationError as exc:
+            raise RemoteAuthError(f"{a.describe()} refused the credentials ({exc}); set the password in the URL "
+                                  "or KVSTORE_REDIS_PASSWORD (and KVSTORE_REDIS_USERNAME for an ACL user)") from None
+        except (redis.RedisError, redis.exceptions.RedisClusterException, OSError) as exc:
+            if _is_auth_failure(exc):
+                raise RemoteAuthError(f"{a.describe()} refused the credentials ({exc}); set the password in the "
+                                      "URL or KVSTORE_REDIS_PASSWORD (and KVSTORE_REDIS_USERNAME for an ACL user)"
+                                      ) from None
+            raise ConnectionError(f"cannot reach {a.describe()} within {self.deadline_s}s: {exc}") from None
+        if a.cluster:
+            try:  # the cluster client authenticates lazily: check each primary now
+                for node in client.get_primaries():
+                    client.get_redis_connection(node).ping()
+            except redis.AuthenticationError as exc:
+                client.close()
+                raise RemoteAuthError(f"{a.describe()} refused the credentials ({exc})") from None
+            except (redis.ConnectionError, redis.TimeoutError):
+                pass  # a shard already down: its keys are misses until it returns
+        with self._lock:
+            old, self._client = self._client, client
+        if old is not None:
+            old.close()
+
+    @property
+    def connected(self) -> bool:
+        return self._client is not None
+
+    def shards(self) -> list[str]:
+        """Names (``host:port``) of the shards currently known."""
+        client = self._client
+        if client is None:
+            return []
+        if self.address.cluster:
+            return sorted(n.name for n in client.get_primaries())
+        return [f"{self.address.nodes[0][0]}:{self.address.nodes[0][1]}"]
+
+    def shard_states(self) -> dict[str, dict]:
+        with self._lock:
+            return {n: {"degraded": s.degraded, "failures": s.failures,
+                        "retry_in_s": max(0.0, s.retry_at - self.clock()) if s.degraded else 0.0}
+                    for n, s in self._shards.items()}
+
+    @property
+    def degraded(self) -> bool:
+        with self._lock:
+            return self._client is None or any(s.degraded for s in self._shards.values())
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            client, self._client = self._client, None
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
+        if client is not None:
+            client.close()
+
+    # -- health ----------------------------------------------------------------------------
+    def _state(self, name: str) -> ShardState:
+        st = self._shards.get(name)
+        if st is None:
+            st = self._shards[name] = ShardState(name)
+        return st
+
+    def _available(self, name: str, now: float) -> bool:
+        with self._lock:
+            st = self._state(name)
+            return not st.degraded or now >= st.retry_at
+
+    def _count(self, field: str, n: int) -> None:
+        with self._lock:
+            setattr(self.counters, field, getattr(self.counters, field) + n)
+
+    def _fail(self, name: str, kind: str, exc: BaseException | str) -> None:
+        with self._lock:
+            st = self._state(name)
+            self.counters.errors += 1
+            if kind == "timeout":
+                self.counters.timeouts += 1
+            elif kind == "full":
+                self.counters.full += 1
+            st.failures += 1
+            st.retry_at = self.clock() + min(self.max_backoff_s, self.backoff_s * 2 ** (st.failures - 1))
+            first = not st.degraded
+            st.degraded = True
+            if first:
+                self.counters.degraded_episodes += 1
+        if first:  # once per episode, not per block
+            log.error("remote shard %s degraded (%s: %s); its blocks are misses, retrying with backoff",
+                      name, kind, exc)
+
+    def _ok(self, name: str) -> None:
+        with self._lock:
+            st = self._state(name)
+            recovered = st.degraded
+            st.failures, st.degraded, st.retry_at = 0, False, 0.0
+        if recovered:
+            log.warning("remote shard %s recovered", name)
+
+    def _reconnect(self) -> bool:
+        """Try to (re)build the client (startup while the server was down). Backoff applies."""
+        now = self.clock()
+        if not self._available("*connect*", now):
+            return False
+        try:
+            self.connect()
+        except RemoteAuthError:
+            raise
+        except ConnectionError as exc:
+            self._fail("*connect*", "error", exc)
+            return False
+        self._ok("*connect*")
+        return True
+
+    def _refresh_slots(self) -> None:
+        """Reload a cluster's slot map in the background (after MOVED/ASK, or while a shard is
+        failing: a failover moves its slots to a replica), at most once per
+        ``max(deadline, 1 s)``; callers never wait for it. Until it lands, the old map holds."""
+        client = self._client
+        now = self.clock()
+        with self._lock:
+            if (client is None or not self.address.cluster or self._refreshing
+                    or now - self._last_refresh < max(self.deadline_s, 1.0)):
+                return
+            self._last_refresh, self._refreshing = now, True
+
+        def refresh() -> None:
+            try:
+                client.nodes_manager.initialize()
+            except Exception as exc:  # noqa: BLE001 - a refresh that fails leaves the old map
+                log.debug("slot map refresh failed: %s", exc)
+            finally:
+                self._refreshing = False
+
+        try:
+            self._executor().submit(refresh)
+        except RuntimeError:  # closed meanwhile
+            self._refreshing = False
+
+    # -- batching ------------------------------------------------------------------------------
+    def _group(self, keys: Sequence[bytes]) -> dict[str, tuple[Any, list[int]]]:
+        """Key positions by shard name, with each shard's plain Redis client. O(n)."""
+        client = self._client
+        if not self.address.cluster:
+            return {self.shards()[0]: (client, list(range(len(keys))))}
+        groups: dict[str, tuple[Any, list[int]]] = {}
+        nm = client.nodes_manager
+        for i, k in enumerate(keys):
+            try:
+                node = nm.get_node_from_slot(client.keyslot(k))
+            except Exception:  # noqa: BLE001 - slot not covered: a miss
+                continue
+            g = groups.get(node.name)
+            if g is None:
+                g = groups[node.name] = (client.get_redis_connection(node), [])
+            g[1].append(i)
+        return groups
+
+    def _run(self, keys: Sequence[bytes], add: Callable[[Any, int], None], miss: Any) -> list[Any]:
+        """Queue ``add(pipe, i)`` for every key on its shard's pipeline, run one round trip
+        per shard (concurrently, bounded by the deadline), return per-key replies."""
+        import redis
+
+        fault_replies = _fault_replies()
+        out: list[Any] = [_UNANSWERED] * len(keys)
+        self._calls.abandoned = False
+        self._calls.unanswered = ()
+        if not keys or self._closed:
+            return self._finish(out, miss)
+        if self._client is None and not self._reconnect():
+            self._count("skipped_keys", len(keys))
+            return self._finish(out, miss)
+        start = self.clock()
+        groups = self._group(keys)
+        jobs: list[tuple[str, Any, list[int]]] = []
+        for name, (conn, idx) in groups.items():
+            if self._available(name, start):
+                jobs.append((name, conn, idx))
+            else:
+                self._count("skipped_keys", len(idx))
+                self._refresh_slots()  # a failover may have moved this shard's slots
+
+        def one(conn: Any, idx: list[int]) -> list[Any]:
+            pipe = conn.pipeline(transaction=False)
+            for i in idx:
+                add(pipe, i)
+            return pipe.execute(raise_on_error=False)
+
+        def settle(name: str, idx: list[int], replies: list[Any] | BaseException) -> None:
+            if isinstance(replies, BaseException):
+                kind = "timeout" if isinstance(replies, (redis.TimeoutError, TimeoutError)) else "error"
+                self._fail(name, kind, replies)
+                self._refresh_slots()
+                return
+            moved = fault = None
+            for i, r in zip(idx, replies):
+                if isinstance(r, BaseException):
+                    if isinstance(r, redis.exceptions.AskError):  # MOVED too: the slot map changed
+                        moved = r
+                    elif isinstance(r, fault_replies):
+                        fault = r
+                    continue
+                out[i] = r
+            if moved is not None:
+                self._count("redirects", 1)
+                self._refresh_slots()
+            if fault is not None:
+                self._fail(name, "full" if isinstance(fault, redis.exceptions.OutOfMemoryError) else "error", fault)
+                if not isinstance(fault, redis.exceptions.OutOfMemoryError):
+                    self._refresh_slots()
+            elif moved is None:
+                self._ok(name)
+
+        self._count("round_trips", len(jobs))
+        if len(jobs) == 1:  # one shard: run inline; socket timeouts bound it by the deadline
+            name, conn, idx = jobs[0]
+            try:
+                replies: list[Any] | BaseException = one(conn, idx)
+            except (redis.RedisError, OSError) as exc:
+                replies = exc
+            settle(name, idx, replies)
+            return self._finish(out, miss)
+        pool = self._executor()
+        futures = {pool.submit(one, conn, idx): (name, idx) for name, conn, idx in jobs}
+        done, pending = wait(futures, timeout=max(0.0, self.deadline_s - (self.clock() - start)))
+        for fut in done:
+            name, idx = futures[fut]
+            exc = fut.exception()
+            settle(name, idx, exc if exc is not None else fut.result())
+        self._calls.abandoned = bool(pending)
+        for fut in pending:  # still running at the deadline: its keys are misses
+            name, idx = futures[fut]
+            self._fail(name, "timeout", f"no answer within the {self.deadline_s}s deadline")
+            self._refresh_slots()
+        return self._finish(out, miss)
+
+    def _finish(self, out: list[Any], miss: Any) -> list[Any]:
+        """Replace unanswered slots by ``miss``, remembering which they were (per thread)."""
+        unanswered = [i for i, r in enumerate(out) if r is _UNANSWERED]
+        self._calls.unanswered = unanswered
+        for i in unanswered:
+            out[i] = miss
+        return out
+
+    def unanswered(self) -> Sequence[int]:
+        """Positions of this thread's last batch whose shard did not answer (down, hung,
+        backing off, refusing): unknown, unlike a key the server said is absent."""
+        return getattr(self._calls, "unanswered", ())
+
+    def _executor(self) -> ThreadPoolExecutor:
+        with self._lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="kvstore-remote")
+            return self._pool
+
+    # -- batch operations ----------------------------------------------------------------------
+    def set_many(self, keys: Sequence[bytes], values: Sequence[bytes | memoryview], ttl_s: float | None = None) -> list[bool]:
+        """SET each key (``PX`` = ``ttl_s`` when given); True where the server acknowledged."""
+        px = int(ttl_s * 1000) if ttl_s else None
+
+        def add(pipe: Any, i: int) -> None:
+            pipe.set(keys[i], values[i], px=px)
+
+        replies = self._run(keys, add, None)
+        ok = [r is True or r == b"OK" for r in replies]
+        self._count("bytes_sent", sum(memoryview(v).nbytes for v, good in zip(values, ok) if good))
+        return ok
+
+    def left_running(self) -> bool:
+        """Whether this thread's last batch returned at its deadline while a shard's send was
+        still running (so the values' memory may still be read: do not reuse it)."""
+        return getattr(self._calls, "abandoned", False)
+
+    def get_many(self, keys: Sequence[bytes]) -> list[bytes | None]:
+        """GET each key; None for a missing key or an unreachable shard."""
+        replies = self._run(keys, lambda pipe, i: pipe.get(keys[i]), None)
+        out = [r if isinstance(r, bytes) else None for r in replies]
+        self._count("bytes_received", sum(len(v) for v in out if v is not None))
+        return out
+
+    def exists_many(self, keys: Sequence[bytes]) -> list[bool | None]:
+        """EXISTS each key (one pipelined round trip per shard); None where its shard did not answer."""
+        replies = self._run(keys, lambda pipe, i: pipe.exists(keys[i]), None)
+        return [None if r is None else r == 1 for r in replies]
+
+    def delete_many(self, keys: Sequence[bytes]) -> list[bool]:
+        replies = self._run(keys, lambda pipe, i: pipe.delete(keys[i]), None)
+        return [r == 1 for r in replies]
+
+    def ping_s(self) -> float:
+        """Seconds of one PING round trip to the first shard (inf when unreachable)."""
+        import redis
+
+        client = self._client
+        if client is None:
+            return float("inf")
+        conn = client if not self.address.cluster else client.get_redis_connection(client.get_primaries()[0])
+        t0 = time.perf_counter()
+        try:
+            conn.ping()
+        except (redis.RedisError, OSError):
+            return float("inf")
+        return time.perf_counter() - t0
