@@ -8,6 +8,7 @@ stall other callers), then takes the lock again to unpin and promote.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+import hashlib
 import logging
 import os
 from pathlib import Path
@@ -22,12 +23,14 @@ import numpy as np
 import torch
 
 from allocator import CorruptSlotError, DiskArena, FileOps, MemoryArena, default_device, slots_for_bytes
-from allocator.disk import KIND_ACT, KIND_KV, SlabInUseError, SlabMismatchError, slab_file_bytes
+from allocator.disk import KIND_ACT, KIND_KV, SlabIdentityError, SlabInUseError, SlabMismatchError, slab_file_bytes
+from allocator.fileops import UnsafePathError
 from eviction import make_policy
 from kvstore.activations import ActDiskArena, put_forms
 from kvstore.config import TIERS, StoreConfig
 from kvstore.restore.costmodel import ComputeCost, CostModel, CostProfile, LinkCost
-from kvstore.errors import (BlockNotFoundError, ConfigError, InvalidInputError, StoreClosedError)
+from kvstore.errors import (BlockNotFoundError, ConfigError, InvalidInputError, NamespaceOwnerError,
+                            StoreClosedError)
 from kvstore.restore.executor import Executor, Recomputer, Source, Timings
 from kvstore.hashing import block_keys, namespace_salt, tokens_to_array
 from kvstore.layout import ModelLayout
@@ -38,6 +41,16 @@ from kvstore.tiers import BlockEntry, Tier, TierManager
 log = logging.getLogger(__name__)
 
 TokensLike = Sequence[int] | np.ndarray | torch.Tensor
+
+
+def slab_filename(namespace: str, form: str) -> str:
+    """The slab file of ``namespace``'s ``form`` ("kv" / "act"): a readable escape of the
+    name plus a hash of the exact name, so two names never share a file (``a/b`` and ``a_b``,
+    two non-ASCII names, two long names with one start). The slab also records the exact
+    name and refuses another. O(len(namespace))."""
+    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", namespace)[:48]
+    digest = hashlib.sha256(namespace.encode("utf-8", "surrogatepass")).hexdigest()[:20]
+    return f"{safe}-{digest}-{form}.slab"
 
 
 #: Planning without activations: only the KV route exists, so the costs are irrelevant.
@@ -64,7 +77,11 @@ class KVStore:
 
     def __init__(self, config: StoreConfig, *, clock=time.monotonic, arena_factory=None,
                  file_ops: FileOps | None = None, adapter: Recomputer | None = None,
-                 cost_model: CostModel | None = None) -> None:
+                 cost_model: CostModel | None = None, owner: str | None = None) -> None:
+        # ``owner``: the authenticated identity (a CurveZMQ key name) this namespace belongs to.
+        # It is recorded in the slabs (a restart reopens them for that owner only) and salts
+        # the block keys, so ownership lives with the data, not in a server's memory.
+        self.owner = owner
         self._file_ops = file_ops  # injectable disk operations (fault-injection tests)
         self._arena_factory = arena_factory  # sidecar: (tier, num_slots, slot_bytes, device) -> Arena
         if config.layout is None:
@@ -76,7 +93,7 @@ class KVStore:
         self._block_shape = (self.layout.num_layers, 2, self.block_tokens, self.layout.num_kv_heads,
                              self.layout.head_dim)
         self._salt = namespace_salt(config.namespace, repr(sorted(self.layout.to_dict().items())),
-                                    self.block_tokens)
+                                    self.block_tokens, owner=owner)
         self._lock = threading.RLock()
         self._closed = False
         self._tmpdir: str | None = None
@@ -169,16 +186,26 @@ class KVStore:
             raise ConfigError(f"disk_bytes={capacity} is below one block on disk "
                               f"({slab_file_bytes(1, slot)} bytes with header and alignment)")
         need = slab_file_bytes(num_slots, slot)
-        safe_ns = re.sub(r"[^A-Za-z0-9_.-]", "_", cfg.namespace)[:64]
-        path = directory / f"{safe_ns}-{form}.slab"
-        existing = path.stat().st_size if path.exists() else 0
+        path = directory / slab_filename(cfg.namespace, form)
+        try:
+            existing = path.lstat().st_size
+        except FileNotFoundError:
+            existing = 0
         free = shutil.disk_usage(directory).free + existing
         if free < need:
             raise ConfigError(f"disk_path {directory} has {free} bytes free; disk_bytes needs {need}")
         try:
             cls = DiskArena if form == "kv" else ActDiskArena
             return cls(path, num_slots, slot, fsync=cfg.fsync, fsync_interval_s=cfg.fsync_interval_s,
-                       persist=cfg.persist, file_ops=self._file_ops)
+                       persist=cfg.persist, file_ops=self._file_ops,
+                       identity={"namespace": cfg.namespace, "owner": self.owner})
+        except SlabIdentityError as exc:
+            if exc.found.get("namespace") == cfg.namespace:
+                raise NamespaceOwnerError(f"namespace {cfg.namespace[:100]!r} on disk belongs to another owner; "
+                                          "it is not opened for this one") from None
+            raise ConfigError(f"{exc} (delete the file or use another disk_path)") from None
+        except UnsafePathError as exc:
+            raise ConfigError(f"refusing slab {path}: {exc}") from None
         except SlabInUseError as exc:
             raise ConfigError(f"{exc.strerror}: each store needs its own disk_path") from None
         except SlabMismatchError as exc:

@@ -10,8 +10,14 @@ so its descendants are dropped with it.
 
 With ``durable=True`` (``persist``) the disk tier is *inclusive*: every block written to a
 memory tier is also written through to disk (its ``backup`` slot), so an acknowledged put
-survives a crash. Demoting such a block to disk is then free (its memory copy is dropped),
-and when the disk tier evicts a backup the block stays in memory, just no longer durable.
+survives a crash. Demoting such a block to disk is then free (its memory copy is dropped).
+The index never holds a block that is not on disk: a block whose write-through fails (no
+room that is not pinned, an I/O error, bytes that fail their source checksum) is dropped
+before the put returns -- so the put's result counts only durable tokens -- and when the
+disk tier evicts a backup, the block leaves memory too. A disk tier smaller than the memory
+tiers therefore bounds what is cached: what ``lookup`` reports is what survives a kill.
+Every freed disk slot's header is zeroed (and synced with ``fsync="always"``) in every
+configuration with ``persist``, the disk-only one included, so nothing cleared comes back.
 
 Pinned blocks (being read) are never chosen as victims, and slots are reference counted,
 so even a ``clear`` cannot hand a slot being read to a writer.
@@ -28,7 +34,7 @@ import time
 
 import torch
 
-from allocator import Arena, DiskArena, SlotPool, SlotRecord, transfer
+from allocator import Arena, CorruptSlotError, DiskArena, SlotPool, SlotRecord, transfer
 from eviction import EvictionPolicy, NoVictimError
 
 log = logging.getLogger(__name__)
@@ -103,6 +109,9 @@ class TierManager:
         last = len(tiers) - 1
         self.disk: int | None = last if tiers[last].is_disk else None
         self.durable = durable and self.disk is not None and len(tiers) > 1
+        #: freed disk slots are invalidated on disk (a restart must not resurrect them)
+        self.persist = durable and self.disk is not None
+        self._freed: list[int] | None = None  # batching of invalidations (clear)
 
     def fail(self, t: int, exc: BaseException) -> None:
         """Record an I/O error on tier ``t``: mark it degraded, log once (not per block)."""
@@ -122,11 +131,17 @@ class TierManager:
     # -- slot bookkeeping --------------------------------------------------------------
     def _decref(self, t: int, slot: int) -> None:
         tier = self.tiers[t]
-        if tier.pool.decref(slot) and t == self.disk and self.durable:
-            try:
-                tier.arena.invalidate([slot])  # a freed slot must not come back after a restart
-            except OSError as exc:
-                self.fail(t, exc)
+        if tier.pool.decref(slot) and t == self.disk and self.persist:
+            if self._freed is not None:
+                self._freed.append(slot)
+                return
+            self._invalidate([slot])
+
+    def _invalidate(self, slots: list[int]) -> None:
+        try:
+            self.tiers[self.disk].arena.invalidate(slots)  # a freed slot must not come back after a restart
+        except OSError as exc:
+            self.fail(self.disk, exc)
 
     # -- placement ---------------------------------------------------------------------
     def make_room(self, t: int, n: int) -> int:
@@ -147,9 +162,8 @@ class TierManager:
             for entry in victims:
                 if entry.key not in self.index:  # already dropped as a dropped block's child
                     continue
-                if entry.tier != t:  # only the durable copy goes; the block stays in memory
-                    self._decref(t, entry.backup)
-                    entry.backup = None
+                if entry.tier != t:  # its durable copy goes: so does the block (never cached, not durable)
+                    self._drop(entry, evicted=False)
                 else:
                     self._drop(entry, evicted=True)
             return min(n, tier.pool.free_count)
@@ -204,7 +218,8 @@ class TierManager:
             dst.counters.promotions_in += len(entries)
         return []
 
-    def add(self, keys: Sequence[bytes], parents: Sequence[bytes | None], src: torch.Tensor, t: int = 0) -> int:
+    def add(self, keys: Sequence[bytes], parents: Sequence[bytes | None], src: torch.Tensor, t: int = 0, *,
+            reserved: bool = False) -> int:
         """Store new blocks (rows of ``src``, in prefix order) starting at tier ``t``.
 
         The leading blocks go to tier ``t`` as far as room can be made there; the rest spill
@@ -213,9 +228,16 @@ class TierManager:
         """
         if not keys:
             return 0
+        if self.durable and t != self.disk and not reserved:
+            # Room on disk first, before any of these blocks exist: their write-through then
+            # never evicts their own prefix, and what cannot be durable is not stored at all.
+            room = 0 if self.tiers[self.disk].degraded else self.make_room(self.disk, len(keys))
+            keys, parents, src = keys[:room], parents[:room], src[:room]
+            if not room:
+                return 0
         if self.tiers[t].degraded:
             nxt = self._next(t)
-            return self.add(keys, parents, src, nxt) if nxt is not None else 0
+            return self.add(keys, parents, src, nxt, reserved=True) if nxt is not None else 0
         n = self.make_room(t, len(keys))
         if n:
             tier = self.tiers[t]
@@ -226,14 +248,14 @@ class TierManager:
                 tier.pool.free_many(slots)
                 self.fail(t, exc)
                 nxt = self._next(t)
-                return self.add(keys, parents, src, nxt) if nxt is not None else 0
+                return self.add(keys, parents, src, nxt, reserved=True) if nxt is not None else 0
             except BaseException:
                 tier.pool.free_many(slots)
                 raise
             self.register(keys[:n], parents[:n], t, slots)
         nxt = self._next(t)
         if n < len(keys) and nxt is not None:
-            n += self.add(keys[n:], parents[n:], src[n:], nxt)
+            n += self.add(keys[n:], parents[n:], src[n:], nxt, reserved=True)
         return n
 
     def register(self, keys: Sequence[bytes], parents: Sequence[bytes | None], t: int,
@@ -257,28 +279,35 @@ class TierManager:
         return entries
 
     def _write_backups(self, entries: list[BlockEntry]) -> None:
+        """Write new memory blocks through to disk; drop those that cannot be made durable
+        (see the module docstring), so the caller's cached-prefix count says what is durable."""
         disk = self.tiers[self.disk]
-        if disk.degraded:
-            return
-        room = self.make_room(self.disk, len(entries))
+        wanted = entries
+        room = 0 if disk.degraded else self.make_room(self.disk, len(entries))
         entries = [e for e in entries[:room] if e.key in self.index and e.tier != self.disk and e.backup is None]
-        if not entries:
-            return
         slots = disk.pool.allocate_many(len(entries))
         by_tier: dict[int, list[int]] = {}
         for i, e in enumerate(entries):
             by_tier.setdefault(e.tier, []).append(i)
-        try:
-            for t, idx in by_tier.items():
+        failed: set[int] = set()  # positions in ``entries``
+        for t, idx in by_tier.items():
+            try:
                 transfer(self.tiers[t].arena, [entries[i].slot for i in idx], disk.arena, [slots[i] for i in idx],
                          keys=[entries[i].key for i in idx], parents=[entries[i].parent for i in idx])
-        except OSError as exc:  # the blocks stay cached in memory, just not durable
-            disk.pool.free_many(slots)
-            self.fail(self.disk, exc)
-            return
-        for entry, slot in zip(entries, slots):
-            entry.backup = slot
-            disk.policy.insert(entry.key, 1, None, entry.parent)
+            except CorruptSlotError as exc:  # memory bytes that fail their checksum: not stored
+                bad = set(exc.slots)
+                failed.update(i for i in idx if slots[i] in bad)
+            except OSError as exc:
+                self.fail(self.disk, exc)
+                failed.update(idx)
+        for i, (entry, slot) in enumerate(zip(entries, slots)):
+            if i in failed:
+                self._decref(self.disk, slot)  # never indexed: its header is zeroed again
+            else:
+                entry.backup = slot
+                disk.policy.insert(entry.key, 1, None, entry.parent)
+        # Not durable: not cached either (the put's result stops before them).
+        self.drop([e for e in wanted if e.key in self.index and e.tier != self.disk and e.backup is None])
 
     def promote(self, entries: list[BlockEntry], rows: torch.Tensor) -> int:
         """Move blocks from lower tiers to the top tier, writing ``rows`` (their bytes,
@@ -373,11 +402,18 @@ class TierManager:
                 self._drop(e, evicted=False)
 
     def clear(self) -> int:
-        """Drop every block not pinned; returns how many were dropped."""
+        """Drop every block not pinned; returns how many were dropped. Freed disk slots are
+        invalidated in one batch (one sync with ``fsync="always"``)."""
         before = len(self.index)
-        for entry in [e for e in self.index.values() if e.pins == 0]:
-            if entry.key in self.index:
-                self._drop(entry, evicted=False)
+        self._freed = []
+        try:
+            for entry in [e for e in self.index.values() if e.pins == 0]:
+                if entry.key in self.index:
+                    self._drop(entry, evicted=False)
+        finally:
+            freed, self._freed = self._freed, None
+            if freed:
+                self._invalidate(freed)
         return before - len(self.index)
 
     # -- pins --------------------------------------------------------------------------

@@ -59,7 +59,7 @@ import zmq
 from allocator.memory import MemoryArena
 from allocator.shm import ShmArena, shm_free_bytes
 from kvstore.config import StoreConfig
-from kvstore.errors import CapacityError, ConfigError, InvalidInputError
+from kvstore.errors import CapacityError, ConfigError, InvalidInputError, NamespaceOwnerError
 from kvstore.sidecar.procinfo import owner_alive, owner_from_wire
 from kvstore.layout import ModelLayout
 from kvstore.sidecar.protocol import (MAGIC, OPS, VERSION, LayoutMismatchError, MessageTooLargeError, ProtocolError,
@@ -746,9 +746,10 @@ class SidecarServer:
 
         return factory
 
-    def _create_namespace(self, name: str, layout: ModelLayout, block_tokens: int) -> Namespace:
+    def _create_namespace(self, name: str, layout: ModelLayout, block_tokens: int,
+                          owner: str | None = None) -> Namespace:
         cfg = dataclasses.replace(self.config, layout=layout, block_tokens=block_tokens, namespace=name)
-        store = KVStore(cfg, arena_factory=self._arena_factory(name))
+        store = KVStore(cfg, arena_factory=self._arena_factory(name), owner=owner)
         segments, seg_of_tier = [], {}
         for t, (tier, arena) in enumerate(store.tier_arenas()):
             if isinstance(arena, ShmArena):
@@ -758,7 +759,7 @@ class SidecarServer:
         log.info("namespace %r created: layout %s, block_tokens=%d, block %d bytes, tiers %s, shared %s",
                  name, layout.to_dict(), block_tokens, store.block_bytes,
                  [t for t, _ in store.tier_arenas()], [s["tier"] for s in segments])
-        return Namespace(name, store, layout, block_tokens, segments, seg_of_tier, put_tier)
+        return Namespace(name, store, layout, block_tokens, segments, seg_of_tier, put_tier, owner)
 
     # -- ops: each returns (result, payload frames) --------------------------------------
     def _op_hello(self, args: dict, payload: list) -> tuple[Any, list]:
@@ -775,9 +776,12 @@ class SidecarServer:
             if ns is None:
                 if len(self._ns) >= self.options.max_namespaces:
                     raise CapacityError(f"this sidecar serves at most {self.options.max_namespaces} namespaces")
-                ns = self._create_namespace(name, layout, bt)
                 peer = args.get(PEER)
-                ns.owner = peer.user if isinstance(peer, Peer) else None
+                owner = peer.user if isinstance(peer, Peer) else None
+                try:
+                    ns = self._create_namespace(name, layout, bt, owner)
+                except NamespaceOwnerError as exc:  # persisted for another key: ownership survives restarts
+                    raise ForbiddenError(str(exc)) from None
                 self._ns[name] = ns
             self._check_owner(ns, args)
             if ns.layout != layout or ns.block_tokens != bt:
