@@ -153,11 +153,15 @@ class KVStore:
             else:
                 dev = self.device if name == "device" else torch.device("cpu")
                 arena = self._make_memory_arena(name, capacity // self.block_bytes, dev)
+            # a sidecar's shared arena may hold spare slots beyond the cache (staging for puts)
+            cache_slots = arena.num_slots if name == "disk" else min(arena.num_slots, capacity // slot)
             try:
-                policy = make_policy(cfg.policy_for(name), arena.num_slots)
+                policy = make_policy(cfg.policy_for(name), cache_slots)
             except ValueError as exc:
                 raise ConfigError(str(exc)) from None
-            tiers.append(Tier(name, arena, policy))
+            tier = Tier(name, arena, policy)
+            tier.spare = arena.num_slots - cache_slots
+            tiers.append(tier)
         if not tiers:
             raise ConfigError("every tier is disabled: set device_bytes, host_bytes or disk_bytes" if form == "kv"
                               else f"act_share={cfg.act_share} leaves no tier room for one activation block "
@@ -574,9 +578,10 @@ class KVStore:
         for tier in manager.tiers:
             c = tier.counters
             tiers[tier.name] = {
-                "capacity_blocks": tier.pool.num_slots, "used_blocks": tier.pool.used_count,
-                "capacity_bytes": tier.pool.num_slots * slot_bytes,
-                "used_bytes": tier.pool.used_count * slot_bytes,
+                "capacity_blocks": tier.capacity, "used_blocks": tier.pool.used_count - tier.staged,
+                "capacity_bytes": tier.capacity * slot_bytes,
+                "used_bytes": (tier.pool.used_count - tier.staged) * slot_bytes,
+                "staged_blocks": tier.staged,
                 "policy": tier.policy.name, "device": str(tier.arena.device) if not tier.is_disk else "disk",
                 "hits": c.hits, "evictions": c.evictions, "demotions_in": c.demotions_in,
                 "promotions_in": c.promotions_in, "drops": c.drops,
@@ -604,6 +609,7 @@ class KVStore:
                 "promotions": total("promotions_in"),
                 "dropped": total("drops"), "orphans_dropped": self._tiers.orphans_dropped,
                 "tiers": tiers, **extra,
+                "corrupt_blocks": self._counters["corrupt_blocks"] + self._tiers.corrupt_dropped,
             }
 
     def _check(self) -> None:
@@ -757,15 +763,22 @@ class KVStore:
                 res.cached = self._cached_blocks(keys) * self.block_tokens
             return res
 
-    def commit(self, res: "KVStore.Reservation") -> int:
+    def commit(self, res: "KVStore.Reservation", sums: np.ndarray | None = None) -> int:
         """Make a reservation's written blocks visible; returns the cached prefix length in
-        tokens, like ``put``. Blocks someone else committed meanwhile are freed. O(blocks)."""
+        tokens, like ``put``. Blocks someone else committed meanwhile are freed. O(blocks).
+
+        ``sums``: the writer's checksums of what it wrote into ``res.slots`` (required when
+        the tier's arena keeps checksums: other processes can write shared slots)."""
         with self._lock:
             if res.done:
                 return res.cached
-            res.done = True
             tiers, index = self._tiers, self._tiers.index
             tier = tiers.tiers[res.tier]
+            if hasattr(tier.arena, "set_checksums"):
+                if sums is None or len(sums) != len(res.slots):
+                    raise InvalidInputError(f"commit needs the checksums of the {len(res.slots)} written slot(s)")
+                tier.arena.set_checksums(res.slots, sums)
+            res.done = True
             fresh: list[int] = []
             for i, slot in zip(res.positions, res.slots):
                 if res.keys[i] in index or self._closed:  # someone else committed it meanwhile
@@ -780,6 +793,90 @@ class KVStore:
             self._tiers.touch([index[k] for i, k in enumerate(res.keys) if i not in new and k in index])
             res.cached = self._cached_blocks(res.keys) * self.block_tokens
             return res.cached
+
+    # -- staging: slots a client holds ahead of its puts (one round trip per put) -------
+    def stage(self, tier: int, n: int) -> list[int]:
+        """Lend up to ``n`` of tier ``tier``'s spare slots (beyond the cache's capacity) to a
+        client to write into before it names them in :meth:`put_staged`. O(n)."""
+        self._check_open()
+        with self._lock:
+            self._check_open()
+            t = self._tiers.tiers[tier]
+            got = min(n, t.spare - t.staged, t.pool.free_count)
+            if got <= 0:
+                return []
+            t.staged += got
+            return t.pool.allocate_many(got)
+
+    def staging_spare(self, tier: int) -> int:
+        """How many slots of tier ``tier`` can be lent as staging (beyond its capacity)."""
+        return self._tiers.tiers[tier].spare
+
+    def unstage(self, tier: int, slots: Sequence[int]) -> None:
+        """Give staged slots back (a client that closed, died or went stale). O(len(slots))."""
+        with self._lock:
+            t = self._tiers.tiers[tier]
+            t.pool.free_many(slots)
+            t.staged -= len(slots)
+
+    def put_staged(self, tokens: TokensLike, tier: int, slots: Sequence[int], sums: np.ndarray) -> tuple[int, list[int]]:
+        """The put of a client that already wrote block ``i`` of ``tokens`` into staged slot
+        ``slots[i]`` of tier ``tier`` and hashed it (``sums[i]``, from its own source).
+
+        New blocks are indexed where they lie (no copy); blocks already cached leave their
+        slot staged. Returns (cached prefix length in tokens, like ``put``; slots consumed).
+        O(blocks), plus the write-through with ``persist`` (which verifies the checksums).
+        """
+        self._check_open()
+        _, keys = self._keys(tokens)
+        if len(slots) != len(keys) or len(sums) != len(keys):
+            raise InvalidInputError(f"{len(keys)} block(s) need as many staged slots and checksums, got "
+                                    f"{len(slots)} and {len(sums)}")
+        with self._lock:
+            self._check_open()
+            self._counters["puts"] += 1
+            index = self._tiers.index
+            present = [index.get(k) for k in keys]
+            new = [i for i, e in enumerate(present) if e is None]
+            self._counters["dedup_blocks"] += len(keys) - len(new)
+            t = self._tiers.tiers[tier]
+            # Staged slots become cached ones: demote as many blocks as are new (pinned ones
+            # stay; the blocks that still do not fit are not stored and keep their slots staged).
+            fit = self._tiers.make_room(tier, len(new))
+            new = new[:fit]
+            used = [slots[i] for i in new]
+            t.arena.set_checksums(used, sums[new])
+            t.staged -= len(used)
+            added = self._tiers.register([keys[i] for i in new], [keys[i - 1] if i > 0 else None for i in new],
+                                         tier, used)
+            self._counters["put_blocks"] += len(added)
+            self._tiers.touch([e for e in present if e is not None and e.key in index])
+            return self._cached_blocks(keys) * self.block_tokens, used
+
+    def lease_checksums(self, lease: "KVStore.Lease") -> np.ndarray:
+        """The recorded checksums of a lease's blocks (what a client verifies its copy against)."""
+        arenas = [getattr(a, "checksums", None) for _, a in self.tier_arenas()]
+        return np.array([arenas[t][slot] if arenas[t] is not None else 0 for t, slot in lease.blocks],
+                        dtype=np.uint64)
+
+    def report_corrupt(self, lease: "KVStore.Lease", positions: Sequence[int]) -> int:
+        """A client's copy of these lease blocks failed their checksums: re-check the shared
+        slots here and drop the blocks that really are corrupt. Returns how many. O(bytes)."""
+        with self._lock:
+            arenas = self.tier_arenas()
+            bad = []
+            for p in sorted(set(positions)):
+                if not 0 <= p < len(lease.placed):
+                    continue
+                e, t, slot = lease.placed[p]
+                arena = arenas[t][1]
+                if hasattr(arena, "verify") and arena.verify([slot]):
+                    bad.append(e)
+            if bad:
+                self._counters["corrupt_blocks"] += len(bad)
+                log.error("dropped %d shared block(s) whose bytes changed after they were written", len(bad))
+                self._tiers.drop(bad)
+            return len(bad)
 
     def abort(self, res: "KVStore.Reservation") -> None:
         """Give a reservation's slots back (a client that died or gave up). Idempotent."""

@@ -74,10 +74,24 @@ class Tier:
         self.arena = arena
         self.pool = SlotPool(arena.num_slots)
         self.policy = policy
+        #: slots beyond the cache's capacity, lent to sidecar clients to write puts into
+        #: (``staged`` of them are out); cached blocks use at most ``num_slots - spare``
+        self.spare = 0
+        self.staged = 0
         self.counters = TierCounters()
         #: set after an I/O error: the tier takes no new blocks; reads of what it holds
         #: are still tried (each verified) and a failure reports a miss.
         self.degraded = False
+
+    @property
+    def capacity(self) -> int:
+        """Slots the cache may fill (the arena's, less the staging spare)."""
+        return self.pool.num_slots - self.spare
+
+    @property
+    def cache_free(self) -> int:
+        """Slots a new block may take now without evicting (staged slots are not free)."""
+        return self.capacity - (self.pool.used_count - self.staged)
 
     @property
     def is_disk(self) -> bool:
@@ -106,6 +120,7 @@ class TierManager:
         self.index: dict[bytes, BlockEntry] = {}
         self.clock = clock
         self.orphans_dropped = 0
+        self.corrupt_dropped = 0  # blocks lost to bytes that failed their checksum while moved
         last = len(tiers) - 1
         self.disk: int | None = last if tiers[last].is_disk else None
         self.durable = durable and self.disk is not None and len(tiers) > 1
@@ -147,7 +162,7 @@ class TierManager:
     def make_room(self, t: int, n: int) -> int:
         """Free up to ``n`` slots in tier ``t`` by demoting victims; returns slots now free."""
         tier = self.tiers[t]
-        short = n - tier.pool.free_count
+        short = n - tier.cache_free
         if short <= 0:
             return n
         victims: list[BlockEntry] = []
@@ -166,7 +181,7 @@ class TierManager:
                     self._drop(entry, evicted=False)
                 else:
                     self._drop(entry, evicted=True)
-            return min(n, tier.pool.free_count)
+            return max(0, min(n, tier.cache_free))
         nxt = self._next(t)
         backed = [e for e in victims if e.backup is not None and nxt == self.disk]
         to_copy = [e for e in victims if not (e.backup is not None and nxt == self.disk)]
@@ -185,7 +200,7 @@ class TierManager:
             for entry in dropped:
                 if entry.key in self.index:
                     self._drop(entry, evicted=True)
-        return min(n, tier.pool.free_count)
+        return max(0, min(n, tier.cache_free))
 
     def _move(self, entries: list[BlockEntry], dst_t: int) -> list[BlockEntry]:
         """Move blocks (all in one source tier, already out of its policy) to ``dst_t``.
@@ -200,9 +215,20 @@ class TierManager:
         src = self.tiers[src_t]
         dst = self.tiers[dst_t]
         dst_slots = dst.pool.allocate_many(len(entries))
+        corrupt: list[BlockEntry] = []
         try:
             transfer(src.arena, [e.slot for e in entries], dst.arena, dst_slots, keys=[e.key for e in entries],
                      parents=[e.parent for e in entries])
+        except CorruptSlotError as exc:  # bytes changed in shared memory: those blocks are lost, not moved
+            bad = set(exc.slots)
+            log.error("dropped %d block(s) whose shared-memory bytes failed their checksum", len(bad))
+            self.corrupt_dropped += len(bad)
+            keep = [(e, s) for e, s in zip(entries, dst_slots) if e.slot not in bad]
+            corrupt = [e for e in entries if e.slot in bad]
+            for e, s in zip(entries, dst_slots):
+                if e.slot in bad:
+                    self._decref(dst_t, s)
+            entries, dst_slots = [e for e, _ in keep], [s for _, s in keep]
         except OSError as exc:
             dst.pool.free_many(dst_slots)
             self.fail(dst_t, exc)
@@ -216,7 +242,7 @@ class TierManager:
             dst.counters.demotions_in += len(entries)
         else:
             dst.counters.promotions_in += len(entries)
-        return []
+        return corrupt
 
     def add(self, keys: Sequence[bytes], parents: Sequence[bytes | None], src: torch.Tensor, t: int = 0, *,
             reserved: bool = False) -> int:
@@ -296,7 +322,8 @@ class TierManager:
                          keys=[entries[i].key for i in idx], parents=[entries[i].parent for i in idx])
             except CorruptSlotError as exc:  # memory bytes that fail their checksum: not stored
                 bad = set(exc.slots)
-                failed.update(i for i in idx if slots[i] in bad)
+                self.corrupt_dropped += len(bad)
+                failed.update(i for i in idx if entries[i].slot in bad)
             except OSError as exc:
                 self.fail(self.disk, exc)
                 failed.update(idx)
@@ -456,8 +483,9 @@ class TierManager:
                 assert tier.policy.is_pinned(e.key) == (e.pins > 0), f"{tier.name}: pin state mismatch"
             for e in backups:
                 assert e.tier != t and tier.pool.refcount(e.backup) == 1, f"{tier.name}: bad backup of a block"
-            assert tier.pool.used_count == len(members), \
-                f"{tier.name}: {tier.pool.used_count} slots used for {len(members)} blocks"
+            assert tier.pool.used_count == len(members) + tier.staged, \
+                f"{tier.name}: {tier.pool.used_count} slots used for {len(members)} blocks + {tier.staged} staged"
+            assert len(members) <= tier.capacity, f"{tier.name}: {len(members)} blocks over capacity"
         for e in self.index.values():
             for c in e.children:
                 assert c in self.index and self.index[c].parent == e.key, "child link broken"
