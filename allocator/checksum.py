@@ -70,20 +70,24 @@ def digests(rows: torch.Tensor) -> np.ndarray:
     return out
 
 
-def digests_beside(rows: torch.Tensor, work: Callable[[], None], pool: ThreadPoolExecutor) -> np.ndarray:
+def digests_beside(rows: torch.Tensor, work: Callable[[], None], pool: ThreadPoolExecutor,
+                   parts: int = 1) -> np.ndarray:
     """Run ``work()`` (typically the copy of ``rows`` somewhere) while hashing ``rows`` on
-    ``pool`` (the caller's, one worker is enough); returns the digests. Small batches are
-    hashed inline. O(bytes)."""
+    ``pool`` (the caller's), split in ``parts`` batches of rows (at most the pool's workers);
+    returns the digests. Small batches are hashed inline. O(bytes)."""
+    n = rows.shape[0]
     nbytes = math.prod(rows.shape) * rows.element_size()
-    if nbytes < (1 << 20):
+    if nbytes < (1 << 20) or n == 0:
         sums = digests(rows)
         work()
         return sums
-    fut = pool.submit(digests, rows)
+    parts = max(1, min(parts, n))
+    bounds = [n * i // parts for i in range(parts + 1)]
+    futs = [pool.submit(digests, rows[bounds[i]:bounds[i + 1]]) for i in range(parts)]
     try:
         work()
     finally:
-        sums = fut.result()
+        sums = np.concatenate([f.result() for f in futs])
     return sums
 
 

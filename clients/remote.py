@@ -40,6 +40,7 @@ import threading
 import time
 from typing import Any
 
+import numpy as np
 import torch
 import zmq
 
@@ -139,7 +140,11 @@ class RemoteClient:
         self._staged: list[int] = []  # free slots of segment ``_stage_seg`` held for our puts
         self._stage_seg = 0
         self._stage_claim: int | None = None
-        self._hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvstore-client-digest")
+        # hashes a put's source beside its copy (xxh3 releases the GIL), and pre-faults staged
+        # slots this process has not touched yet, off the put's critical path
+        self._hash_parts = max(1, min(4, (os.cpu_count() or 2) - 1))
+        self._hasher = ThreadPoolExecutor(max_workers=self._hash_parts, thread_name_prefix="kvstore-client-digest")
+        self._touched: np.ndarray | None = None  # staging segment slots already mapped in
         self.server_info: dict = {}
         self.lease_timeout_s = 30.0
         try:
@@ -237,7 +242,7 @@ class RemoteClient:
 
     def _map_shm(self, shm: dict | None) -> None:
         self._rows, self._idents = [], []
-        self._staged, self._stage_claim = [], None  # slots of arenas we no longer map
+        self._staged, self._stage_claim, self._touched = [], None, None  # slots of arenas we no longer map
         if self._want_shm is False or not shm or shm.get("host") != host_id():
             return
         L, H, D = self.layout.num_layers, self.layout.num_kv_heads, self.layout.head_dim
@@ -315,7 +320,23 @@ class RemoteClient:
         if res.get("arena") != self._idents:
             self._remap()
             return
-        self._stage_claim, self._stage_seg, self._staged = res["claim"], res["seg"], list(res["slots"])
+        self._stage_claim, self._stage_seg = res["claim"], res["seg"]
+        self._set_staged(res["slots"])
+
+    def _set_staged(self, slots: list[int]) -> None:
+        """Record our staged slots; map in (read-touch) the pages of those we never wrote
+        before, in the background, so the next put's copy does not take the page faults."""
+        self._staged = list(slots)
+        rows = self._rows[self._stage_seg] if self._stage_seg < len(self._rows) else None
+        if rows is None:
+            return
+        if self._touched is None or len(self._touched) != rows.shape[0]:
+            self._touched = np.zeros(rows.shape[0], dtype=bool)
+        fresh = [s for s in self._staged if not self._touched[s]]
+        if fresh:
+            self._touched[fresh] = True
+            flat = rows.view(rows.shape[0], -1).view(torch.uint8)
+            self._hasher.submit(lambda: [flat[s, ::4096].sum() for s in fresh])
 
     def _put_shm(self, args: dict, kv: torch.Tensor, nb: int) -> int | None:
         """Write into staged slots, then one ``put_shm``; None: send frames instead."""
@@ -333,7 +354,7 @@ class RemoteClient:
                 for pos, _, slot, k in _runs([(i, 0, s) for i, s in enumerate(slots)]):
                     rows[slot:slot + k].copy_(kv6[pos:pos + k])
 
-            sums = digests_beside(kv6, copy, self._hasher)
+            sums = digests_beside(kv6, copy, self._hasher, self._hash_parts)
             try:
                 res, _ = self._request("put_shm", {**args, "claim": self._stage_claim, "slots": slots,
                                                    "sums": to_wire(sums), "arena": self._idents})
@@ -343,7 +364,7 @@ class RemoteClient:
             except UnknownLeaseError:
                 self._staged, self._stage_claim = [], None  # reclaimed or the sidecar restarted
                 return None
-            self._staged = list(res["slots"])
+            self._set_staged(res["slots"])
             return int(res["tokens"])
 
     def lookup(self, tokens: Any) -> int:
