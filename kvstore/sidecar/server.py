@@ -16,7 +16,9 @@ client's layout and block size and the server's capacities; a later ``hello`` th
 disagrees gets ``layout_mismatch``. Memory tiers on the CPU live in shared memory
 (:class:`allocator.shm.ShmArena`) that a client on the same host maps: a ``get`` pins the
 blocks and replies with their slots (a *lease*; the client copies, then ``release``s), a
-put ``reserve``s slots, the client writes them, ``commit`` publishes them. Leases and
+put writes into slots the client holds staged and sends one ``put_shm`` (or, in two round
+trips, ``reserve`` -> write -> ``commit``); arena identity and the writers' checksums that
+make this safe are :mod:`kvstore.sidecar.shm_plane`'s. CurveZMQ tenants get no shared memory. Leases and
 reservations carry an expiry (``lease_timeout_s``). A same-host client names itself by
 ``(pid, start time)`` (:mod:`kvstore.sidecar.procinfo`); past the expiry the loop reclaims its claims
 only once that process is dead, so a live client that stalls mid-copy never writes into slots
