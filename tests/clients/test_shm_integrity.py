@@ -288,3 +288,53 @@ def test_ownership_survives_a_restart(curve_keys, shm_dir, layout):
             assert torch.equal(a.get(T0, device="cpu"), kv)
     finally:
         srv.stop(timeout=10)
+
+
+# -- staged slots: beyond the capacity, and reclaimed from a dead client -------------------------
+_STAGE_AND_HANG = """
+import sys, torch
+from clients import connect
+from kvstore import ModelLayout
+layout = ModelLayout(num_layers=2, num_kv_heads=2, head_dim=8, hidden_size=32, dtype=torch.float16)
+c = connect(sys.argv[1], layout=layout, namespace="die", block_tokens=4, timeout=20)
+kv = torch.ones(layout.kv_shape(16), dtype=torch.float16)
+print("put", c.put(list(range(16)), kv), len(c._staged), flush=True)
+sys.stdin.read()
+"""
+
+
+def test_a_killed_client_staged_slots_are_reclaimed_and_never_cost_capacity(tmp_path, shm_dir, layout):
+    import subprocess
+    import sys
+    import time
+
+    from tests.clients.conftest import DEVICE_BLOCKS
+    from tests.clients.test_remote import ROOT, wait_until
+
+    srv = _server("tcp://127.0.0.1:*", tmp_path, shm_dir, lease_timeout_s=0.3)
+    p = subprocess.Popen([sys.executable, "-c", _STAGE_AND_HANG, srv.endpoint], cwd=ROOT, text=True,
+                         stdout=subprocess.PIPE, stdin=subprocess.PIPE)
+    try:
+        line = p.stdout.readline().split()
+        assert line[:2] == ["put", "16"] and int(line[2]) >= 4, line
+        ns = next(n for n in srv.namespaces() if n.name == "die")
+        tier = ns.store._tiers.tiers[ns.put_tier]
+        staged = tier.staged
+        assert staged == int(line[2])
+        st = ns.store.stats()["tiers"][tier.name]
+        assert st["capacity_blocks"] == DEVICE_BLOCKS and st["staged_blocks"] == staged
+        time.sleep(4 * srv.options.lease_timeout_s)
+        assert tier.staged == staged and srv.counters["reclaimed"] == 0  # alive, only idle: kept
+        with connect(srv.endpoint, layout=layout, namespace="die", block_tokens=BT, shm=False) as c:
+            for i in range(DEVICE_BLOCKS):  # the cache still holds DEVICE_BLOCKS blocks in that tier
+                c.put([50_000 + 10 * i + j for j in range(BT)], make_kv(layout, BT, i))
+            assert ns.store.stats()["tiers"][tier.name]["used_blocks"] == DEVICE_BLOCKS
+        p.kill()
+        p.wait(10)
+        wait_until(lambda: tier.staged == 0 and srv.open_claims() == 0, what="the staged slots to be reclaimed")
+        ns.store._check()
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait(10)
+        srv.stop(timeout=10)
