@@ -52,9 +52,10 @@ from kvstore.hashing import tokens_to_array
 from kvstore.layout import ModelLayout
 from kvstore.sidecar.procinfo import self_identity
 from kvstore.sidecar.protocol import (IDEMPOTENT, MAGIC, VERSION, ProtocolError, SidecarUnavailableError,
-                              StaleArenaError, UnknownLeaseError, UnknownNamespaceError, VersionMismatchError, check_act, check_kv,
+                              UnknownLeaseError, UnknownNamespaceError, VersionMismatchError, check_act, check_kv,
                               error_from_reply, request_frames, tensor_desc, tensor_frame, tensor_from_frame,
                               unpack)
+from kvstore.sidecar.protocol import RemoteError, StaleArenaError
 from kvstore.sidecar.security import CurveKeys, apply_client_curve, load_keys
 from kvstore.sidecar.server import host_id
 
@@ -140,6 +141,7 @@ class RemoteClient:
         self._staged: list[int] = []  # free slots of segment ``_stage_seg`` held for our puts
         self._stage_seg = 0
         self._stage_claim: int | None = None
+        self._staged_at = 0.0  # when the sidecar last confirmed our staged slots
         # hashes a put's source beside its copy (xxh3 releases the GIL), and pre-faults staged
         # slots this process has not touched yet, off the put's critical path
         self._hash_parts = max(1, min(4, (os.cpu_count() or 2) - 1))
@@ -327,6 +329,7 @@ class RemoteClient:
         """Record our staged slots; map in (read-touch) the pages of those we never wrote
         before, in the background, so the next put's copy does not take the page faults."""
         self._staged = list(slots)
+        self._staged_at = time.monotonic()
         rows = self._rows[self._stage_seg] if self._stage_seg < len(self._rows) else None
         if rows is None:
             return
@@ -341,6 +344,10 @@ class RemoteClient:
     def _put_shm(self, args: dict, kv: torch.Tensor, nb: int) -> int | None:
         """Write into staged slots, then one ``put_shm``; None: send frames instead."""
         with self._lock:
+            # A sidecar that cannot check our liveness reclaims staged slots on the timeout
+            # alone: slots staged that long ago may be another block's now, so stage anew.
+            if not self._owner_checked and time.monotonic() - self._staged_at > self.lease_timeout_s / 2:
+                self._staged, self._stage_claim = [], None
             if len(self._staged) < nb:
                 self._stage(nb)
                 if len(self._staged) < nb or not self._rows:
@@ -408,7 +415,10 @@ class RemoteClient:
         want = from_wire(result["sums"], nb)
         bad = [int(i) for i in (digests(out6) != want).nonzero()[0]]
         if bad:
-            self._request("release", {"claim": result["claim"], "corrupt": bad})
+            try:
+                self._request("release", {"claim": result["claim"], "corrupt": bad})
+            except RemoteError:  # reclaimed meanwhile: the sidecar finds them on its own reads
+                pass
             raise BlockNotFoundError(f"{len(bad)} block(s) changed in shared memory after they were written "
                                      "and were dropped; recompute them")
         self._send_oneway("release", {"claim": result["claim"]})

@@ -819,7 +819,8 @@ class KVStore:
             t.pool.free_many(slots)
             t.staged -= len(slots)
 
-    def put_staged(self, tokens: TokensLike, tier: int, slots: Sequence[int], sums: np.ndarray) -> tuple[int, list[int]]:
+    def put_staged(self, tokens: TokensLike, tier: int, slots: Sequence[int],
+                   sums: np.ndarray) -> tuple[int, list[int]]:
         """The put of a client that already wrote block ``i`` of ``tokens`` into staged slot
         ``slots[i]`` of tier ``tier`` and hashed it (``sums[i]``, from its own source).
 

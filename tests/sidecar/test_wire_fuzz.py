@@ -9,17 +9,15 @@ The store is sized so nothing is evicted, which makes the model exact (a miss is
 from __future__ import annotations
 
 import itertools
+import struct
 
 from hypothesis import HealthCheck, settings, strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 import msgpack
 import pytest
 import torch
-import zmq
-
-import struct
-
 import xxhash
+import zmq
 
 from allocator.shm import map_shared
 from kvstore import ModelLayout, StoreConfig
