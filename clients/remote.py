@@ -142,11 +142,10 @@ class RemoteClient:
         self._stage_seg = 0
         self._stage_claim: int | None = None
         self._staged_at = 0.0  # when the sidecar last confirmed our staged slots
-        # hashes a put's source beside its copy (xxh3 releases the GIL), and pre-faults staged
-        # slots this process has not touched yet, off the put's critical path
+        # hashes a put's source beside its copy and a get's copy piece by piece (xxh3
+        # releases the GIL)
         self._hash_parts = max(1, min(4, (os.cpu_count() or 2) - 1))
         self._hasher = ThreadPoolExecutor(max_workers=self._hash_parts, thread_name_prefix="kvstore-client-digest")
-        self._touched: np.ndarray | None = None  # staging segment slots already mapped in
         self.server_info: dict = {}
         self.lease_timeout_s = 30.0
         try:
@@ -244,7 +243,7 @@ class RemoteClient:
 
     def _map_shm(self, shm: dict | None) -> None:
         self._rows, self._idents = [], []
-        self._staged, self._stage_claim, self._touched = [], None, None  # slots of arenas we no longer map
+        self._staged, self._stage_claim = [], None  # slots of arenas we no longer map
         if self._want_shm is False or not shm or shm.get("host") != host_id():
             return
         L, H, D = self.layout.num_layers, self.layout.num_kv_heads, self.layout.head_dim
@@ -326,20 +325,9 @@ class RemoteClient:
         self._set_staged(res["slots"])
 
     def _set_staged(self, slots: list[int]) -> None:
-        """Record our staged slots; map in (read-touch) the pages of those we never wrote
-        before, in the background, so the next put's copy does not take the page faults."""
+        """Record our staged slots (as the sidecar last confirmed them)."""
         self._staged = list(slots)
         self._staged_at = time.monotonic()
-        rows = self._rows[self._stage_seg] if self._stage_seg < len(self._rows) else None
-        if rows is None:
-            return
-        if self._touched is None or len(self._touched) != rows.shape[0]:
-            self._touched = np.zeros(rows.shape[0], dtype=bool)
-        fresh = [s for s in self._staged if not self._touched[s]]
-        if fresh:
-            self._touched[fresh] = True
-            flat = rows.view(rows.shape[0], -1).view(torch.uint8)
-            self._hasher.submit(lambda: [flat[s, ::4096].sum() for s in fresh])
 
     def _put_shm(self, args: dict, kv: torch.Tensor, nb: int) -> int | None:
         """Write into staged slots, then one ``put_shm``; None: send frames instead."""
