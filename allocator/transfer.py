@@ -108,7 +108,8 @@ def transfer(src: Arena, src_slots: Sequence[int], dst: Arena, dst_slots: Sequen
             src.read(src_slots, rows)
         expect = src_sums[src_slots] if src_sums is not None else None
         try:
-            dst.write(dst_slots, rows.to("cpu"), keys=keys, parents=parents, expect=expect)
+            extra = {"expect": expect} if expect is not None else {}
+            dst.write(dst_slots, rows.to("cpu"), keys=keys, parents=parents, **extra)
         except CorruptSlotError as exc:
             src_of = dict(zip(dst_slots, src_slots))
             raise CorruptSlotError([src_of[s] for s in exc.slots], str(exc)) from None
