@@ -19,6 +19,10 @@ tiers therefore bounds what is cached: what ``lookup`` reports is what survives 
 Every freed disk slot's header is zeroed (and synced with ``fsync="always"``) in every
 configuration with ``persist``, the disk-only one included, so nothing cleared comes back.
 
+A sidecar's put tier may own *spare* slots beyond its capacity that clients hold staged to
+write puts into (``Tier.spare``/``Tier.staged``): the cache itself never holds more than
+``capacity`` blocks there, so staging never shrinks it.
+
 Pinned blocks (being read) are never chosen as victims, and slots are reference counted,
 so even a ``clear`` cannot hand a slot being read to a writer.
 
