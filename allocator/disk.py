@@ -12,6 +12,14 @@ leaves either the old valid header or a header whose checksum does not match the
 The checksum is kept in memory too and verified on every read: a block is returned exactly
 as written or reported corrupt -- never silently wrong.
 
+Identity: the superblock records the exact namespace (and owner) the slab belongs to, and
+reopening it for another refuses (:class:`SlabIdentityError`): two names never share a slab.
+
+Files: the slab is opened relative to its directory's fd with ``O_NOFOLLOW`` (a planted
+symlink fails the open), must be a regular file with one link owned by us, and the
+directory must be writable by this user only (:mod:`allocator.fileops`). Nothing outside
+the directory is ever created, truncated or written.
+
 Persistence (``persist=True``): the headers are the index. On open the arena reads them all
 (one sequential read), keeps those whose own checksum and magic are valid, and resolves a
 key found in several slots by the highest generation. A freed slot's header is zeroed, so a
@@ -46,7 +54,7 @@ import torch
 import xxhash
 
 from allocator.arena import Arena, CorruptSlotError
-from allocator.fileops import FileOps
+from allocator.fileops import FileOps, UnsafePathError, check_private_file, open_private_dir
 
 PAGE = 4096
 HEADER_BYTES = 128
@@ -81,6 +89,14 @@ class SlabInUseError(OSError):
 
 class SlabMismatchError(ValueError):
     """An existing slab was made for another slot size or count."""
+
+
+class SlabIdentityError(SlabMismatchError):
+    """An existing slab belongs to another namespace or owner (``found`` says whose)."""
+
+    def __init__(self, message: str, found: dict) -> None:
+        super().__init__(message)
+        self.found = found
 
 
 def round_up(n: int, to: int) -> int:
@@ -133,7 +149,8 @@ class DiskArena(Arena):
 
     def __init__(self, path: str | Path, num_slots: int, slot_bytes: int, *, fsync: str = "never",
                  fsync_interval_s: float = 1.0, file_ops: FileOps | None = None,
-                 clock=time.monotonic, io_threads: int = 4, persist: bool = False) -> None:
+                 clock=time.monotonic, io_threads: int = 4, persist: bool = False,
+                 identity: dict | None = None) -> None:
         super().__init__(num_slots, slot_bytes)
         self.path = str(path)
         self.fsync = fsync
@@ -154,10 +171,21 @@ class DiskArena(Arena):
         self._superblock = json.dumps({"magic": SLAB_MAGIC, "version": VERSION, "num_slots": num_slots,
                                        "slot_bytes": slot_bytes, "stride": self.stride,
                                        "header_bytes": HEADER_BYTES, "header_offset": self.header_offset,
-                                       "data_offset": self.data_offset}).encode()
-        reopen = persist and os.path.exists(self.path) and os.path.getsize(self.path) > 0
-        self.fd = self.ops.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+                                       "data_offset": self.data_offset, **(identity or {})}).encode()
+        self._identity = dict(identity or {})
+        directory, name = os.path.split(os.path.abspath(self.path))
+        dir_fd = open_private_dir(directory)
         try:
+            self.fd = self.ops.open(name, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
+                                    dir_fd=dir_fd)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise UnsafePathError(f"{self.path} is a symbolic link; refusing to follow it") from None
+            raise
+        finally:
+            os.close(dir_fd)
+        try:
+            reopen = persist and check_private_file(self.fd, self.path).st_size > 0
             try:
                 fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as exc:
@@ -185,6 +213,10 @@ class DiskArena(Arena):
         except ValueError:
             raise SlabMismatchError(f"{self.path} is not a kvstore slab (bad superblock)") from None
         want = json.loads(self._superblock)
+        ident = {k: found.get(k) for k in self._identity}
+        if ident != self._identity or set(found) - set(want):
+            raise SlabIdentityError(f"slab {self.path} belongs to {ident or found}, not to {self._identity}",
+                                    {k: found.get(k) for k in found if k not in want or k in self._identity})
         if found != want:
             diff = {k: (found.get(k), v) for k, v in want.items() if found.get(k) != v}
             raise SlabMismatchError(f"slab {self.path} was made for another geometry {diff}; "
@@ -247,8 +279,14 @@ class DiskArena(Arena):
 
     # -- write -------------------------------------------------------------------------
     def write(self, slots: Sequence[int], src: torch.Tensor, keys: Sequence[bytes] | None = None,
-              kind: int = KIND_KV, parents: Sequence[bytes | None] | None = None) -> None:
-        """Write rows, then their headers, then sync per the fsync policy."""
+              kind: int = KIND_KV, parents: Sequence[bytes | None] | None = None,
+              expect: Sequence[int] | None = None) -> None:
+        """Write rows, then their headers, then sync per the fsync policy.
+
+        ``expect``: the checksums the rows must have (a source arena's record, e.g. a shared
+        slot a client could have written). Rows that differ get no header -- their slots
+        stay empty -- and :class:`CorruptSlotError` names them after the others are written.
+        The check is free: the checksum is computed for the header anyway."""
         self._check_batch(slots, src)
         if not len(slots):
             return
@@ -267,12 +305,16 @@ class DiskArena(Arena):
                 raise OSError(f"short write to {self.path}: {done} of {want} bytes at offset {offset}")
 
         list(self._pool.map(do, self._chunks(slots)))
+        bad = [] if expect is None else [i for i in range(len(slots)) if int(sums[i]) != int(expect[i])]
+        bad_set = set(bad)
         with self._gen_lock:
             gen0 = self._generation + 1
             self._generation += len(slots)
         order = sorted(range(len(slots)), key=slots.__getitem__)
         headers = bytearray(HEADER_BYTES * len(slots))  # in slot order: runs are contiguous
         for j, i in enumerate(order):
+            if bad and i in bad_set:
+                continue  # a zero header: the slot stays empty
             key = keys[i] if keys is not None else b"\0" * 16
             parent = parents[i] if parents is not None and parents[i] is not None else _NO_PARENT
             h = _HEADER.pack(MAGIC, VERSION, kind, 0, gen0 + i, key.ljust(16, b"\0")[:16], parent,
@@ -285,8 +327,13 @@ class DiskArena(Arena):
         for start, end in _runs(sorted_slots):
             self.ops.pwrite(self.fd, mv[start * HEADER_BYTES:end * HEADER_BYTES],
                             self.header_offset + sorted_slots[start] * HEADER_BYTES)
+        if bad:
+            sums[bad] = 0
         self._checksums[slots] = sums
         self._maybe_sync()
+        if bad:
+            raise CorruptSlotError([slots[i] for i in bad], f"{len(bad)} row(s) written to {self.path} did not "
+                                   "match their source's checksum; their slots were left empty")
 
     def _maybe_sync(self) -> None:
         if self.fsync == "always":
@@ -334,11 +381,14 @@ class DiskArena(Arena):
     def invalidate(self, slots: Sequence[int]) -> None:
         """Zero the headers of freed slots so a restart does not resurrect their blocks."""
         slots = sorted(slots)
+        if not slots:
+            return
         zero = bytes(HEADER_BYTES * len(slots))
         for start, end in _runs(slots):
             self.ops.pwrite(self.fd, zero[: (end - start) * HEADER_BYTES],
                             self.header_offset + slots[start] * HEADER_BYTES)
         self._checksums[slots] = 0
+        self._maybe_sync()  # with fsync="always" a clear is as durable as a put
 
     def drop_page_cache(self) -> None:
         """Flush and drop this file's pages from the OS cache (cold reads for benchmarks)."""

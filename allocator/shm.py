@@ -8,16 +8,32 @@ creator can unlink the name at once when it closes while mapped clients keep the
 
 The file is fully allocated up front (``posix_fallocate``): a sparse tmpfs file that runs
 out of room later would kill a reader with SIGBUS instead of failing here, at creation.
+
+Identity and integrity. Every arena has a random 63-bit ``ident`` (its generation): a
+client's mapping is only used while the server names that same ident, so a client holding
+a mapping of an arena that was replaced (a sidecar restart) gets an error, never a silent
+write into unlinked memory. Because other processes can write a shared slot at any time (a
+late writer, a hostile process of the same uid), the arena keeps the xxh3-64 of each slot's
+intended bytes (``checksums``), computed from the writer's private source -- by
+:meth:`write` here, or by a client and handed over with its put -- and every read copies
+first and verifies the private copy: a slot someone scribbled on reads as corrupt, never
+as other bytes. File names are random (``kvstore-<pid>-<32 hex>.shm``, mode 0600): they
+say nothing about which namespace they hold.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 import os
 from pathlib import Path
 import secrets
 
+import numpy as np
 import torch
 
+from allocator.arena import CorruptSlotError
+from allocator.checksum import digests, digests_beside
 from allocator.memory import MemoryArena
 
 
@@ -31,12 +47,15 @@ class ShmArena(MemoryArena):
     kind = "shm"
 
     def __init__(self, num_slots: int, slot_bytes: int, directory: str | os.PathLike = "/dev/shm",
-                 prefix: str = "kvstore") -> None:
+                 prefix: str = "kvstore", ident: int | None = None) -> None:
         # Deliberately not calling MemoryArena.__init__: the tensor comes from the file.
         super(MemoryArena, self).__init__(num_slots, slot_bytes)
         directory = Path(directory)
         size = num_slots * slot_bytes
-        self.path = str(directory / f"{prefix}-{os.getpid()}-{secrets.token_hex(8)}.shm")
+        self.path = str(directory / f"{prefix}-{os.getpid()}-{secrets.token_hex(16)}.shm")
+        self.ident = ident if ident is not None else secrets.randbits(63) or 1
+        self.checksums = np.zeros(num_slots, dtype=np.uint64)
+        self._hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvstore-shm-digest")
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             if size:
@@ -51,10 +70,48 @@ class ShmArena(MemoryArena):
         self._owner_pid = os.getpid()
 
     def describe(self) -> dict:
-        """What a client needs to map this arena: path and geometry."""
-        return {"path": self.path, "num_slots": self.num_slots, "slot_bytes": self.slot_bytes}
+        """What a client needs to map this arena: path, geometry and identity."""
+        return {"path": self.path, "num_slots": self.num_slots, "slot_bytes": self.slot_bytes, "ident": self.ident}
+
+    # -- integrity ---------------------------------------------------------------------
+    def write(self, slots: Sequence[int], src: torch.Tensor) -> None:
+        """Copy ``src`` in and record its checksums, hashed from ``src`` beside the copy."""
+        self._check_batch(slots, src)
+        if not len(slots):
+            return
+        sums = digests_beside(src, lambda: MemoryArena.write(self, slots, src), self._hasher)
+        self.checksums[list(slots)] = sums
+
+    def set_checksums(self, slots: Sequence[int], sums: np.ndarray) -> None:
+        """Record what a client wrote into ``slots`` (its own hashes of its own source)."""
+        self.checksums[list(slots)] = sums
+
+    def read(self, slots: Sequence[int], out: torch.Tensor) -> None:
+        """Copy out, then verify the private copy; raises :class:`CorruptSlotError` naming
+        the slots whose bytes are not what their writer stored (the other rows are valid)."""
+        MemoryArena.read(self, slots, out)
+        if len(slots):
+            self.check(slots, digests(out))
+
+    def check(self, slots: Sequence[int], sums: np.ndarray) -> None:
+        """Raise :class:`CorruptSlotError` for the slots whose ``sums`` (of a private copy)
+        differ from the recorded checksums. O(len(slots))."""
+        slots = list(slots)
+        bad = [s for s, got in zip(slots, sums) if int(got) != int(self.checksums[s])]
+        if bad:
+            raise CorruptSlotError(bad, f"{len(bad)} shared slot(s) changed after they were written: {bad[:8]}")
+
+    def verify(self, slots: Sequence[int]) -> list[int]:
+        """Slots whose current shared bytes fail their checksum (hashes the slots in place:
+        only for an error path, as another writer may change them meanwhile). O(bytes)."""
+        slots = list(slots)
+        if not slots:
+            return []
+        got = digests(self.data[slots] if len(slots) > 1 else self.data[slots[0]:slots[0] + 1])
+        return [s for s, g in zip(slots, got) if int(g) != int(self.checksums[s])]
 
     def close(self) -> None:
+        self._hasher.shutdown(wait=False)
         super().close()
         if os.getpid() == self._owner_pid:
             try:

@@ -14,7 +14,10 @@ import threading
 
 import torch
 
-from allocator.arena import Arena
+import numpy as np
+
+from allocator.arena import Arena, CorruptSlotError
+from allocator.checksum import digests
 from allocator.disk import DiskArena, _runs
 from allocator.memory import MemoryArena
 
@@ -81,7 +84,14 @@ def transfer(src: Arena, src_slots: Sequence[int], dst: Arena, dst_slots: Sequen
              keys: Sequence[bytes] | None = None, parents: Sequence[bytes | None] | None = None) -> None:
     """Copy ``src_slots[i]`` of ``src`` into ``dst_slots[i]`` of ``dst``. O(bytes).
 
-    ``keys``/``parents`` name the blocks for a disk destination's slot headers."""
+    ``keys``/``parents`` name the blocks for a disk destination's slot headers.
+
+    Checksummed arenas (shared memory, whose slots other processes can write): a copy
+    carries the source's recorded checksums along (a row that was scribbled on stays
+    detectable wherever it goes); a disk destination checks them against the checksum it
+    computes anyway and leaves such rows unwritten; a destination without checksums is
+    verified after the copy. Either way :class:`CorruptSlotError` names the *source* slots
+    whose bytes failed (the other rows were moved)."""
     if len(src_slots) != len(dst_slots):
         raise ValueError("transfer needs as many destination slots as source slots")
     if src.slot_bytes != dst.slot_bytes:
@@ -89,13 +99,20 @@ def transfer(src: Arena, src_slots: Sequence[int], dst: Arena, dst_slots: Sequen
     if not len(src_slots):
         return
     src_slots, dst_slots = list(src_slots), list(dst_slots)
+    src_sums: np.ndarray | None = getattr(src, "checksums", None)
     if isinstance(dst, DiskArena):
         if isinstance(src, MemoryArena):
             rows = _rows(src, src_slots)
         else:
             rows = torch.empty((len(src_slots), src.slot_bytes), dtype=torch.uint8)
             src.read(src_slots, rows)
-        dst.write(dst_slots, rows.to("cpu"), keys=keys, parents=parents)
+        expect = src_sums[src_slots] if src_sums is not None else None
+        try:
+            extra = {"expect": expect} if expect is not None else {}
+            dst.write(dst_slots, rows.to("cpu"), keys=keys, parents=parents, **extra)
+        except CorruptSlotError as exc:
+            src_of = dict(zip(dst_slots, src_slots))
+            raise CorruptSlotError([src_of[s] for s in exc.slots], str(exc)) from None
         return
     if not isinstance(dst, MemoryArena):
         raise TypeError(f"unsupported destination arena {type(dst).__name__}")
@@ -126,3 +143,14 @@ def transfer(src: Arena, src_slots: Sequence[int], dst: Arena, dst_slots: Sequen
                 out.copy_(staging, non_blocking=True)
     if dst.device.type == "cuda" or getattr(src, "device", torch.device("cpu")).type == "cuda":
         torch.cuda.synchronize()
+    dst_sums: np.ndarray | None = getattr(dst, "checksums", None)
+    if dst_sums is not None:
+        if src_sums is not None:
+            dst_sums[dst_slots] = src_sums[src_slots]
+        else:  # a private source: these fresh slots hold what it held
+            dst_sums[dst_slots] = digests(dst.data[dst_slots])
+    elif src_sums is not None:
+        got = digests(dst.data[dst_slots])
+        bad = [s for s, g, want in zip(src_slots, got, src_sums[src_slots]) if int(g) != int(want)]
+        if bad:
+            raise CorruptSlotError(bad, f"{len(bad)} shared slot(s) failed their checksum while moved: {bad[:8]}")

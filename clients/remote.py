@@ -3,8 +3,16 @@
 Data plane: when the sidecar is on this host (its host id matches ours and its shared
 arenas can be mapped), ``get`` copies KV straight out of the shared host tier into the
 result (one copy) and ``put`` copies it straight in (one copy): the sidecar only moves slot
-numbers. Otherwise, or when the shared tier cannot serve a request (blocks on disk, no
-room), KV travels as raw ZeroMQ frames, sent without a copy.
+numbers (see :mod:`kvstore.sidecar.shm_plane`). A put writes into slots this client holds
+staged ahead of time and sends one ``put_shm`` (one round trip; the reply tops the staged
+slots up), with the xxh3 of each block hashed from our own KV beside the copy. A get copies
+the leased slots out, verifies the copy against the checksums in the reply (a block that
+fails is reported and raises ``BlockNotFoundError``, never returns other bytes) and sends
+its ``release`` without waiting for the answer. Every reply that names slots names the
+arenas' identity; a mismatch with our mapping (the sidecar restarted) makes us map again
+and redo the call, never write into an arena nobody reads. Otherwise, or when the shared
+tier cannot serve a request (blocks on disk, no room), KV travels as raw ZeroMQ frames,
+sent without a copy.
 
 Failure handling: every request has a deadline. On timeout the socket is closed with
 ``LINGER=0`` (its queued messages are dropped) and a fresh one connects; idempotent ops
@@ -25,18 +33,21 @@ Not safe to share between threads without care: calls are serialised by a lock.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
 import itertools
 import os
 import threading
 import time
 from typing import Any
 
+import numpy as np
 import torch
 import zmq
 
+from allocator.checksum import digests, digests_beside, from_wire, to_wire
 from allocator.memory import default_device
 from allocator.shm import map_shared
-from kvstore.errors import ConfigError, StoreClosedError
+from kvstore.errors import BlockNotFoundError, ConfigError, StoreClosedError
 from kvstore.hashing import tokens_to_array
 from kvstore.layout import ModelLayout
 from kvstore.sidecar.procinfo import self_identity
@@ -44,6 +55,7 @@ from kvstore.sidecar.protocol import (IDEMPOTENT, MAGIC, VERSION, ProtocolError,
                               UnknownLeaseError, UnknownNamespaceError, VersionMismatchError, check_act, check_kv,
                               error_from_reply, request_frames, tensor_desc, tensor_frame, tensor_from_frame,
                               unpack)
+from kvstore.sidecar.protocol import RemoteError, StaleArenaError
 from kvstore.sidecar.security import CurveKeys, apply_client_curve, load_keys
 from kvstore.sidecar.server import host_id
 
@@ -125,6 +137,15 @@ class RemoteClient:
         self._lock = threading.RLock()
         self._closed = False
         self._rows: list[torch.Tensor] = []  # mapped shared segments as [slots, L, 2, bt, H, D]
+        self._idents: list[int] = []  # identity of each mapped segment (the server's generation)
+        self._staged: list[int] = []  # free slots of segment ``_stage_seg`` held for our puts
+        self._stage_seg = 0
+        self._stage_claim: int | None = None
+        self._staged_at = 0.0  # when the sidecar last confirmed our staged slots
+        # hashes a put's source beside its copy and a get's copy piece by piece (xxh3
+        # releases the GIL)
+        self._hash_parts = max(1, min(4, (os.cpu_count() or 2) - 1))
+        self._hasher = ThreadPoolExecutor(max_workers=self._hash_parts, thread_name_prefix="kvstore-client-digest")
         self.server_info: dict = {}
         self.lease_timeout_s = 30.0
         try:
@@ -221,18 +242,35 @@ class RemoteClient:
         self._map_shm(result.get("shm"))
 
     def _map_shm(self, shm: dict | None) -> None:
-        self._rows = []
+        self._rows, self._idents = [], []
+        self._staged, self._stage_claim = [], None  # slots of arenas we no longer map
         if self._want_shm is False or not shm or shm.get("host") != host_id():
             return
         L, H, D = self.layout.num_layers, self.layout.num_kv_heads, self.layout.head_dim
-        rows = []
+        rows, idents = [], []
         try:
             for seg in shm["segments"]:
                 data = map_shared(seg["path"], seg["num_slots"], seg["slot_bytes"])
                 rows.append(data.view(self.layout.dtype).view(seg["num_slots"], L, 2, self.block_tokens, H, D))
-        except (OSError, KeyError, TypeError, RuntimeError):
+                idents.append(int(seg["ident"]))
+        except (OSError, KeyError, TypeError, ValueError, RuntimeError):
             return  # not mappable here: fall back to frames
-        self._rows = rows
+        self._rows, self._idents = rows, idents
+
+    def _remap(self) -> None:
+        """The server names other arenas than we mapped (it restarted): join and map again."""
+        self._hello(self.connect_timeout)
+
+    def _send_oneway(self, op: str, args: dict) -> None:
+        """Send a request whose reply we do not wait for (it is skipped when it arrives)."""
+        with self._lock:
+            if self._closed or self._sock is None:
+                return
+            try:
+                self._sock.send_multipart(request_frames(next(self._ids), op, args, int(self.timeout * 1000)),
+                                          copy=False, flags=zmq.NOBLOCK)
+            except zmq.ZMQError:
+                pass  # the claim expires on the server anyway
 
     @property
     def uses_shm(self) -> bool:
@@ -271,35 +309,58 @@ class RemoteClient:
         result, _ = self._request("put", args, frames)
         return int(result)
 
+    def _stage(self, nb: int) -> None:
+        """Hold at least ``nb`` staged slots (one extra round trip: first or larger put)."""
+        args = {"ns": self.namespace, "blocks": nb, "owner": self._owner}
+        if self._stage_claim is not None:
+            args["claim"] = self._stage_claim
+        res, _ = self._request("stage", args)
+        if res.get("mode") != "shm":
+            self._staged = []
+            return
+        if res.get("arena") != self._idents:
+            self._remap()
+            return
+        self._stage_claim, self._stage_seg = res["claim"], res["seg"]
+        self._set_staged(res["slots"])
+
+    def _set_staged(self, slots: list[int]) -> None:
+        """Record our staged slots (as the sidecar last confirmed them)."""
+        self._staged = list(slots)
+        self._staged_at = time.monotonic()
+
     def _put_shm(self, args: dict, kv: torch.Tensor, nb: int) -> int | None:
-        """reserve -> write into the shared slots -> commit; None: the sidecar wants frames."""
-        t0 = time.monotonic()
-        res, _ = self._request("reserve", {**args, "owner": self._owner})
-        if res["mode"] == "done":
-            return int(res["tokens"])
-        if res["mode"] != "shm":
-            return None
-        claim = res["claim"]
-        bt = self.block_tokens
-        try:
-            # A sidecar that cannot check our liveness reclaims on the timeout alone: then a
-            # reservation this old is not safe to write into (the slots may be reassigned).
-            if not self._owner_checked and time.monotonic() - t0 > self.lease_timeout_s / 2:
-                raise TimeoutError("reservation too old to write safely")
+        """Write into staged slots, then one ``put_shm``; None: send frames instead."""
+        with self._lock:
+            # A sidecar that cannot check our liveness reclaims staged slots on the timeout
+            # alone: slots staged that long ago may be another block's now, so stage anew.
+            if not self._owner_checked and time.monotonic() - self._staged_at > self.lease_timeout_s / 2:
+                self._staged, self._stage_claim = [], None
+            if len(self._staged) < nb:
+                self._stage(nb)
+                if len(self._staged) < nb or not self._rows:
+                    return None
+            slots = self._staged[:nb]
+            bt = self.block_tokens
             kv6 = kv.detach()[:, :, :nb * bt].unflatten(2, (nb, bt)).permute(2, 0, 1, 3, 4, 5)
-            for pos, seg, slot, k in _runs([tuple(b) for b in res["blocks"]]):
-                self._rows[seg][slot:slot + k].copy_(kv6[pos:pos + k])
-        except BaseException:
+            rows = self._rows[self._stage_seg]
+
+            def copy() -> None:
+                for pos, _, slot, k in _runs([(i, 0, s) for i, s in enumerate(slots)]):
+                    rows[slot:slot + k].copy_(kv6[pos:pos + k])
+
+            sums = digests_beside(kv6, copy, self._hasher, self._hash_parts)
             try:
-                self._request("release", {"claim": claim})
-            except Exception:  # the reservation expires on the server anyway
-                pass
-            raise
-        try:
-            result, _ = self._request("commit", {"claim": claim})
-        except UnknownLeaseError:
-            return None  # reclaimed while we wrote (we stalled): send the bytes instead
-        return int(result)
+                res, _ = self._request("put_shm", {**args, "claim": self._stage_claim, "slots": slots,
+                                                   "sums": to_wire(sums), "arena": self._idents})
+            except StaleArenaError:
+                self._remap()
+                return None
+            except UnknownLeaseError:
+                self._staged, self._stage_claim = [], None  # reclaimed or the sidecar restarted
+                return None
+            self._set_staged(res["slots"])
+            return int(res["tokens"])
 
     def lookup(self, tokens: Any) -> int:
         """Cached prefix length in tokens (a multiple of block_tokens)."""
@@ -315,14 +376,12 @@ class RemoteClient:
         out_device = torch.device(device) if device is not None else self.device
         if self._rows:
             result, frames = self._request("get", {**args, "shm": True, "owner": self._owner})
+            if result["mode"] == "shm" and result.get("arena") != self._idents:
+                self._send_oneway("release", {"claim": result["claim"]})
+                self._remap()  # a stale mapping: map the current arenas, then read again
+                result, frames = self._request("get", {**args, "shm": bool(self._rows), "owner": self._owner})
             if result["mode"] == "shm":
-                out = self._copy_out(result["blocks"], out_device)
-                try:
-                    self._request("release", {"claim": result["claim"]})
-                    return out
-                except UnknownLeaseError:
-                    pass  # reclaimed while we copied: the bytes may be stale, ask for frames
-                result, frames = self._request("get", args)
+                return self._copy_verified(result, out_device)
         else:
             result, frames = self._request("get", args)
         if len(frames) != 1:
@@ -330,13 +389,35 @@ class RemoteClient:
         kv = tensor_from_frame(frames[0], result["kv"])
         return kv.to(out_device)
 
-    def _copy_out(self, blocks: list, device: torch.device) -> torch.Tensor:
-        nb, bt = len(blocks), self.block_tokens
-        lay = self.layout
+    def _copy_verified(self, result: dict, device: torch.device) -> torch.Tensor:
+        """Copy a lease's blocks out, verify our copy against the reply's checksums, release.
+
+        Raises ``BlockNotFoundError`` (after telling the sidecar, which drops them) when a
+        block's bytes changed after they were written. O(bytes)."""
+        blocks = result["blocks"]
+        nb, bt, lay = len(blocks), self.block_tokens, self.layout
         out = torch.empty(lay.kv_shape(nb * bt), dtype=lay.dtype, device=device)
         out6 = out.view(lay.num_layers, 2, nb, bt, lay.num_kv_heads, lay.head_dim).permute(2, 0, 1, 3, 4, 5)
-        for pos, seg, slot, k in _runs([(i, seg, slot) for i, (seg, slot) in enumerate(blocks)]):
-            out6[pos:pos + k].copy_(self._rows[seg][slot:slot + k])
+        want = from_wire(result["sums"], nb)
+        # Pipelined: each piece is hashed on the pool while the next one is copied, so the
+        # verification adds about one piece's hash to the copy, not a second pass.
+        pieces = max(1, min(nb, 4 * self._hash_parts)) if device.type == "cpu" else 1
+        bounds = [nb * i // pieces for i in range(pieces + 1)]
+        futs = []
+        for a, b in zip(bounds, bounds[1:]):
+            for pos, seg, slot, k in _runs([(i, blocks[i][0], blocks[i][1]) for i in range(a, b)]):
+                out6[pos:pos + k].copy_(self._rows[seg][slot:slot + k])
+            futs.append(self._hasher.submit(digests, out6[a:b]) if pieces > 1 else None)
+        got = np.concatenate([f.result() for f in futs]) if pieces > 1 else digests(out6)
+        bad = [int(i) for i in (got != want).nonzero()[0]]
+        if bad:
+            try:
+                self._request("release", {"claim": result["claim"], "corrupt": bad})
+            except RemoteError:  # reclaimed meanwhile: the sidecar finds them on its own reads
+                pass
+            raise BlockNotFoundError(f"{len(bad)} block(s) changed in shared memory after they were written "
+                                     "and were dropped; recompute them")
+        self._send_oneway("release", {"claim": result["claim"]})
         return out
 
     def stats(self) -> dict:
@@ -376,9 +457,19 @@ class RemoteClient:
             self._teardown()
 
     def _teardown(self) -> None:
+        linger = 0
+        if self._stage_claim is not None and self._sock is not None:
+            try:  # give our staged slots back now rather than at the lease timeout
+                self._sock.send_multipart(request_frames(next(self._ids), "release", {"claim": self._stage_claim},
+                                                         1000), flags=zmq.NOBLOCK)
+                linger = 200  # long enough for a local sidecar to receive it
+            except zmq.ZMQError:
+                pass
+        self._stage_claim, self._staged = None, []
+        self._hasher.shutdown(wait=False)
         self._rows = []
         if self._sock is not None:
-            self._sock.setsockopt(zmq.LINGER, 0)
+            self._sock.setsockopt(zmq.LINGER, linger)
             self._sock.close()
             self._sock = None
         self._ctx.term()

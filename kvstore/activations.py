@@ -26,8 +26,8 @@ class ActDiskArena(DiskArena):
     """
 
     def write(self, slots: Sequence[int], src: torch.Tensor, keys: Sequence[bytes] | None = None,
-              kind: int = KIND_ACT, parents: Sequence[bytes | None] | None = None) -> None:
-        super().write(slots, src, keys=keys, kind=KIND_ACT, parents=parents)
+              kind: int = KIND_ACT, parents: Sequence[bytes | None] | None = None, expect=None) -> None:
+        super().write(slots, src, keys=keys, kind=KIND_ACT, parents=parents, expect=expect)
 
 
 def keeps_activations(mode: str, act_blocks: int, block_index: int) -> bool:

@@ -11,6 +11,10 @@ class ConfigError(KVStoreError, ValueError):
     """The configuration cannot work (capacity below one block, unwritable disk path...)."""
 
 
+class NamespaceOwnerError(ConfigError, PermissionError):
+    """The namespace's persisted data belongs to another owner (authenticated identity)."""
+
+
 class InvalidInputError(KVStoreError, ValueError):
     """A call's arguments are malformed: wrong dtype, shape, length, token type..."""
 

@@ -22,10 +22,14 @@ KEY_BYTES = 16
 _INT32_MIN, _INT32_MAX = -(2**31), 2**31 - 1
 
 
-def namespace_salt(namespace: str, layout_desc: str = "", block_tokens: int = 0) -> bytes:
-    """A 64-byte BLAKE2b key naming (namespace, layout, block size)."""
+def namespace_salt(namespace: str, layout_desc: str = "", block_tokens: int = 0,
+                   owner: str | None = None) -> bytes:
+    """A 64-byte BLAKE2b key naming (namespace, layout, block size[, owner]): a namespace
+    owned by an authenticated identity has keys no other owner's store can produce."""
     h = hashlib.blake2b(digest_size=64, person=b"kvstore-ns-v1")
     h.update(f"{namespace}\x00{layout_desc}\x00{block_tokens}".encode())
+    if owner is not None:
+        h.update(b"\x00owner\x00" + owner.encode())
     return h.digest()
 
 

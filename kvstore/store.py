@@ -8,6 +8,7 @@ stall other callers), then takes the lock again to unpin and promote.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+import hashlib
 import logging
 import os
 from pathlib import Path
@@ -22,12 +23,14 @@ import numpy as np
 import torch
 
 from allocator import CorruptSlotError, DiskArena, FileOps, MemoryArena, default_device, slots_for_bytes
-from allocator.disk import KIND_ACT, KIND_KV, SlabInUseError, SlabMismatchError, slab_file_bytes
+from allocator.disk import KIND_ACT, KIND_KV, SlabIdentityError, SlabInUseError, SlabMismatchError, slab_file_bytes
+from allocator.fileops import UnsafePathError
 from eviction import make_policy
 from kvstore.activations import ActDiskArena, put_forms
 from kvstore.config import TIERS, StoreConfig
 from kvstore.restore.costmodel import ComputeCost, CostModel, CostProfile, LinkCost
-from kvstore.errors import (BlockNotFoundError, ConfigError, InvalidInputError, StoreClosedError)
+from kvstore.errors import (BlockNotFoundError, ConfigError, InvalidInputError, NamespaceOwnerError,
+                            StoreClosedError)
 from kvstore.restore.executor import Executor, Recomputer, Source, Timings
 from kvstore.hashing import block_keys, namespace_salt, tokens_to_array
 from kvstore.layout import ModelLayout
@@ -39,6 +42,16 @@ from kvstore.tiers import BlockEntry, Tier, TierManager
 log = logging.getLogger(__name__)
 
 TokensLike = Sequence[int] | np.ndarray | torch.Tensor
+
+
+def slab_filename(namespace: str, form: str) -> str:
+    """The slab file of ``namespace``'s ``form`` ("kv" / "act"): a readable escape of the
+    name plus a hash of the exact name, so two names never share a file (``a/b`` and ``a_b``,
+    two non-ASCII names, two long names with one start). The slab also records the exact
+    name and refuses another. O(len(namespace))."""
+    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", namespace)[:48]
+    digest = hashlib.sha256(namespace.encode("utf-8", "surrogatepass")).hexdigest()[:20]
+    return f"{safe}-{digest}-{form}.slab"
 
 
 #: Planning without activations: only the KV route exists, so the costs are irrelevant.
@@ -65,7 +78,11 @@ class KVStore:
 
     def __init__(self, config: StoreConfig, *, clock=time.monotonic, arena_factory=None,
                  file_ops: FileOps | None = None, adapter: Recomputer | None = None,
-                 cost_model: CostModel | None = None) -> None:
+                 cost_model: CostModel | None = None, owner: str | None = None) -> None:
+        # ``owner``: the authenticated identity (a CurveZMQ key name) this namespace belongs to.
+        # It is recorded in the slabs (a restart reopens them for that owner only) and salts
+        # the block keys, so ownership lives with the data, not in a server's memory.
+        self.owner = owner
         self._file_ops = file_ops  # injectable disk operations (fault-injection tests)
         self._arena_factory = arena_factory  # sidecar: (tier, num_slots, slot_bytes, device) -> Arena
         if config.layout is None:
@@ -77,7 +94,7 @@ class KVStore:
         self._block_shape = (self.layout.num_layers, 2, self.block_tokens, self.layout.num_kv_heads,
                              self.layout.head_dim)
         self._salt = namespace_salt(config.namespace, repr(sorted(self.layout.to_dict().items())),
-                                    self.block_tokens)
+                                    self.block_tokens, owner=owner)
         self._lock = threading.RLock()
         self._closed = False
         self._remote: RemoteTier | None = None  # the shared tier below disk (kvstore.remote_tier)
@@ -148,11 +165,15 @@ class KVStore:
             else:
                 dev = self.device if name == "device" else torch.device("cpu")
                 arena = self._make_memory_arena(name, capacity // self.block_bytes, dev)
+            # a sidecar's shared arena may hold spare slots beyond the cache (staging for puts)
+            cache_slots = arena.num_slots if name == "disk" else min(arena.num_slots, capacity // slot)
             try:
-                policy = make_policy(cfg.policy_for(name), arena.num_slots)
+                policy = make_policy(cfg.policy_for(name), cache_slots)
             except ValueError as exc:
                 raise ConfigError(str(exc)) from None
-            tiers.append(Tier(name, arena, policy))
+            tier = Tier(name, arena, policy)
+            tier.spare = arena.num_slots - cache_slots
+            tiers.append(tier)
         if not tiers:
             raise ConfigError("every tier is disabled: set device_bytes, host_bytes or disk_bytes" if form == "kv"
                               else f"act_share={cfg.act_share} leaves no tier room for one activation block "
@@ -181,16 +202,26 @@ class KVStore:
             raise ConfigError(f"disk_bytes={capacity} is below one block on disk "
                               f"({slab_file_bytes(1, slot)} bytes with header and alignment)")
         need = slab_file_bytes(num_slots, slot)
-        safe_ns = re.sub(r"[^A-Za-z0-9_.-]", "_", cfg.namespace)[:64]
-        path = directory / f"{safe_ns}-{form}.slab"
-        existing = path.stat().st_size if path.exists() else 0
+        path = directory / slab_filename(cfg.namespace, form)
+        try:
+            existing = path.lstat().st_size
+        except FileNotFoundError:
+            existing = 0
         free = shutil.disk_usage(directory).free + existing
         if free < need:
             raise ConfigError(f"disk_path {directory} has {free} bytes free; disk_bytes needs {need}")
         try:
             cls = DiskArena if form == "kv" else ActDiskArena
             return cls(path, num_slots, slot, fsync=cfg.fsync, fsync_interval_s=cfg.fsync_interval_s,
-                       persist=cfg.persist, file_ops=self._file_ops)
+                       persist=cfg.persist, file_ops=self._file_ops,
+                       identity={"namespace": cfg.namespace, "owner": self.owner})
+        except SlabIdentityError as exc:
+            if exc.found.get("namespace") == cfg.namespace:
+                raise NamespaceOwnerError(f"namespace {cfg.namespace[:100]!r} on disk belongs to another owner; "
+                                          "it is not opened for this one") from None
+            raise ConfigError(f"{exc} (delete the file or use another disk_path)") from None
+        except UnsafePathError as exc:
+            raise ConfigError(f"refusing slab {path}: {exc}") from None
         except SlabInUseError as exc:
             raise ConfigError(f"{exc.strerror}: each store needs its own disk_path") from None
         except SlabMismatchError as exc:
@@ -575,9 +606,10 @@ class KVStore:
         for tier in manager.tiers:
             c = tier.counters
             tiers[tier.name] = {
-                "capacity_blocks": tier.pool.num_slots, "used_blocks": tier.pool.used_count,
-                "capacity_bytes": tier.pool.num_slots * slot_bytes,
-                "used_bytes": tier.pool.used_count * slot_bytes,
+                "capacity_blocks": tier.capacity, "used_blocks": tier.pool.used_count - tier.staged,
+                "capacity_bytes": tier.capacity * slot_bytes,
+                "used_bytes": (tier.pool.used_count - tier.staged) * slot_bytes,
+                "staged_blocks": tier.staged,
                 "policy": tier.policy.name, "device": str(tier.arena.device) if not tier.is_disk else "disk",
                 "hits": c.hits, "evictions": c.evictions, "demotions_in": c.demotions_in,
                 "promotions_in": c.promotions_in, "drops": c.drops,
@@ -605,6 +637,7 @@ class KVStore:
                 "promotions": total("promotions_in"),
                 "dropped": total("drops"), "orphans_dropped": self._tiers.orphans_dropped,
                 "tiers": tiers, **extra,
+                "corrupt_blocks": self._counters["corrupt_blocks"] + self._tiers.corrupt_dropped,
                 **({"remote": self._remote.stats()} if self._remote is not None else {}),
             }
 
@@ -862,15 +895,22 @@ class KVStore:
                 res.cached = self._cached_blocks(keys) * self.block_tokens
             return res
 
-    def commit(self, res: "KVStore.Reservation") -> int:
+    def commit(self, res: "KVStore.Reservation", sums: np.ndarray | None = None) -> int:
         """Make a reservation's written blocks visible; returns the cached prefix length in
-        tokens, like ``put``. Blocks someone else committed meanwhile are freed. O(blocks)."""
+        tokens, like ``put``. Blocks someone else committed meanwhile are freed. O(blocks).
+
+        ``sums``: the writer's checksums of what it wrote into ``res.slots`` (required when
+        the tier's arena keeps checksums: other processes can write shared slots)."""
         with self._lock:
             if res.done:
                 return res.cached
-            res.done = True
             tiers, index = self._tiers, self._tiers.index
             tier = tiers.tiers[res.tier]
+            if hasattr(tier.arena, "set_checksums"):
+                if sums is None or len(sums) != len(res.slots):
+                    raise InvalidInputError(f"commit needs the checksums of the {len(res.slots)} written slot(s)")
+                tier.arena.set_checksums(res.slots, sums)
+            res.done = True
             fresh: list[int] = []
             for i, slot in zip(res.positions, res.slots):
                 if res.keys[i] in index or self._closed:  # someone else committed it meanwhile
@@ -884,13 +924,112 @@ class KVStore:
             new = set(res.positions)
             self._tiers.touch([index[k] for i, k in enumerate(res.keys) if i not in new and k in index])
             res.cached = self._cached_blocks(res.keys) * self.block_tokens
-            rows = None
-            if self._remote is not None and fresh:  # what a client wrote in place goes remote too
-                rows = torch.empty((len(fresh), *self._block_shape), dtype=self.layout.dtype)
-                tier.arena.read([slot_of[i] for i in fresh], rows)
+            rows = self._rows_for_remote(tier, [slot_of[i] for i in fresh])
         if rows is not None:
             self._remote.put([res.keys[i] for i in fresh], rows)
         return res.cached
+
+    def _rows_for_remote(self, tier: Tier, slots: list[int]) -> torch.Tensor | None:
+        """A private, checked copy of what a client wrote in place into ``slots``, for the
+        remote tier (None without one, or when the bytes already fail their checksums: those
+        blocks are caught and dropped on their first read). Under the lock. O(bytes)."""
+        if self._remote is None or not slots:
+            return None
+        rows = torch.empty((len(slots), *self._block_shape), dtype=self.layout.dtype)
+        try:
+            tier.arena.read(slots, rows)
+        except CorruptSlotError:
+            return None
+        return rows
+
+    # -- staging: slots a client holds ahead of its puts (one round trip per put) -------
+    def stage(self, tier: int, n: int) -> list[int]:
+        """Lend up to ``n`` of tier ``tier``'s spare slots (beyond the cache's capacity) to a
+        client to write into before it names them in :meth:`put_staged`. O(n)."""
+        self._check_open()
+        with self._lock:
+            self._check_open()
+            t = self._tiers.tiers[tier]
+            got = min(n, t.spare - t.staged, t.pool.free_count)
+            if got <= 0:
+                return []
+            t.staged += got
+            return t.pool.allocate_many(got)
+
+    def staging_spare(self, tier: int) -> int:
+        """How many slots of tier ``tier`` can be lent as staging (beyond its capacity)."""
+        return self._tiers.tiers[tier].spare
+
+    def unstage(self, tier: int, slots: Sequence[int]) -> None:
+        """Give staged slots back (a client that closed, died or went stale). O(len(slots))."""
+        with self._lock:
+            t = self._tiers.tiers[tier]
+            t.pool.free_many(slots)
+            t.staged -= len(slots)
+
+    def put_staged(self, tokens: TokensLike, tier: int, slots: Sequence[int],
+                   sums: np.ndarray) -> tuple[int, list[int]]:
+        """The put of a client that already wrote block ``i`` of ``tokens`` into staged slot
+        ``slots[i]`` of tier ``tier`` and hashed it (``sums[i]``, from its own source).
+
+        New blocks are indexed where they lie (no copy); blocks already cached leave their
+        slot staged. Returns (cached prefix length in tokens, like ``put``; slots consumed).
+        O(blocks), plus the write-through with ``persist`` (which verifies the checksums).
+        """
+        self._check_open()
+        _, keys = self._keys(tokens)
+        if len(slots) != len(keys) or len(sums) != len(keys):
+            raise InvalidInputError(f"{len(keys)} block(s) need as many staged slots and checksums, got "
+                                    f"{len(slots)} and {len(sums)}")
+        with self._lock:
+            self._check_open()
+            self._counters["puts"] += 1
+            index = self._tiers.index
+            present = [index.get(k) for k in keys]
+            new = [i for i, e in enumerate(present) if e is None]
+            self._counters["dedup_blocks"] += len(keys) - len(new)
+            t = self._tiers.tiers[tier]
+            # Staged slots become cached ones: demote as many blocks as are new (pinned ones
+            # stay; the blocks that still do not fit are not stored and keep their slots staged).
+            fit = self._tiers.make_room(tier, len(new))
+            new = new[:fit]
+            used = [slots[i] for i in new]
+            t.arena.set_checksums(used, sums[new])
+            t.staged -= len(used)
+            added = self._tiers.register([keys[i] for i in new], [keys[i - 1] if i > 0 else None for i in new],
+                                         tier, used)
+            self._counters["put_blocks"] += len(added)
+            self._tiers.touch([e for e in present if e is not None and e.key in index])
+            cached = self._cached_blocks(keys) * self.block_tokens
+            rows = self._rows_for_remote(t, used)  # what the client wrote in place goes remote too
+        if rows is not None:
+            self._remote.put([keys[i] for i in new], rows)
+        return cached, used
+
+    def lease_checksums(self, lease: "KVStore.Lease") -> np.ndarray:
+        """The recorded checksums of a lease's blocks (what a client verifies its copy against)."""
+        arenas = [getattr(a, "checksums", None) for _, a in self.tier_arenas()]
+        return np.array([arenas[t][slot] if arenas[t] is not None else 0 for t, slot in lease.blocks],
+                        dtype=np.uint64)
+
+    def report_corrupt(self, lease: "KVStore.Lease", positions: Sequence[int]) -> int:
+        """A client's copy of these lease blocks failed their checksums: re-check the shared
+        slots here and drop the blocks that really are corrupt. Returns how many. O(bytes)."""
+        with self._lock:
+            arenas = self.tier_arenas()
+            bad = []
+            for p in sorted(set(positions)):
+                if not 0 <= p < len(lease.placed):
+                    continue
+                e, t, slot = lease.placed[p]
+                arena = arenas[t][1]
+                if hasattr(arena, "verify") and arena.verify([slot]):
+                    bad.append(e)
+            if bad:
+                self._counters["corrupt_blocks"] += len(bad)
+                log.error("dropped %d shared block(s) whose bytes changed after they were written", len(bad))
+                self._tiers.drop(bad)
+            return len(bad)
 
     def abort(self, res: "KVStore.Reservation") -> None:
         """Give a reservation's slots back (a client that died or gave up). Idempotent."""

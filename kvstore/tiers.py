@@ -10,8 +10,18 @@ so its descendants are dropped with it.
 
 With ``durable=True`` (``persist``) the disk tier is *inclusive*: every block written to a
 memory tier is also written through to disk (its ``backup`` slot), so an acknowledged put
-survives a crash. Demoting such a block to disk is then free (its memory copy is dropped),
-and when the disk tier evicts a backup the block stays in memory, just no longer durable.
+survives a crash. Demoting such a block to disk is then free (its memory copy is dropped).
+The index never holds a block that is not on disk: a block whose write-through fails (no
+room that is not pinned, an I/O error, bytes that fail their source checksum) is dropped
+before the put returns -- so the put's result counts only durable tokens -- and when the
+disk tier evicts a backup, the block leaves memory too. A disk tier smaller than the memory
+tiers therefore bounds what is cached: what ``lookup`` reports is what survives a kill.
+Every freed disk slot's header is zeroed (and synced with ``fsync="always"``) in every
+configuration with ``persist``, the disk-only one included, so nothing cleared comes back.
+
+A sidecar's put tier may own *spare* slots beyond its capacity that clients hold staged to
+write puts into (``Tier.spare``/``Tier.staged``): the cache itself never holds more than
+``capacity`` blocks there, so staging never shrinks it.
 
 Pinned blocks (being read) are never chosen as victims, and slots are reference counted,
 so even a ``clear`` cannot hand a slot being read to a writer.
@@ -28,7 +38,7 @@ import time
 
 import torch
 
-from allocator import Arena, DiskArena, SlotPool, SlotRecord, transfer
+from allocator import Arena, CorruptSlotError, DiskArena, SlotPool, SlotRecord, transfer
 from eviction import EvictionPolicy, NoVictimError
 
 log = logging.getLogger(__name__)
@@ -68,10 +78,24 @@ class Tier:
         self.arena = arena
         self.pool = SlotPool(arena.num_slots)
         self.policy = policy
+        #: slots beyond the cache's capacity, lent to sidecar clients to write puts into
+        #: (``staged`` of them are out); cached blocks use at most ``num_slots - spare``
+        self.spare = 0
+        self.staged = 0
         self.counters = TierCounters()
         #: set after an I/O error: the tier takes no new blocks; reads of what it holds
         #: are still tried (each verified) and a failure reports a miss.
         self.degraded = False
+
+    @property
+    def capacity(self) -> int:
+        """Slots the cache may fill (the arena's, less the staging spare)."""
+        return self.pool.num_slots - self.spare
+
+    @property
+    def cache_free(self) -> int:
+        """Slots a new block may take now without evicting (staged slots are not free)."""
+        return self.capacity - (self.pool.used_count - self.staged)
 
     @property
     def is_disk(self) -> bool:
@@ -100,9 +124,13 @@ class TierManager:
         self.index: dict[bytes, BlockEntry] = {}
         self.clock = clock
         self.orphans_dropped = 0
+        self.corrupt_dropped = 0  # blocks lost to bytes that failed their checksum while moved
         last = len(tiers) - 1
         self.disk: int | None = last if tiers[last].is_disk else None
         self.durable = durable and self.disk is not None and len(tiers) > 1
+        #: freed disk slots are invalidated on disk (a restart must not resurrect them)
+        self.persist = durable and self.disk is not None
+        self._freed: list[int] | None = None  # batching of invalidations (clear)
 
     def fail(self, t: int, exc: BaseException) -> None:
         """Record an I/O error on tier ``t``: mark it degraded, log once (not per block)."""
@@ -122,17 +150,23 @@ class TierManager:
     # -- slot bookkeeping --------------------------------------------------------------
     def _decref(self, t: int, slot: int) -> None:
         tier = self.tiers[t]
-        if tier.pool.decref(slot) and t == self.disk and self.durable:
-            try:
-                tier.arena.invalidate([slot])  # a freed slot must not come back after a restart
-            except OSError as exc:
-                self.fail(t, exc)
+        if tier.pool.decref(slot) and t == self.disk and self.persist:
+            if self._freed is not None:
+                self._freed.append(slot)
+                return
+            self._invalidate([slot])
+
+    def _invalidate(self, slots: list[int]) -> None:
+        try:
+            self.tiers[self.disk].arena.invalidate(slots)  # a freed slot must not come back after a restart
+        except OSError as exc:
+            self.fail(self.disk, exc)
 
     # -- placement ---------------------------------------------------------------------
     def make_room(self, t: int, n: int) -> int:
         """Free up to ``n`` slots in tier ``t`` by demoting victims; returns slots now free."""
         tier = self.tiers[t]
-        short = n - tier.pool.free_count
+        short = n - tier.cache_free
         if short <= 0:
             return n
         victims: list[BlockEntry] = []
@@ -147,12 +181,11 @@ class TierManager:
             for entry in victims:
                 if entry.key not in self.index:  # already dropped as a dropped block's child
                     continue
-                if entry.tier != t:  # only the durable copy goes; the block stays in memory
-                    self._decref(t, entry.backup)
-                    entry.backup = None
+                if entry.tier != t:  # its durable copy goes: so does the block (never cached, not durable)
+                    self._drop(entry, evicted=False)
                 else:
                     self._drop(entry, evicted=True)
-            return min(n, tier.pool.free_count)
+            return max(0, min(n, tier.cache_free))
         nxt = self._next(t)
         backed = [e for e in victims if e.backup is not None and nxt == self.disk]
         to_copy = [e for e in victims if not (e.backup is not None and nxt == self.disk)]
@@ -171,7 +204,7 @@ class TierManager:
             for entry in dropped:
                 if entry.key in self.index:
                     self._drop(entry, evicted=True)
-        return min(n, tier.pool.free_count)
+        return max(0, min(n, tier.cache_free))
 
     def _move(self, entries: list[BlockEntry], dst_t: int) -> list[BlockEntry]:
         """Move blocks (all in one source tier, already out of its policy) to ``dst_t``.
@@ -186,9 +219,20 @@ class TierManager:
         src = self.tiers[src_t]
         dst = self.tiers[dst_t]
         dst_slots = dst.pool.allocate_many(len(entries))
+        corrupt: list[BlockEntry] = []
         try:
             transfer(src.arena, [e.slot for e in entries], dst.arena, dst_slots, keys=[e.key for e in entries],
                      parents=[e.parent for e in entries])
+        except CorruptSlotError as exc:  # bytes changed in shared memory: those blocks are lost, not moved
+            bad = set(exc.slots)
+            log.error("dropped %d block(s) whose shared-memory bytes failed their checksum", len(bad))
+            self.corrupt_dropped += len(bad)
+            keep = [(e, s) for e, s in zip(entries, dst_slots) if e.slot not in bad]
+            corrupt = [e for e in entries if e.slot in bad]
+            for e, s in zip(entries, dst_slots):
+                if e.slot in bad:
+                    self._decref(dst_t, s)
+            entries, dst_slots = [e for e, _ in keep], [s for _, s in keep]
         except OSError as exc:
             dst.pool.free_many(dst_slots)
             self.fail(dst_t, exc)
@@ -202,9 +246,10 @@ class TierManager:
             dst.counters.demotions_in += len(entries)
         else:
             dst.counters.promotions_in += len(entries)
-        return []
+        return corrupt
 
-    def add(self, keys: Sequence[bytes], parents: Sequence[bytes | None], src: torch.Tensor, t: int = 0) -> int:
+    def add(self, keys: Sequence[bytes], parents: Sequence[bytes | None], src: torch.Tensor, t: int = 0, *,
+            reserved: bool = False) -> int:
         """Store new blocks (rows of ``src``, in prefix order) starting at tier ``t``.
 
         The leading blocks go to tier ``t`` as far as room can be made there; the rest spill
@@ -213,9 +258,16 @@ class TierManager:
         """
         if not keys:
             return 0
+        if self.durable and t != self.disk and not reserved:
+            # Room on disk first, before any of these blocks exist: their write-through then
+            # never evicts their own prefix, and what cannot be durable is not stored at all.
+            room = 0 if self.tiers[self.disk].degraded else self.make_room(self.disk, len(keys))
+            keys, parents, src = keys[:room], parents[:room], src[:room]
+            if not room:
+                return 0
         if self.tiers[t].degraded:
             nxt = self._next(t)
-            return self.add(keys, parents, src, nxt) if nxt is not None else 0
+            return self.add(keys, parents, src, nxt, reserved=True) if nxt is not None else 0
         n = self.make_room(t, len(keys))
         if n:
             tier = self.tiers[t]
@@ -226,14 +278,14 @@ class TierManager:
                 tier.pool.free_many(slots)
                 self.fail(t, exc)
                 nxt = self._next(t)
-                return self.add(keys, parents, src, nxt) if nxt is not None else 0
+                return self.add(keys, parents, src, nxt, reserved=True) if nxt is not None else 0
             except BaseException:
                 tier.pool.free_many(slots)
                 raise
             self.register(keys[:n], parents[:n], t, slots)
         nxt = self._next(t)
         if n < len(keys) and nxt is not None:
-            n += self.add(keys[n:], parents[n:], src[n:], nxt)
+            n += self.add(keys[n:], parents[n:], src[n:], nxt, reserved=True)
         return n
 
     def register(self, keys: Sequence[bytes], parents: Sequence[bytes | None], t: int,
@@ -257,28 +309,36 @@ class TierManager:
         return entries
 
     def _write_backups(self, entries: list[BlockEntry]) -> None:
+        """Write new memory blocks through to disk; drop those that cannot be made durable
+        (see the module docstring), so the caller's cached-prefix count says what is durable."""
         disk = self.tiers[self.disk]
-        if disk.degraded:
-            return
-        room = self.make_room(self.disk, len(entries))
+        wanted = entries
+        room = 0 if disk.degraded else self.make_room(self.disk, len(entries))
         entries = [e for e in entries[:room] if e.key in self.index and e.tier != self.disk and e.backup is None]
-        if not entries:
-            return
         slots = disk.pool.allocate_many(len(entries))
         by_tier: dict[int, list[int]] = {}
         for i, e in enumerate(entries):
             by_tier.setdefault(e.tier, []).append(i)
-        try:
-            for t, idx in by_tier.items():
+        failed: set[int] = set()  # positions in ``entries``
+        for t, idx in by_tier.items():
+            try:
                 transfer(self.tiers[t].arena, [entries[i].slot for i in idx], disk.arena, [slots[i] for i in idx],
                          keys=[entries[i].key for i in idx], parents=[entries[i].parent for i in idx])
-        except OSError as exc:  # the blocks stay cached in memory, just not durable
-            disk.pool.free_many(slots)
-            self.fail(self.disk, exc)
-            return
-        for entry, slot in zip(entries, slots):
-            entry.backup = slot
-            disk.policy.insert(entry.key, 1, None, entry.parent)
+            except CorruptSlotError as exc:  # memory bytes that fail their checksum: not stored
+                bad = set(exc.slots)
+                self.corrupt_dropped += len(bad)
+                failed.update(i for i in idx if entries[i].slot in bad)
+            except OSError as exc:
+                self.fail(self.disk, exc)
+                failed.update(idx)
+        for i, (entry, slot) in enumerate(zip(entries, slots)):
+            if i in failed:
+                self._decref(self.disk, slot)  # never indexed: its header is zeroed again
+            else:
+                entry.backup = slot
+                disk.policy.insert(entry.key, 1, None, entry.parent)
+        # Not durable: not cached either (the put's result stops before them).
+        self.drop([e for e in wanted if e.key in self.index and e.tier != self.disk and e.backup is None])
 
     def promote(self, entries: list[BlockEntry], rows: torch.Tensor) -> int:
         """Move blocks from lower tiers to the top tier, writing ``rows`` (their bytes,
@@ -373,11 +433,18 @@ class TierManager:
                 self._drop(e, evicted=False)
 
     def clear(self) -> int:
-        """Drop every block not pinned; returns how many were dropped."""
+        """Drop every block not pinned; returns how many were dropped. Freed disk slots are
+        invalidated in one batch (one sync with ``fsync="always"``)."""
         before = len(self.index)
-        for entry in [e for e in self.index.values() if e.pins == 0]:
-            if entry.key in self.index:
-                self._drop(entry, evicted=False)
+        self._freed = []
+        try:
+            for entry in [e for e in self.index.values() if e.pins == 0]:
+                if entry.key in self.index:
+                    self._drop(entry, evicted=False)
+        finally:
+            freed, self._freed = self._freed, None
+            if freed:
+                self._invalidate(freed)
         return before - len(self.index)
 
     # -- pins --------------------------------------------------------------------------
@@ -420,8 +487,9 @@ class TierManager:
                 assert tier.policy.is_pinned(e.key) == (e.pins > 0), f"{tier.name}: pin state mismatch"
             for e in backups:
                 assert e.tier != t and tier.pool.refcount(e.backup) == 1, f"{tier.name}: bad backup of a block"
-            assert tier.pool.used_count == len(members), \
-                f"{tier.name}: {tier.pool.used_count} slots used for {len(members)} blocks"
+            assert tier.pool.used_count == len(members) + tier.staged, \
+                f"{tier.name}: {tier.pool.used_count} slots used for {len(members)} blocks + {tier.staged} staged"
+            assert len(members) <= tier.capacity, f"{tier.name}: {len(members)} blocks over capacity"
         for e in self.index.values():
             for c in e.children:
                 assert c in self.index and self.index[c].parent == e.key, "child link broken"

@@ -6,7 +6,9 @@ Results (DESIGN.md bench shape), each with the machine limit measured in the sam
   pyzmq DEALER/ROUTER echo of the same request bytes (target ratio <= 1.5);
 * ``shm_get_gbps`` / ``shm_put_gbps``: 64 MiB of KV through shared memory vs one memcpy of
   the same bytes (``clone`` for get, which returns a new tensor; ``copy_`` into existing
-  memory for put) (target >= 0.8);
+  memory for put) (target >= 0.8); a put is one copy into staged slots with the xxh3 of the
+  source hashed beside it and one ``put_shm`` message, a get one copy out, one hash of the
+  private copy (verified against the writer's checksums) and a release not waited for;
 * ``tcp_get_gbps`` / ``tcp_put_gbps``: the same KV as ZeroMQ frames vs a bare zmq transfer
   of the same bytes (target >= 0.7);
 * ``lookup_ops_per_s_8_clients``: 8 client processes doing lookups vs 8 processes echoing.

@@ -33,7 +33,8 @@ VERSION = 1
 #: a header (msgpack map) larger than this is refused before it is decoded
 MAX_HEADER_BYTES = 16 << 20
 #: every op the server knows; ``capabilities`` in the hello reply lists what it serves
-OPS = ("hello", "lookup", "put", "get", "release", "reserve", "commit", "plan", "stats", "health", "clear")
+OPS = ("hello", "lookup", "put", "get", "release", "reserve", "commit", "plan", "stats", "health", "clear",
+       "stage", "put_shm")
 #: ops a client may resend after a timeout (same effect when done twice)
 IDEMPOTENT = frozenset({"hello", "lookup", "get", "plan", "stats", "health"})
 
@@ -106,6 +107,13 @@ class UnknownLeaseError(RemoteError):
     code = "unknown_lease"
 
 
+class StaleArenaError(RemoteError):
+    """The request names slots of shared arenas the namespace no longer has (the sidecar
+    restarted): the client maps the current arenas again and retries."""
+
+    code = "stale_arena"
+
+
 #: code -> exception class raised by clients; store errors keep their embedded classes
 CODE_TO_ERROR: dict[str, type[Exception]] = {
     "invalid_argument": InvalidInputError,
@@ -123,6 +131,7 @@ CODE_TO_ERROR: dict[str, type[Exception]] = {
     "deadline_exceeded": DeadlineExceededError,
     "unknown_namespace": UnknownNamespaceError,
     "unknown_lease": UnknownLeaseError,
+    "stale_arena": StaleArenaError,
     "internal": RemoteError,
 }
 

@@ -16,7 +16,9 @@ client's layout and block size and the server's capacities; a later ``hello`` th
 disagrees gets ``layout_mismatch``. Memory tiers on the CPU live in shared memory
 (:class:`allocator.shm.ShmArena`) that a client on the same host maps: a ``get`` pins the
 blocks and replies with their slots (a *lease*; the client copies, then ``release``s), a
-put ``reserve``s slots, the client writes them, ``commit`` publishes them. Leases and
+put writes into slots the client holds staged and sends one ``put_shm`` (or, in two round
+trips, ``reserve`` -> write -> ``commit``); arena identity and the writers' checksums that
+make this safe are :mod:`kvstore.sidecar.shm_plane`'s. CurveZMQ tenants get no shared memory. Leases and
 reservations carry an expiry (``lease_timeout_s``). A same-host client names itself by
 ``(pid, start time)`` (:mod:`kvstore.sidecar.procinfo`); past the expiry the loop reclaims its claims
 only once that process is dead, so a live client that stalls mid-copy never writes into slots
@@ -59,7 +61,7 @@ import zmq
 from allocator.memory import MemoryArena
 from allocator.shm import ShmArena, shm_free_bytes
 from kvstore.config import StoreConfig
-from kvstore.errors import CapacityError, ConfigError, InvalidInputError
+from kvstore.errors import CapacityError, ConfigError, InvalidInputError, NamespaceOwnerError
 from kvstore.sidecar.procinfo import owner_alive, owner_from_wire
 from kvstore.layout import ModelLayout
 from kvstore.sidecar.protocol import (MAGIC, OPS, VERSION, LayoutMismatchError, MessageTooLargeError, ProtocolError,
@@ -68,6 +70,7 @@ from kvstore.sidecar.protocol import (MAGIC, OPS, VERSION, LayoutMismatchError, 
                               tensor_desc, tensor_frame, tensor_from_frame, tokens_from_wire)
 from kvstore.sidecar.security import ZAP_DOMAIN, RefusalLog, ZapHandler, check_bind, handshake_failure, load_allow_dir, load_keys
 from kvstore.store import KVStore
+from kvstore.sidecar import shm_plane
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +85,7 @@ def host_id() -> str:
     return f"{socket.gethostname()}/{boot}"
 
 
-_SHM_NAME = re.compile(r"^kvstore-.*-(\d+)-[0-9a-f]{16}\.shm$")
+_SHM_NAME = re.compile(r"^kvstore-(?:.*-)?(\d+)-[0-9a-f]{16,32}\.shm$")
 
 
 def sweep_stale_shm(directory: str) -> int:
@@ -173,7 +176,7 @@ class Namespace:
 class _Claim:
     """A lease or reservation the server holds for a client, until ``expires``."""
 
-    kind: str  # "lease" | "reservation"
+    kind: str  # "lease" | "reservation" | "staging"
     ns: Namespace
     obj: Any
     expires: float
@@ -674,8 +677,21 @@ class SidecarServer:
     def _drop_claim(claim: _Claim) -> None:
         if claim.kind == "lease":
             claim.ns.store.release(claim.obj)
+        elif claim.kind == "staging":
+            shm_plane.drop_staging(claim.ns, claim.obj)
         else:
             claim.ns.store.abort(claim.obj)
+
+    def _staging_claim(self, cid: Any, ns: Namespace, args: dict) -> _Claim | None:
+        """The open staging claim ``cid`` of ``ns`` (its expiry pushed back), or None."""
+        if not isinstance(cid, int) or isinstance(cid, bool):
+            raise InvalidInputError("claim must be an int")
+        with self._claims_lock:
+            claim = self._claims.get(cid)
+            if claim is None or claim.kind != "staging" or claim.ns is not ns:
+                return None
+            claim.expires = time.monotonic() + self.options.lease_timeout_s
+            return claim
 
     def _reap(self, now: float) -> None:
         """Reclaim expired claims whose owner is dead or unknown; extend those of live owners.
@@ -741,12 +757,16 @@ class SidecarServer:
 
     def _arena_factory(self, ns_name: str):
         opts = self.options
-        safe = re.sub(r"[^A-Za-z0-9_.-]", "_", ns_name)[:32] or "ns"
+        # CurveZMQ tenants never share mappable memory: ZeroMQ cannot pass a file descriptor
+        # to the authenticated peer alone, and any process of our uid can open a file in
+        # /dev/shm whatever its name -- so their tiers stay private memory (KV as frames).
+        shared = opts.shm and not self.curve
+        made: list[str] = []
 
         def factory(tier: str, num_slots: int, slot_bytes: int, device: torch.device):
-            if not opts.shm or device.type != "cpu" or num_slots == 0:
+            if not shared or device.type != "cpu" or num_slots == 0:
                 return None
-            need = num_slots * slot_bytes
+            need = (num_slots + (shm_plane.spare_slots(num_slots) if not made else 0)) * slot_bytes
             try:
                 free = shm_free_bytes(opts.shm_dir)
             except OSError:
@@ -756,13 +776,18 @@ class SidecarServer:
                             "it stays private memory (no shared-memory data plane for it)",
                             ns_name, tier, need, opts.shm_dir, free)
                 return None
-            return ShmArena(num_slots, slot_bytes, directory=opts.shm_dir, prefix=f"kvstore-{safe}-{tier}")
+            # The first shared tier takes the puts: it gets spare slots beyond its capacity
+            # that clients hold staged (shm_plane), so staging never shrinks the cache.
+            spare = shm_plane.spare_slots(num_slots) if not made else 0
+            made.append(tier)
+            return ShmArena(num_slots + spare, slot_bytes, directory=opts.shm_dir, prefix="kvstore")
 
         return factory
 
-    def _create_namespace(self, name: str, layout: ModelLayout, block_tokens: int) -> Namespace:
+    def _create_namespace(self, name: str, layout: ModelLayout, block_tokens: int,
+                          owner: str | None = None) -> Namespace:
         cfg = dataclasses.replace(self.config, layout=layout, block_tokens=block_tokens, namespace=name)
-        store = KVStore(cfg, arena_factory=self._arena_factory(name))
+        store = KVStore(cfg, arena_factory=self._arena_factory(name), owner=owner)
         segments, seg_of_tier = [], {}
         for t, (tier, arena) in enumerate(store.tier_arenas()):
             if isinstance(arena, ShmArena):
@@ -772,7 +797,7 @@ class SidecarServer:
         log.info("namespace %r created: layout %s, block_tokens=%d, block %d bytes, tiers %s, shared %s",
                  name, layout.to_dict(), block_tokens, store.block_bytes,
                  [t for t, _ in store.tier_arenas()], [s["tier"] for s in segments])
-        return Namespace(name, store, layout, block_tokens, segments, seg_of_tier, put_tier)
+        return Namespace(name, store, layout, block_tokens, segments, seg_of_tier, put_tier, owner)
 
     # -- ops: each returns (result, payload frames) --------------------------------------
     def _op_hello(self, args: dict, payload: list) -> tuple[Any, list]:
@@ -789,9 +814,12 @@ class SidecarServer:
             if ns is None:
                 if len(self._ns) >= self.options.max_namespaces:
                     raise CapacityError(f"this sidecar serves at most {self.options.max_namespaces} namespaces")
-                ns = self._create_namespace(name, layout, bt)
                 peer = args.get(PEER)
-                ns.owner = peer.user if isinstance(peer, Peer) else None
+                owner = peer.user if isinstance(peer, Peer) else None
+                try:
+                    ns = self._create_namespace(name, layout, bt, owner)
+                except NamespaceOwnerError as exc:  # persisted for another key: ownership survives restarts
+                    raise ForbiddenError(str(exc)) from None
                 self._ns[name] = ns
             self._check_owner(ns, args)
             if ns.layout != layout or ns.block_tokens != bt:
@@ -842,8 +870,7 @@ class SidecarServer:
             lease = ns.store.acquire(tokens, list(ns.seg_of_tier))
             if lease is not None:
                 cid = self._add_claim("lease", ns, lease, args)
-                return {"mode": "shm", "claim": cid,
-                        "blocks": [[ns.seg_of_tier[t], slot] for t, slot in lease.blocks]}, []
+                return shm_plane.lease_reply(ns, cid, lease), []
         kv = self._get_one_copy(ns, tokens)
         return {"mode": "frames", "kv": tensor_desc(kv)}, [tensor_frame(kv)]
 
@@ -872,14 +899,22 @@ class SidecarServer:
             for pos, t, slot, k in runs:
                 rows = arenas[t][1].rows(lay.dtype, block_shape)
                 out6[pos:pos + k].copy_(rows[slot:slot + k])
-            return out
+            if shm_plane.copy_is_intact(store, lease, out6):
+                return out
         finally:
             store.release(lease)
+        # A shared slot changed after it was written: read again through the store, which
+        # verifies each block, drops the corrupt ones and reports them missing.
+        return store.get(tokens, device="cpu").contiguous()
 
     def _op_release(self, args: dict, payload: list) -> tuple[Any, list]:
         self._no_payload("release", payload)
-        self._drop_claim(self._take_claim(args))
-        return True, []
+        claim = self._take_claim(args)
+        try:
+            dropped = shm_plane.release_corrupt(claim.ns, claim.obj, args) if claim.kind == "lease" else 0
+        finally:
+            self._drop_claim(claim)
+        return True if not dropped else {"corrupt_dropped": dropped}, []
 
     def _op_reserve(self, args: dict, payload: list) -> tuple[Any, list]:
         self._no_payload("reserve", payload)
@@ -894,13 +929,29 @@ class SidecarServer:
             return {"mode": "done", "tokens": res.cached}, []
         cid = self._add_claim("reservation", ns, res, args)
         seg = ns.seg_of_tier[res.tier]
-        return {"mode": "shm", "claim": cid,
+        return {"mode": "shm", "claim": cid, **shm_plane.reserve_extra(ns),
                 "blocks": [[pos, seg, slot] for pos, slot in zip(res.positions, res.slots)]}, []
 
     def _op_commit(self, args: dict, payload: list) -> tuple[Any, list]:
+        """``commit {claim, sums, arena}``: ``sums`` are the writer's checksums of the
+        reserved slots (from its own source); without them the commit is refused."""
         self._no_payload("commit", payload)
         claim = self._take_claim(args, "reservation")
-        return claim.ns.store.commit(claim.obj), []
+        try:
+            shm_plane.check_arena(claim.ns, args)
+            sums = shm_plane.sums_arg(args, len(claim.obj.slots))
+        except BaseException:
+            self._drop_claim(claim)
+            raise
+        return claim.ns.store.commit(claim.obj, sums), []
+
+    def _op_stage(self, args: dict, payload: list) -> tuple[Any, list]:
+        self._no_payload("stage", payload)
+        return shm_plane.op_stage(self, args), []
+
+    def _op_put_shm(self, args: dict, payload: list) -> tuple[Any, list]:
+        self._no_payload("put_shm", payload)
+        return shm_plane.op_put_shm(self, args), []
 
     def _op_plan(self, args: dict, payload: list) -> tuple[Any, list]:
         self._no_payload("plan", payload)

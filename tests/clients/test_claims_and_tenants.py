@@ -10,6 +10,7 @@ import time
 import pytest
 import torch
 
+from allocator.checksum import digests, to_wire
 from clients import connect
 from kvstore.errors import BlockNotFoundError
 from kvstore.sidecar.procinfo import owner_alive, process_start_time
@@ -64,7 +65,9 @@ def test_a_live_client_that_stalls_mid_put_keeps_its_reservation(quick, layout):
         rest = kv[:, :, 8:].unflatten(2, (2, BT)).permute(2, 0, 1, 3, 4, 5)
         for (pos, seg, slot), block in zip(res["blocks"][2:], rest):
             c._rows[seg][slot].copy_(block)
-        result, _ = c._request("commit", {"claim": res["claim"]})
+        blocks = kv.unflatten(2, (4, BT)).permute(2, 0, 1, 3, 4, 5)
+        result, _ = c._request("commit", {"claim": res["claim"], "arena": c._idents,
+                                          "sums": to_wire(digests(blocks[[p for p, _, _ in res["blocks"]]]))})
         assert result == 16
         assert torch.equal(c.get(TOKENS, device="cpu"), kv)
         for toks, okv in others.values():  # each either exact or a clean miss (capacity)
@@ -87,6 +90,7 @@ def test_a_claim_naming_a_recycled_pid_is_reclaimed(quick, layout):
 
 HANG = """
 import sys, torch
+from allocator.checksum import digests, to_wire
 from clients import connect
 from kvstore import ModelLayout
 layout = ModelLayout(num_layers=2, num_kv_heads=2, head_dim=8, hidden_size=32, dtype=torch.float16)

@@ -17,6 +17,7 @@ transformers = pytest.importorskip("transformers")
 
 from allocator.disk import KIND_ACT, slab_file_bytes  # noqa: E402
 from kvstore import BlockNotFoundError, ConfigError, InvalidInputError, KVStore, StoreConfig  # noqa: E402
+from kvstore.store import slab_filename  # noqa: E402
 from kvstore.restore.costmodel import ComputeCost, CostModel, CostProfile, LinkCost, recompute_flops  # noqa: E402
 from kvstore.hf import HFAdapter  # noqa: E402
 
@@ -293,7 +294,7 @@ def test_activation_slab_is_recovered_with_its_kind(tmp_path):
     with _store(adapter, tmp_path, **kw) as s:
         assert s.put(ids[0], kv, activations=act) == 16
         slab = s._acts.tiers[-1].arena
-        assert {r for r in [slab.path]} and (tmp_path / "disk" / "default-act.slab").exists()
+        assert {r for r in [slab.path]} and (tmp_path / "disk" / slab_filename("default", "act")).exists()
     with _store(adapter, tmp_path, **kw) as s:
         assert all(r.kind == KIND_ACT for r in s._acts.tiers[-1].arena.recovered)
         assert s.lookup(ids[0]) == 16  # act-only leading blocks link the KV blocks after them

@@ -9,12 +9,14 @@ The store is sized so nothing is evicted, which makes the model exact (a miss is
 from __future__ import annotations
 
 import itertools
+import struct
 
 from hypothesis import HealthCheck, settings, strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 import msgpack
 import pytest
 import torch
+import xxhash
 import zmq
 
 from allocator.shm import map_shared
@@ -61,6 +63,7 @@ class WireMachine(RuleBasedStateMachine):
         h, _ = self.call("hello", {"ns": self.ns, "layout": LAYOUT.to_dict(), "block_tokens": BT})
         assert h["ok"], h
         self.rows = [map_shared(s["path"], s["num_slots"], s["slot_bytes"]) for s in h["result"]["shm"]["segments"]]
+        self.idents = [s["ident"] for s in h["result"]["shm"]["segments"]]
 
     def teardown(self):
         if hasattr(self, "sock"):
@@ -131,9 +134,13 @@ class WireMachine(RuleBasedStateMachine):
             assert res["tokens"] == nb * BT == self.expected_prefix(tokens)
             return
         assert res["mode"] == "shm"
+        assert res["arena"] == self.idents
+        sums = []
         for pos, seg, slot in res["blocks"]:
             self.rows[seg][slot].copy_(torch.frombuffer(bytearray(self.block_bytes(kv, pos)), dtype=torch.uint8))
-        h, _ = self.call("release" if abort else "commit", {"claim": res["claim"]})
+            sums.append(xxhash.xxh3_64_intdigest(self.block_bytes(kv, pos)))
+        h, _ = self.call("release" if abort else "commit", {"claim": res["claim"], "arena": self.idents,
+                                                             "sums": struct.pack(f"<{len(sums)}Q", *sums)})
         assert h["ok"], h
         if not abort:
             assert h["result"] == nb * BT
@@ -183,7 +190,7 @@ class WireMachine(RuleBasedStateMachine):
         elif not h["ok"]:
             assert h["error"]["code"] in ("bad_frame", "invalid_argument", "unknown_namespace", "unknown_lease",
                                           "not_found", "too_large", "config", "capacity", "unsupported",
-                                          "layout_mismatch", "not_implemented"), h
+                                          "layout_mismatch", "not_implemented", "stale_arena"), h
 
     @rule(p=st.integers(0, len(PROMPTS) - 1), nb=st.integers(1, MAX_BLOCKS),
           shape_delta=st.integers(-3, 3), dtype=st.sampled_from(["float16", "float32", "int8", "bogus"]))
