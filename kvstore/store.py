@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from allocator import CorruptSlotError, DiskArena, FileOps, MemoryArena, default_device, slots_for_bytes
+from kvstore import paged
 from allocator.disk import KIND_ACT, KIND_KV, SlabInUseError, SlabMismatchError, slab_file_bytes
 from eviction import make_policy
 from kvstore.activations import ActDiskArena, put_forms
@@ -234,6 +235,12 @@ class KVStore:
         bt = self.block_tokens
         nb = len(keys)
         blocks = kv[:, :, : nb * bt].unflatten(2, (nb, bt)).permute(2, 0, 1, 3, 4, 5)  # [nb, L, 2, bt, H, D]
+        return self._put_blocks(keys, blocks, activations)
+
+    def _put_blocks(self, keys: list[bytes], blocks: torch.Tensor, activations: torch.Tensor | None) -> int:
+        """``put`` of validated input: ``blocks`` is ``[len(keys), *block]`` (any strides/device)."""
+        bt = self.block_tokens
+        nb = len(keys)
         want_kv, want_act = put_forms(self.config.activations, self.config.act_blocks, nb,
                                       activations is not None and self._acts is not None)
         with self._lock:
@@ -257,7 +264,8 @@ class KVStore:
             self._counters["dedup_blocks"] += nb - len(set(new_pos) | set(act_new))
             stored = 0
             if new_pos:
-                src = blocks if len(new_pos) == nb else blocks[new_pos]
+                src = blocks[new_pos[0]:new_pos[-1] + 1] if new_pos[-1] - new_pos[0] == len(new_pos) - 1 \
+                    else blocks[new_pos]  # a run (the usual new tail) stays a view: one pass
                 parents = [keys[i - 1] if i > 0 else None for i in new_pos]
                 stored = self._tiers.add([keys[i] for i in new_pos], parents, src)
                 self._counters["put_blocks"] += stored
@@ -312,10 +320,41 @@ class KVStore:
         bt = self.block_tokens
         out_device = torch.device(device) if device is not None else self.device
         adapter = adapter or self.adapter
-        if (adapter is not None and self._acts is not None) or out is not None or on_layer is not None:
+        if (adapter is not None and self._acts is not None) or on_layer is not None:
             kv, _, _, _ = self._restore(keys, adapter, allow_prefill=False, exact=exact, out=out,
                                         on_layer=on_layer, device=out_device)
             return kv
+        result = self._output(len(keys) * bt, out, out_device)
+        placed, entries = self._pin_prefix(keys, len(arr))
+        rows = self._block_rows(result)
+        self._read_pinned(placed, rows, list(range(len(placed))))
+        return result
+
+    def _output(self, tokens: int, out: torch.Tensor | None, device: torch.device) -> torch.Tensor:
+        """``out`` checked as a contiguous ``[layers, 2, tokens, kv_heads, head_dim]`` tensor of
+        the layout's dtype, or a new one on ``device``."""
+        shape = self.layout.kv_shape(tokens)
+        if out is None:
+            return torch.empty(shape, dtype=self.layout.dtype, device=device)
+        if not isinstance(out, torch.Tensor) or tuple(out.shape) != shape or out.dtype != self.layout.dtype \
+                or not out.is_contiguous():
+            raise InvalidInputError(f"out must be a contiguous {shape} tensor of {self.layout.dtype}, got "
+                                    + (f"{tuple(out.shape)} {out.dtype}" if isinstance(out, torch.Tensor)
+                                       else type(out).__name__))
+        return out
+
+    def _block_rows(self, kv: torch.Tensor) -> torch.Tensor:
+        """``kv`` (``[layers, 2, T, kv_heads, head_dim]``) viewed as ``[T / bt, *block]`` rows: block
+        ``i`` of the prefix is row ``i``, laid out like a slot (a strided view, no copy)."""
+        L, _, T, H, D = kv.shape
+        bt = self.block_tokens
+        return kv.view(L, 2, T // bt, bt, H, D).permute(2, 0, 1, 3, 4, 5)
+
+    def _pin_prefix(self, keys: list[bytes], num_tokens: int) -> tuple[list[tuple[BlockEntry, int, int]],
+                                                                       list[BlockEntry]]:
+        """Count a get of ``keys`` and pin all their blocks, or raise :class:`BlockNotFoundError`
+        (counted as misses) when one is missing. Returns ``(entry, tier, slot)`` per block. O(blocks)."""
+        bt = self.block_tokens
         with self._lock:
             self._check_open()
             self._counters["gets"] += 1
@@ -328,17 +367,22 @@ class KVStore:
             if len(entries) < len(keys):
                 self._counters["misses"] += len(keys) - len(entries)
                 self._counters["hits"] += len(entries)
-                raise BlockNotFoundError(f"only {len(entries) * bt} of {len(arr)} tokens are cached "
+                raise BlockNotFoundError(f"only {len(entries) * bt} of {num_tokens} tokens are cached "
                                          f"(block {len(entries)} is missing)")
             self._counters["hits"] += len(entries)
             self._tiers.touch(entries)
             placed = [(e, e.tier, e.slot) for e in entries]
             for e in entries:
                 self._tiers.pin(e)
+        return placed, entries
+
+    def _read_pinned(self, placed: list[tuple[BlockEntry, int, int]], rows: paged.Rows,
+                     positions: Sequence[int]) -> None:
+        """Copy pinned blocks into ``rows[positions[i]]`` (any layout/device), then unpin them,
+        drop corrupt ones (raising :class:`BlockNotFoundError`) and promote lower-tier hits."""
         corrupt: list[BlockEntry] = []
-        staging = torch.empty((len(keys), *self._block_shape), dtype=self.layout.dtype)
         try:
-            corrupt = self._read_blocks(placed, staging)
+            corrupt = self._read_blocks(placed, rows, positions)
         finally:
             with self._lock:
                 for e, t, slot in placed:
@@ -348,18 +392,57 @@ class KVStore:
                     log.error("dropped %d block(s) that failed their checksum", len(corrupt))
                     self._tiers.drop(corrupt)
                 else:
-                    self._counters["get_blocks"] += len(entries)
+                    self._counters["get_blocks"] += len(placed)
                     for _, t, _ in placed:
                         self._tiers.tiers[t].counters.hits += 1
                     if self.config.promote_on_hit and not self._closed:
                         low = [i for i, (_, t, _) in enumerate(placed) if t > 0]
                         if low:
-                            self._tiers.promote([entries[i] for i in low], staging[low])
+                            self._tiers.promote([placed[i][0] for i in low],
+                                                paged.take(rows, [positions[i] for i in low]))
         if corrupt:
             raise BlockNotFoundError(f"{len(corrupt)} block(s) failed their checksum and were dropped; "
                                      "recompute them")
-        out = staging.permute(1, 2, 0, 3, 4, 5).reshape(self.layout.kv_shape(len(keys) * bt))
-        return out.to(out_device)
+
+    def load_into(self, tokens: TokensLike, pool: torch.Tensor | Sequence[torch.Tensor],
+                  block_ids: Sequence[int] | torch.Tensor) -> int:
+        """Copy the KV of ``tokens`` (whole blocks, fully cached) straight into an engine's
+        paged KV pool: block ``i`` of the prefix lands in pool block ``block_ids[i]``.
+
+        ``pool``: one tensor ``[num_blocks, layers, 2, block_tokens, kv_heads, head_dim]``
+        (cross-layer blocks) or a list of one ``[2, num_blocks, block_tokens, kv_heads,
+        head_dim]`` tensor per layer, of the layout's dtype, on any one device.
+        ``block_ids``: distinct ids, one per block. Returns the tokens loaded
+        (``len(tokens)``); raises :class:`BlockNotFoundError` when a block is missing (the
+        pool is then untouched) and :class:`InvalidInputError` on a bad pool or ids (checked
+        before anything is read). Pool blocks not named are never written. Costs as ``get``:
+        O(bytes) + O(runs of slots) (times layers for a per-layer pool).
+        """
+        self._check_open()
+        arr, keys = self._whole_block_keys(tokens)
+        rows, num_blocks = paged.pool_rows(self.layout, self.block_tokens, pool)
+        ids = paged.block_ids(block_ids, len(keys), num_blocks)
+        if not keys:
+            return 0
+        placed, _ = self._pin_prefix(keys, len(arr))
+        self._read_pinned(placed, rows, ids)
+        return len(arr)
+
+    def save_from(self, tokens: TokensLike, pool: torch.Tensor | Sequence[torch.Tensor],
+                  block_ids: Sequence[int] | torch.Tensor) -> int:
+        """``put`` of the full blocks of ``tokens`` whose KV sits in an engine's paged pool:
+        block ``i`` is pool block ``block_ids[i]`` (layouts as :meth:`load_into`). One more id
+        for a partial trailing block is accepted and ignored. Returns the cached prefix
+        length in tokens, like ``put``. O(bytes) + O(runs) (a per-layer pool is gathered
+        into block rows first: one more pass).
+        """
+        self._check_open()
+        arr, keys = self._keys(tokens)
+        rows, num_blocks = paged.pool_rows(self.layout, self.block_tokens, pool)
+        ids = paged.block_ids(block_ids, len(keys), num_blocks, spare=1 if len(arr) % self.block_tokens else 0)
+        if not keys:
+            return 0
+        return self._put_blocks(keys, paged.take(rows, ids), None)
 
     def load(self, tokens: TokensLike, adapter: Recomputer | None = None, *, device: torch.device | str | None = None,
              out: torch.Tensor | None = None, on_layer: Callable[[int], None] | None = None) -> LoadResult:
@@ -507,30 +590,40 @@ class KVStore:
         assert result is not None
         return result, result.shape[2], plan, timings
 
-    def _read_blocks(self, placed: list[tuple[BlockEntry, int, int]], staging: torch.Tensor) -> list[BlockEntry]:
-        """Copy every pinned block into ``staging[i]``; returns entries whose bytes are corrupt."""
+    def _read_blocks(self, placed: list[tuple[BlockEntry, int, int]], rows: paged.Rows,
+                     positions: Sequence[int] | None = None) -> list[BlockEntry]:
+        """Copy every pinned block into ``rows[positions[i]]`` (default ``rows[i]``): ``rows`` is
+        any ``[n, *block]`` view (the caller's KV seen as blocks, an engine's paged pool, plain
+        staging) on any device. Memory tiers copy straight from their slots (runs of slots by
+        DMA across devices, re-layout on the device); other tiers read into staging (pinned
+        when the rows are on CUDA) first. Returns entries whose bytes are corrupt (their rows
+        are undefined); returns once every byte is in. O(bytes) + O(runs)."""
         corrupt: list[BlockEntry] = []
+        pos = list(range(len(placed))) if positions is None else list(positions)
         by_tier: dict[int, list[int]] = {}
         for i, (_, t, _) in enumerate(placed):
             by_tier.setdefault(t, []).append(i)
-        for t, positions in by_tier.items():
+        for t, idx in by_tier.items():
             arena = self._tiers.tiers[t].arena
-            slots = [placed[i][2] for i in positions]
-            if len(positions) == len(placed):
-                target = staging
-            else:
-                target = torch.empty((len(positions), *self._block_shape), dtype=self.layout.dtype)
+            slots = [placed[i][2] for i in idx]
+            if isinstance(arena, MemoryArena):
+                paged.place(arena.rows(self.layout.dtype, self._block_shape), slots, rows, [pos[i] for i in idx])
+                continue
+            staging = torch.empty((len(idx), *self._block_shape), dtype=self.layout.dtype,
+                                  pin_memory=paged.device_of(rows).type == "cuda")
+            bad: set[int] = set()
             try:
-                arena.read(slots, target)
+                arena.read(slots, staging)
             except CorruptSlotError as exc:
                 bad = set(exc.slots)
-                corrupt.extend(placed[i][0] for i in positions if placed[i][2] in bad)
             except OSError as exc:  # EIO and friends: the blocks are missing, the tier degraded
                 with self._lock:
                     self._tiers.fail(t, exc)
-                corrupt.extend(placed[i][0] for i in positions)
-            if target is not staging:
-                staging[positions] = target
+                bad = set(slots)
+            corrupt.extend(placed[i][0] for i in idx if placed[i][2] in bad)
+            good = [j for j, i in enumerate(idx) if placed[i][2] not in bad]
+            paged.place(staging, good, rows, [pos[idx[j]] for j in good])
+        paged.wait(rows)
         return corrupt
 
     def clear(self) -> int:
