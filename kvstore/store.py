@@ -23,6 +23,7 @@ import torch
 
 from allocator import CorruptSlotError, DiskArena, FileOps, MemoryArena, default_device, slots_for_bytes
 from kvstore import paged
+from kvstore.saves import AsyncSaver, PutHandle
 from allocator.disk import KIND_ACT, KIND_KV, SlabInUseError, SlabMismatchError, slab_file_bytes
 from eviction import make_policy
 from kvstore.activations import ActDiskArena, put_forms
@@ -105,6 +106,7 @@ class KVStore:
             if self._acts is not None:
                 self._acts.restore(act_records, present={r.key for r in kv_records})
             log.info("recovered %d blocks from %s", self.recovered_blocks, getattr(disk, "path", "?"))
+        self._saver = AsyncSaver()
         self._counters = dict(lookups=0, puts=0, gets=0, hits=0, misses=0, put_blocks=0,
                               dedup_blocks=0, get_blocks=0, corrupt_blocks=0, rejected_blocks=0,
                               put_act_blocks=0, recomputed_blocks=0, loads=0)
@@ -236,6 +238,45 @@ class KVStore:
         nb = len(keys)
         blocks = kv[:, :, : nb * bt].unflatten(2, (nb, bt)).permute(2, 0, 1, 3, 4, 5)  # [nb, L, 2, bt, H, D]
         return self._put_blocks(keys, blocks, activations)
+
+    def put_async(self, tokens: TokensLike, kv: torch.Tensor, activations: torch.Tensor | None = None) -> PutHandle:
+        """``put`` without stalling the caller: returns at once with a :class:`PutHandle`.
+
+        Input is validated here (errors raise now). The bytes are copied on a worker thread
+        -- from CUDA memory on a side stream that first waits for the caller's current
+        stream, device->host by DMA into pinned slots -- and the blocks become visible to
+        ``lookup``/``get`` only once all their bytes are in. The caller must not modify
+        ``kv``/``activations`` until ``handle.done()`` (``handle.wait()`` returns ``put``'s
+        result). Saves complete in submission order; ``close`` waits for them. Same costs as
+        ``put``, off the caller's thread (see :mod:`kvstore.saves`).
+        """
+        self._check_open()
+        arr = np.array(tokens_to_array(tokens), copy=True)  # the caller may reuse its token list
+        self._check_kv(kv, len(arr))
+        if activations is not None:
+            self._check_act(activations, len(arr))
+        return self._saver.submit(lambda: self._save(arr, kv, activations), kv, activations)
+
+    def _save(self, arr: np.ndarray, kv: torch.Tensor, activations: torch.Tensor | None) -> int:
+        """The worker's half of ``put_async``: reserve top-tier slots (invisible), copy the new
+        blocks into them outside the lock, commit. Falls back to ``put`` when the top tier
+        cannot take them all or activations are saved too."""
+        top = self._tiers.tiers[0]
+        if (activations is not None and self._acts is not None) or top.is_disk or top.degraded:
+            return self.put(arr, kv, activations)
+        res = self.reserve(arr, 0)
+        if res is None:
+            return self.put(arr, kv, activations)
+        if res.positions:
+            try:
+                nb, bt, pos = len(res.keys), self.block_tokens, res.positions
+                blocks = kv[:, :, : nb * bt].unflatten(2, (nb, bt)).permute(2, 0, 1, 3, 4, 5)
+                src = blocks[pos[0]:pos[-1] + 1] if pos[-1] - pos[0] == len(pos) - 1 else blocks[pos]
+                top.arena.write(res.slots, src)
+            except BaseException:
+                self.abort(res)
+                raise
+        return self.commit(res)
 
     def _put_blocks(self, keys: list[bytes], blocks: torch.Tensor, activations: torch.Tensor | None) -> int:
         """``put`` of validated input: ``blocks`` is ``[len(keys), *block]`` (any strides/device)."""
@@ -680,6 +721,9 @@ class KVStore:
                 self._acts._check()
 
     def close(self) -> None:
+        saver = getattr(self, "_saver", None)
+        if saver is not None:
+            saver.close()  # saves already accepted complete first (they need the tiers)
         with self._lock:
             if self._closed:
                 return
