@@ -117,6 +117,26 @@ def place(src: torch.Tensor, src_idx: Sequence[int], rows: Rows, dst_idx: Sequen
         copy_rows(src[:, layer], src_idx, r, dst_idx)
 
 
+def place_out(rows: Rows, src_idx: Sequence[int], dst: torch.Tensor, dst_idx: Sequence[int]) -> None:
+    """``dst[dst_idx[i]] = rows[src_idx[i]]``: pool blocks into ``[n, *block]`` rows (slots).
+
+    Same device: straight from the pool (one copy per layer for a per-layer pool). Across
+    devices the blocks are assembled on the pool's device first and cross as whole runs.
+    Returns once the bytes are in (the caller may reuse its pool blocks)."""
+    if not len(src_idx):
+        return
+    if device_of(rows) != dst.device:
+        copy_rows(take(rows, src_idx), range(len(src_idx)), dst, dst_idx)
+        wait(rows)
+        sync(dst)
+        return
+    if not isinstance(rows, LayerRows):
+        copy_rows(rows, src_idx, dst, dst_idx)
+        return
+    for layer, r in enumerate(rows):
+        copy_rows(r, src_idx, dst[:, layer], dst_idx)
+
+
 def take(rows: Rows, idx: Sequence[int]) -> torch.Tensor:
     """``rows[idx]`` as a new ``[len(idx), *block]`` tensor on the rows' device. O(bytes)."""
     if not isinstance(rows, LayerRows):

@@ -261,18 +261,30 @@ class KVStore:
         """The worker's half of ``put_async``: reserve top-tier slots (invisible), copy the new
         blocks into them outside the lock, commit. Falls back to ``put`` when the top tier
         cannot take them all or activations are saved too."""
-        top = self._tiers.tiers[0]
-        if (activations is not None and self._acts is not None) or top.is_disk or top.degraded:
+        if activations is not None and self._acts is not None:
             return self.put(arr, kv, activations)
+        nb, bt = len(arr) // self.block_tokens, self.block_tokens
+        blocks = kv[:, :, : nb * bt].unflatten(2, (nb, bt)).permute(2, 0, 1, 3, 4, 5)
+
+        def write(arena: Any, pos: list[int], slots: list[int]) -> None:
+            arena.write(slots, blocks[pos[0]:pos[-1] + 1] if pos[-1] - pos[0] == len(pos) - 1 else blocks[pos])
+        return self._write_reserved(arr, write, lambda: self.put(arr, kv, activations))
+
+    def _write_reserved(self, arr: np.ndarray, write: Callable[[Any, list[int], list[int]], None],
+                        fallback: Callable[[], int]) -> int:
+        """A put in three steps: reserve top-tier slots for the new blocks (invisible to
+        lookups), ``write(arena, positions, slots)`` their bytes *outside* the lock, commit.
+        ``fallback()`` (a plain put) when the top tier is disk or degraded or cannot make
+        room for all of them. Returns the cached prefix in tokens, like ``put``."""
+        top = self._tiers.tiers[0]
+        if top.is_disk or top.degraded:
+            return fallback()
         res = self.reserve(arr, 0)
         if res is None:
-            return self.put(arr, kv, activations)
+            return fallback()
         if res.positions:
             try:
-                nb, bt, pos = len(res.keys), self.block_tokens, res.positions
-                blocks = kv[:, :, : nb * bt].unflatten(2, (nb, bt)).permute(2, 0, 1, 3, 4, 5)
-                src = blocks[pos[0]:pos[-1] + 1] if pos[-1] - pos[0] == len(pos) - 1 else blocks[pos]
-                top.arena.write(res.slots, src)
+                write(top.arena, res.positions, res.slots)
             except BaseException:
                 self.abort(res)
                 raise
@@ -474,8 +486,9 @@ class KVStore:
         """``put`` of the full blocks of ``tokens`` whose KV sits in an engine's paged pool:
         block ``i`` is pool block ``block_ids[i]`` (layouts as :meth:`load_into`). One more id
         for a partial trailing block is accepted and ignored. Returns the cached prefix
-        length in tokens, like ``put``. O(bytes) + O(runs) (a per-layer pool is gathered
-        into block rows first: one more pass).
+        length in tokens, like ``put``. The new blocks go straight from the pool into reserved
+        top-tier slots and become visible once written (across devices they are assembled on
+        the pool's device first and cross as whole runs). O(bytes) + O(runs).
         """
         self._check_open()
         arr, keys = self._keys(tokens)
@@ -483,7 +496,14 @@ class KVStore:
         ids = paged.block_ids(block_ids, len(keys), num_blocks, spare=1 if len(arr) % self.block_tokens else 0)
         if not keys:
             return 0
-        return self._put_blocks(keys, paged.take(rows, ids), None)
+
+        def write(arena: Any, pos: list[int], slots: list[int]) -> None:
+            src = [ids[p] for p in pos]
+            if isinstance(arena, MemoryArena):
+                paged.place_out(rows, src, arena.rows(self.layout.dtype, self._block_shape), slots)
+            else:
+                arena.write(slots, paged.take(rows, src))
+        return self._write_reserved(arr, write, lambda: self._put_blocks(keys, paged.take(rows, ids), None))
 
     def load(self, tokens: TokensLike, adapter: Recomputer | None = None, *, device: torch.device | str | None = None,
              out: torch.Tensor | None = None, on_layer: Callable[[int], None] | None = None) -> LoadResult:
