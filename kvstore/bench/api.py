@@ -53,6 +53,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tiers", default="device,host,disk", help="source tiers to measure")
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per figure (median; default 5)")
     parser.add_argument("--no-ops", action="store_true", help="skip the 10^3 vs 10^5 stored blocks figures")
+    parser.add_argument("--no-restore", action="store_true", help="skip the restore (load) figures")
 
 
 def _log(msg: str) -> None:
@@ -183,6 +184,156 @@ def _scenario(report: Report, workdir: Path, tier: str, block_bytes: int, total:
             os.unlink(workdir / "raw.bin")
 
 
+class _Projection:
+    """A recompute adapter with only the K/V GEMMs (``K, V = X W_k, X W_v`` per layer): what a
+    restore computes, with no model library. Satisfies ``kvstore.restore.executor.Recomputer``."""
+
+    def __init__(self, layout, device) -> None:
+        import torch
+
+        self.layout, self.device = layout, device
+        kvd = layout.num_kv_heads * layout.head_dim
+        g = torch.Generator().manual_seed(0)
+        self.w = (torch.randn(layout.num_layers, 2 * kvd, layout.hidden_size, generator=g)
+                  * layout.hidden_size ** -0.5).to(layout.dtype).to(device)
+
+    def recompute_kv(self, act, start_pos: int = 0, layers=None, out=None):
+        import torch
+
+        lay = self.layout
+        a, b = layers if layers is not None else (0, lay.num_layers)
+        offset = 0 if act.shape[0] == lay.num_layers else a
+        T = act.shape[1]
+        if out is None:
+            out = torch.empty((b - a, 2, T, lay.num_kv_heads, lay.head_dim), dtype=lay.dtype, device=self.device)
+        for layer in range(a, b):
+            y = torch.nn.functional.linear(act[layer - offset].to(self.device), self.w[layer])
+            out[layer - a].copy_(y.view(T, 2, lay.num_kv_heads, lay.head_dim).transpose(0, 1))
+        return out
+
+
+def _restore(report: Report, workdir: Path, name: str, kv_heads: int, tokens: int, out_dev, repeats: int) -> None:
+    """``store.load`` of a prefix kept as KV and activations on the host tier, into ``out_dev``,
+    beside: the raw copy of all its KV, the bare GEMMs of recomputing all of it, and the best
+    transfer/recompute split computed from those (on CUDA copies and GEMMs overlap: the best
+    fraction ``f`` recomputed solves ``(1 - f) t_kv + f t_act = f t_gemm``; on a CPU they share
+    the cores, so the best is the cheaper pure strategy)."""
+    import torch
+
+    from kvstore import KVStore, ModelLayout, StoreConfig
+    from kvstore.restore.costmodel import ComputeCost, CostModel, CostProfile, LinkCost, recompute_flops
+
+    lay = ModelLayout(num_layers=8, num_kv_heads=kv_heads, head_dim=128, hidden_size=1024, dtype=torch.bfloat16)
+    bt = 64
+    cuda = out_dev.type == "cuda"
+    proj = _Projection(lay, out_dev)
+    g = torch.Generator().manual_seed(1)
+    act = torch.randn(lay.act_shape(tokens), generator=g).to(lay.dtype)
+    kv = proj.recompute_kv(act.to(out_dev))
+    kv_bytes, act_bytes = kv.numel() * kv.element_size(), act.numel() * act.element_size()
+    # limits, same run
+    host_kv = torch.ones(kv_bytes, dtype=torch.uint8).pin_memory() if cuda else torch.ones(kv_bytes, dtype=torch.uint8)
+    host_act = torch.ones(act_bytes, dtype=torch.uint8).pin_memory() if cuda else torch.ones(act_bytes, dtype=torch.uint8)
+    dst_kv = torch.empty(kv_bytes, dtype=torch.uint8, device=out_dev)
+    dst_act = torch.empty(act_bytes, dtype=torch.uint8, device=out_dev)
+    x = act.to(out_dev)
+    kv_scratch = torch.empty_like(kv)
+
+    def kv_copy() -> None:
+        dst_kv.copy_(host_kv, non_blocking=True)
+    t_act, t_gemm = _pair(lambda: dst_act.copy_(host_act, non_blocking=True),
+                          lambda: proj.recompute_kv(x, out=kv_scratch), repeats)
+    t_kv = _pair(kv_copy, kv_copy, repeats)[0]
+    if cuda:
+        f = t_kv / max(t_kv - t_act + t_gemm, 1e-12)
+        best = min(t_kv, f * t_gemm)
+    else:
+        best = min(t_kv, t_act + t_gemm)
+    flops = recompute_flops(lay, tokens)
+    profile = CostProfile(links={"disk->host": LinkCost(1e9), "host->device": LinkCost(kv_bytes / t_kv)},
+                          recompute=ComputeCost(flops / t_gemm), prefill=ComputeCost(flops / t_gemm),
+                          device=str(out_dev), shared_compute=not cuda, meta={"source": "bench api limits"})
+    nb = tokens // bt
+    need = nb * (lay.kv_block_bytes(bt) + lay.act_block_bytes(bt))
+    cfg = StoreConfig(layout=lay, block_tokens=bt, device_bytes=0, host_bytes=int(need * 1.05), disk_bytes=0,
+                      act_share=nb * lay.act_block_bytes(bt) * 1.02 / (need * 1.05), activations="beside",
+                      promote_on_hit=False, namespace=f"restore-{name}")
+    label = f"restore_{name}/host->{out_dev.type}"
+    ids = list(range(tokens))
+    out = torch.empty_like(kv)
+    with KVStore(cfg, adapter=proj, cost_model=CostModel(profile, alpha=0.3)) as store:
+        assert store.put(ids, kv.cpu(), activations=act) == tokens
+        store.load(ids, out=out)  # warm-up; refines the cost model online
+        t_load, t_kv = _pair(lambda: store.load(ids, out=out), kv_copy, repeats)  # interleaved with its limit
+        if cuda:
+            f = t_kv / max(t_kv - t_act + t_gemm, 1e-12)
+            best = min(t_kv, f * t_gemm)
+        else:
+            best = min(t_kv, t_act + t_gemm)
+        res = store.load(ids, out=out)
+        plan = res.plan
+    err = ((out.double() - kv.double()).norm() / kv.double().norm()).item()
+    if res.tokens_restored != tokens or err > 2e-2:
+        raise AssertionError(f"{label}: restored {res.tokens_restored} tokens, relative error {err:.3g}")
+    report.add(f"{label}/load_vs_best_split", t_load / best, "x", target=1.15, better="lower", ratio=t_load / best)
+    report.add(f"{label}/load_vs_raw_kv_copy", t_load / t_kv, "x", better="lower", ratio=t_load / t_kv,
+               target=0.6 if cuda and kv_heads * 128 == lay.hidden_size else None)
+    report.add(f"{label}/load_s", t_load, "s", limit=best, better="lower")
+    report.add(f"{label}/recompute_blocks", plan.count("recompute") if plan else 0, f"of {nb} blocks")
+    if plan is not None:
+        e = abs(plan.predicted_s - t_load) / t_load
+        report.add(f"{label}/prediction_error", e, "fraction", target=0.2, better="lower", ratio=e)
+    report.machine.setdefault("restore", {})[label] = {
+        "tokens": tokens, "kv_bytes": kv_bytes, "act_bytes": act_bytes, "best_split_s": best,
+        "limits_s": {"kv_copy": t_kv, "act_copy": t_act, "gemm": t_gemm}}
+
+
+def _ops(report: Report, sizes: list[int], ops: int, rounds: int) -> None:
+    """Per-block cost of put/lookup/get(out) of 4-block prompts at ``sizes`` stored blocks.
+    Both stores exist at once and their rounds alternate, so machine noise hits both alike;
+    the figure is the median round's per-block time, and the ratio large/small (<= 1.3)."""
+    import torch
+
+    from kvstore import KVStore, ModelLayout, StoreConfig
+
+    layout = ModelLayout(num_layers=2, num_kv_heads=1, head_dim=32, hidden_size=64, dtype=torch.float16)
+    bt, per = 16, 4
+    block = layout.kv_block_bytes(bt)
+    kv = torch.randn(layout.kv_shape(bt * per)).half()
+    out = torch.empty_like(kv)
+    stores = {}
+    for stored in sizes:
+        cfg = StoreConfig(layout=layout, block_tokens=bt, device_bytes=0,
+                          host_bytes=(stored + rounds * ops * per + 256) * block, namespace=f"ops{stored}")
+        store = KVStore(cfg)
+        fill = torch.randn(layout.kv_shape(bt * 100)).half()
+        for i in range(stored // 100):
+            store.put(list(range(i * 10**6, i * 10**6 + bt * 100)), fill)
+        stores[stored] = store
+    times: dict[str, dict[int, list[float]]] = {op: {n: [] for n in sizes} for op in ("put", "lookup", "get")}
+    try:
+        for r in range(rounds):
+            for stored, store in (stores.items() if r % 2 == 0 else reversed(stores.items())):
+                base = 10**9 + r * ops * 1000
+                prompts = [list(range(base + i * 1000, base + i * 1000 + bt * per)) for i in range(ops)]
+                for op, fn in (("put", lambda p: store.put(p, kv)), ("lookup", store.lookup),
+                               ("get", lambda p: store.get(p, out=out))):
+                    t0 = time.perf_counter()
+                    for p in prompts:
+                        fn(p)
+                    times[op][stored].append((time.perf_counter() - t0) / (ops * per))
+    finally:
+        for store in stores.values():
+            store.close()
+    small, large = sizes
+    for op, by_size in times.items():
+        med = {n: statistics.median(v) for n, v in by_size.items()}
+        for n, t in med.items():
+            report.add(f"{op}_blocks_per_s@{n}_stored", 1 / t, "blocks/s")
+        report.add(f"{op}_cost_{large}_vs_{small}_stored", med[large] / med[small], "x", target=1.3,
+                   better="lower", ratio=med[large] / med[small])
+
+
 def run(args: argparse.Namespace) -> Report:
     import torch
 
@@ -202,8 +353,12 @@ def run(args: argparse.Namespace) -> Report:
                     sub = Path(d) / f"{tier}-{block_bytes}"
                     sub.mkdir()
                     _scenario(report, sub, tier, block_bytes, total, dev, repeats)
+    if not getattr(args, "no_restore", False):
+        for dev in outs:
+            tokens = (8192 if dev.type == "cuda" else 2048) // (4 if quick else 1)
+            for name, kv_heads in (("mha", 8), ("gqa", 2)):
+                _log(f"api: restore {name} -> {dev.type}, {tokens} tokens")
+                _restore(report, Path(base or tempfile.gettempdir()), name, kv_heads, tokens, dev, repeats)
     if not getattr(args, "no_ops", False):
-        from kvstore.bench.tiers import _ops
-
-        _ops(report, [1000, 10000] if quick else [1000, 100000], ops=200 if quick else 1000)
+        _ops(report, [1000, 10000] if quick else [1000, 100000], ops=100 if quick else 500, rounds=5)
     return report
