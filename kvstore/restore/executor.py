@@ -17,8 +17,10 @@ On CPU the GEMMs (torch intra-op threads) and the file reads release the GIL, so
 overlap; on a 2-core machine they also compete for the cores, which the cost model learns
 because every observed chunk time (contention included) refines it online
 (``CostModel.observe_transfer``/``observe_recompute``). On CUDA the host->device moves run on
-a side stream from pinned staging and the compute stream waits on per-chunk events (code
-path present, tested only where CUDA is).
+a copy stream from pinned memory (whole runs of slots by DMA, re-layout on the device), the
+GEMMs on a compute stream that waits on a per-chunk event of the copy stream; both streams
+first wait for the caller's current stream (``out`` may still be in use there) and the run
+ends with a device synchronise (code path present, tested only where CUDA is).
 
 Layer by layer (``on_layer``): the last stage runs layer-major instead -- for layer ``l``,
 copy every KV block's layer ``l`` and recompute every activation block's layer ``l`` -- and
@@ -208,6 +210,13 @@ class _RunState:
         self.out6 = out.view(lay.num_layers, 2, out.shape[2] // bt, bt, lay.num_kv_heads, lay.head_dim)
         self.cuda = out.device.type == "cuda"
         self.copy_stream = torch.cuda.Stream(device=out.device) if self.cuda else None
+        self.compute_stream = torch.cuda.Stream(device=out.device) if self.cuda else None
+        if self.cuda:
+            # ``out`` (and the memory the caching allocator hands either stream) was last used
+            # on the caller's stream: both side streams start after it.
+            caller = torch.cuda.current_stream(out.device)
+            self.copy_stream.wait_stream(caller)
+            self.compute_stream.wait_stream(caller)
         self.corrupt: list[tuple[int, str]] = []
         self.io_errors: list[tuple[str, OSError]] = []
         self.errors: list[BaseException] = []
@@ -350,6 +359,13 @@ class _RunState:
             arrived.put(None)
 
     def _compute_worker(self) -> None:
+        if not self.cuda:
+            self._compute_loop()
+            return
+        with torch.cuda.device(self.out.device), torch.cuda.stream(self.compute_stream):
+            self._compute_loop()  # GEMMs on their own stream, each chunk after its copy's event
+
+    def _compute_loop(self) -> None:
         bt = self.ex.block_tokens
         wait = (lambda ev: torch.cuda.current_stream(self.out.device).wait_event(ev)) if self.cuda else None
         if self.on_layer is None:
@@ -380,6 +396,7 @@ class _RunState:
         if self.cuda:
             ev = torch.cuda.Event()
             ev.record(self.copy_stream)
+            act.record_stream(self.compute_stream)  # allocated on the copy stream, read by the GEMMs
         nbytes = len(ch.blocks) * self.ex.layout.act_block_bytes(self.ex.block_tokens)
         self._observe_link("host->device" if ch.tier != "device" else "device", nbytes, self.ex.clock() - t)
         self.compute_q.put((ch, act, ev))
