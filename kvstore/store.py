@@ -378,9 +378,16 @@ class KVStore:
                                         on_layer=on_layer, device=out_device)
             return kv
         result = self._output(len(keys) * bt, out, out_device)
-        placed, entries = self._pin_prefix(keys, len(arr))
-        rows = self._block_rows(result)
-        self._read_pinned(placed, rows, list(range(len(placed))))
+        placed, _ = self._pin_prefix(keys, len(arr))
+        target = result
+        if result.device.type == "cpu" and placed and all(
+                self._tiers.tiers[t].arena.device.type == "cuda" for _, t, _ in placed):
+            # From GPU memory into CPU memory: lay the prefix out on the GPU, then one
+            # contiguous copy crosses the link (not one strided piece per block and layer).
+            target = torch.empty(result.shape, dtype=result.dtype, device=self._tiers.tiers[placed[0][1]].arena.device)
+        self._read_pinned(placed, self._block_rows(target), list(range(len(placed))))
+        if target is not result:
+            result.copy_(target)
         return result
 
     def _output(self, tokens: int, out: torch.Tensor | None, device: torch.device) -> torch.Tensor:

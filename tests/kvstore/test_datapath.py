@@ -223,3 +223,17 @@ def test_put_async_matches_put_and_close_waits(layout, tmp_path, device):
         s.put_async(list(range(24)), kv).wait(10)
         assert torch.equal(s.get(list(range(24)), device=device), kv)
         assert s.stats()["put_blocks"] == 6
+
+
+def test_memory_arena_moves_rows_across_devices_and_layouts(device, rng):
+    arena = MemoryArena(8, 4 * 2 * 16 * 2, device=device)  # slots of [4, 2, 16] fp16
+    src = torch.randn(4, 2, 4, 16).to(torch.float16)  # rows are dim 2: a strided view below
+    rows = src.permute(2, 0, 1, 3)
+    slots = rng.sample(range(8), 4)
+    arena.write(slots, rows)  # from the CPU, non-contiguous
+    for dst_dev in (torch.device("cpu"), device):
+        out = torch.zeros(4, 2, 4, 16, dtype=torch.float16, device=dst_dev)
+        arena.read(slots, out.permute(2, 0, 1, 3))  # straight into a permuted view
+        assert torch.equal(out.cpu(), src)
+    with pytest.raises(ValueError, match="row of"):
+        arena.write([0], torch.zeros(1, 3))
