@@ -432,8 +432,7 @@ class KVStore:
             self._counters["hits"] += len(entries)
             self._tiers.touch(entries)
             placed = [(e, e.tier, e.slot) for e in entries]
-            for e in entries:
-                self._tiers.pin(e)
+            self._tiers.pin_many(entries)
         return placed, entries
 
     def _read_pinned(self, placed: list[tuple[BlockEntry, int, int]], rows: paged.Rows,
@@ -445,8 +444,7 @@ class KVStore:
             corrupt = self._read_blocks(placed, rows, positions)
         finally:
             with self._lock:
-                for e, t, slot in placed:
-                    self._tiers.unpin(e, t, slot)
+                self._tiers.unpin_many(placed)
                 if corrupt:
                     self._counters["corrupt_blocks"] += len(corrupt)
                     log.error("dropped %d block(s) that failed their checksum", len(corrupt))
