@@ -127,14 +127,13 @@ def place_out(rows: Rows, src_idx: Sequence[int], dst: torch.Tensor, dst_idx: Se
         return
     if device_of(rows) != dst.device:
         copy_rows(take(rows, src_idx), range(len(src_idx)), dst, dst_idx)
-        wait(rows)
-        sync(dst)
-        return
-    if not isinstance(rows, LayerRows):
+    elif not isinstance(rows, LayerRows):
         copy_rows(rows, src_idx, dst, dst_idx)
-        return
-    for layer, r in enumerate(rows):
-        copy_rows(r, src_idx, dst[:, layer], dst_idx)
+    else:
+        for layer, r in enumerate(rows):
+            copy_rows(r, src_idx, dst[:, layer], dst_idx)
+    wait(rows)
+    sync(dst)
 
 
 def take(rows: Rows, idx: Sequence[int]) -> torch.Tensor:

@@ -285,6 +285,8 @@ class KVStore:
         if res.positions:
             try:
                 write(top.arena, res.positions, res.slots)
+                if top.arena.device.type == "cuda":  # a same-device copy is only queued: wait for it
+                    torch.cuda.current_stream(top.arena.device).synchronize()
             except BaseException:
                 self.abort(res)
                 raise
