@@ -327,6 +327,8 @@ def _fast_restore(groups: dict[tuple[str, str], int], costs: _Costs) -> tuple[fl
         return groups.get((p, t), 0)
 
     ls = costs.link_s
+    if not n("act", "disk") and not n("kv", "disk"):
+        return _fast_restore_memory(n("act", "host"), n("kv", "host"), n("act", "device"), costs)
     loads: dict[str, float] = {}
     end = 0.0
     direct = costs.routes["disk"] == ("disk->device",)
@@ -398,8 +400,31 @@ def _fast_restore(groups: dict[tuple[str, str], int], costs: _Costs) -> tuple[fl
     return _share_cores(end, loads, costs), loads
 
 
+def _fast_restore_memory(a: int, k: int, kd: int, costs: _Costs) -> tuple[float, dict[str, float]]:
+    """``_fast_restore`` when nothing comes from disk, in closed form (O(1)): the host->device
+    link carries ``a`` activation blocks then ``k`` KV blocks back to back; compute takes
+    ``kd`` device-resident activation blocks, then each arriving one (arrival ``i * da``):
+    ``t_i = max(t_{i-1}, i * da) + r`` ends at ``max((kd + a) r, a da + r if da >= r else da + a r)``."""
+    hd = "host->device"
+    da, dk = costs.link_s.get((hd, "act"), 0.0), costs.link_s.get((hd, "kv"), 0.0)
+    loads: dict[str, float] = {}
+    end = 0.0
+    busy = a * da + k * dk
+    if busy:
+        loads[hd] = busy
+        end = busy
+    r = costs.recompute_s
+    if kd or a:
+        t = (kd + a) * r
+        if a:
+            t = max(t, a * da + r if da >= r else da + a * r)
+        loads["compute"] = r * (kd + a)
+        end = max(end, t)
+    return _share_cores(end, loads, costs), loads
+
+
 def plan_restore(blocks: Sequence[BlockForms], layout: ModelLayout, block_tokens: int,
-                 profile: CostProfile, *, max_evals: int = 20000, allow_prefill: bool = True) -> Plan:
+                 profile: CostProfile, *, max_evals: int = 2000, allow_prefill: bool = True) -> Plan:
     """The fastest plan for restoring ``blocks`` (see module doc for model and derivation).
 
     ``allow_prefill=False`` restores every block (``KVStore.get``: the caller wants the whole
