@@ -7,7 +7,7 @@ a re-layout costs no extra pass: the copy writes straight into the caller's layo
 
 How it moves the bytes (no Python step per byte, none per block when the rows run):
 
-* **same device, long runs** -- where source and destination indices are both consecutive,
+* **same device, few runs** -- where source and destination indices are both consecutive,
   one strided ``copy_`` per run (a single pass over the bytes, no index tensor);
 * **same device, many short runs** -- one indexed pass (``index_copy_`` from a run of
   source rows, ``index_select`` into a contiguous run of destination rows), or, when both
@@ -31,10 +31,14 @@ from collections.abc import Sequence
 
 import torch
 
-#: below this many bytes per run on average, per-run copies cost more in Python (~3-10 us
-#: per strided copy call on CPU) than an indexed copy (measured: per-run copies of 64 KiB
-#: rows run at 0.9x memcpy, indexed copies at 0.8x)
-_RUN_BYTES = 32 << 10
+#: when both sides are scattered, runs at least this long are copied one call each (one
+#: pass) rather than gathered into staging and scattered (two passes)
+_RUN_BYTES = 256 << 10
+#: up to this many runs, one strided copy per run; beyond, one indexed copy where the layout
+#: allows: every copy call is a fork/join of the intra-op threads, which on a busy machine
+#: costs a scheduling quantum each (measured: 32 per-block copies of 4 MiB at 0.05-0.5x of
+#: one memcpy when the cores were oversubscribed, one index_copy_ near 1x)
+_FEW_RUNS = 8
 
 
 def pair_runs(src_idx: Sequence[int], dst_idx: Sequence[int]) -> list[tuple[int, int]]:
@@ -125,13 +129,10 @@ def copy_rows(src: torch.Tensor, src_idx: Sequence[int], dst: torch.Tensor, dst_
                 copy_rows(staged.to(dst.device), range(n), dst, dst_idx)
         return
     runs = pair_runs(src_idx, dst_idx)
-    if len(runs) == 1 or n * _row_bytes(src) >= _RUN_BYTES * len(runs):
-        src, dst = _widen(src, dst)
-        for i0, i1 in runs:
-            s0, d0, k = src_idx[i0], dst_idx[i0], i1 - i0
-            dst[d0:d0 + k].copy_(src[s0:s0 + k])
-        return
     src, dst = _widen(src, dst)
+    if len(runs) <= _FEW_RUNS:
+        _copy_runs(src, src_idx, dst, dst_idx, runs)
+        return
     s_runs, d_runs = _runs(src_idx), _runs(dst_idx)
     dev = dst.device
     if len(s_runs) == 1:  # consecutive slots to scattered pool blocks: one indexed pass
@@ -142,11 +143,21 @@ def copy_rows(src: torch.Tensor, src_idx: Sequence[int], dst: torch.Tensor, dst_
     if len(d_runs) == 1 and dst[dst_idx[0]:dst_idx[0] + n].is_contiguous():
         torch.index_select(src, 0, sidx, out=dst[dst_idx[0]:dst_idx[0] + n])
         return
+    if n * _row_bytes(src) >= _RUN_BYTES * len(runs):  # long rows: one pass, a call per run
+        _copy_runs(src, src_idx, dst, dst_idx, runs)
+        return
     staged = src.index_select(0, sidx)
     if len(d_runs) == 1:
         dst[dst_idx[0]:dst_idx[0] + n].copy_(staged)
     else:
         dst.index_copy_(0, torch.as_tensor(list(dst_idx), dtype=torch.long, device=dev), staged)
+
+
+def _copy_runs(src: torch.Tensor, src_idx: Sequence[int], dst: torch.Tensor, dst_idx: Sequence[int],
+               runs: list[tuple[int, int]]) -> None:
+    for i0, i1 in runs:
+        s0, d0, k = src_idx[i0], dst_idx[i0], i1 - i0
+        dst[d0:d0 + k].copy_(src[s0:s0 + k])
 
 
 def _widen(src: torch.Tensor, dst: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -51,12 +51,14 @@ class SlotPool:
         return slot
 
     def allocate_many(self, n: int) -> list[int]:
-        """Allocate ``n`` slots at once, or none (raises) if fewer than ``n`` are free."""
+        """Allocate ``n`` slots at once, or none (raises) if fewer than ``n`` are free. The
+        slots come in ascending order: freed slots tend to form ranges again, and runs of
+        consecutive slots are single copies and single disk requests. O(n log n)."""
         if n > len(self._free):
             raise OutOfSlotsError(f"asked for {n} slots, {len(self._free)} of {self.num_slots} free")
         if n <= 0:
             return []
-        slots = self._free[-n:][::-1]
+        slots = sorted(self._free[-n:])
         del self._free[-n:]
         self._refs[slots] = 1
         return slots

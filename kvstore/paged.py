@@ -5,13 +5,15 @@ Engines keep KV in a pool of fixed-size blocks addressed by block id, in one of 
 * **cross-layer** -- one tensor ``[num_blocks, layers, 2, block_tokens, kv_heads, head_dim]``:
   a pool block is laid out exactly like a store slot, so a block crosses as one row;
 * **per layer** -- a list of ``layers`` tensors ``[2, num_blocks, block_tokens, kv_heads,
-  head_dim]`` (vLLM's FlashAttention layout): each is seen as ``[num_blocks, 2, ...]`` rows
-  (a strided view), and block ``b``'s layer ``l`` is row ``b`` of view ``l``.
+  head_dim]`` (vLLM's FlashAttention layout): its K half and V half are each contiguous
+  ``[num_blocks, block_tokens, kv_heads, head_dim]`` rows, so block ``b``'s layer ``l`` is row
+  ``b`` of views ``(l, K)`` and ``(l, V)`` -- contiguous rows keep indexed copies fast.
 
 "Rows" below is either a single ``[n, *block]`` tensor (the store's own
 ``[layers, 2, T, ...]`` output seen as blocks, a cross-layer pool, staging) or a
-:class:`LayerRows` (per-layer views). The copies are :func:`allocator.rowcopy.copy_rows`:
-O(bytes) plus O(runs) Python steps (times ``layers`` for per-layer pools).
+:class:`LayerRows` (K and V views per layer). The copies are
+:func:`allocator.rowcopy.copy_rows`: O(bytes) plus O(runs) Python steps (times ``2 * layers``
+for per-layer pools).
 """
 
 from __future__ import annotations
@@ -28,7 +30,12 @@ from kvstore.layout import ModelLayout
 
 
 class LayerRows(list):
-    """Per-layer row views ``[num_blocks, 2, block_tokens, kv_heads, head_dim]`` of a per-layer pool."""
+    """Row views ``[num_blocks, block_tokens, kv_heads, head_dim]`` of a per-layer pool, in
+    order (layer 0 K, layer 0 V, layer 1 K, ...): entry ``2 * l + kv`` is ``pool[l][kv]``."""
+
+    def parts(self):
+        """``(layer, kv, rows)`` for every view."""
+        return ((i // 2, i % 2, r) for i, r in enumerate(self))
 
 
 Rows = Union[torch.Tensor, LayerRows]
@@ -60,7 +67,7 @@ def pool_rows(layout: ModelLayout, block_tokens: int, pool: Any) -> tuple[Rows, 
         _check_dtype(layout, p, f"pool[{i}]")
         if p.device != pool[0].device:
             raise InvalidInputError(f"pool[{i}] is on {p.device}, pool[0] on {pool[0].device}: one device please")
-    return LayerRows(p.transpose(0, 1) for p in pool), nblocks
+    return LayerRows(p[kv] for p in pool for kv in (0, 1)), nblocks
 
 
 def _check_dtype(layout: ModelLayout, t: torch.Tensor, what: str) -> None:
@@ -104,7 +111,7 @@ def place(src: torch.Tensor, src_idx: Sequence[int], rows: Rows, dst_idx: Sequen
     """``rows[dst_idx[i]] = src[src_idx[i]]`` where ``src`` is ``[n, *block]`` rows (slots).
 
     Per-layer rows: whole slots first cross to the pool's device (one DMA per run of
-    slots), then one copy per layer on that device."""
+    slots), then one copy per layer and K/V on that device."""
     if not len(src_idx):
         return
     if not isinstance(rows, LayerRows):
@@ -113,14 +120,14 @@ def place(src: torch.Tensor, src_idx: Sequence[int], rows: Rows, dst_idx: Sequen
     dev = device_of(rows)
     if src.device != dev:
         src, src_idx = gather(src, src_idx, dev), range(len(src_idx))
-    for layer, r in enumerate(rows):
-        copy_rows(src[:, layer], src_idx, r, dst_idx)
+    for layer, kv, r in rows.parts():
+        copy_rows(src[:, layer, kv], src_idx, r, dst_idx)
 
 
 def place_out(rows: Rows, src_idx: Sequence[int], dst: torch.Tensor, dst_idx: Sequence[int]) -> None:
     """``dst[dst_idx[i]] = rows[src_idx[i]]``: pool blocks into ``[n, *block]`` rows (slots).
 
-    Same device: straight from the pool (one copy per layer for a per-layer pool). Across
+    Same device: straight from the pool (one copy per layer and K/V for a per-layer pool). Across
     devices the blocks are assembled on the pool's device first and cross as whole runs.
     Returns once the bytes are in (the caller may reuse its pool blocks)."""
     if not len(src_idx):
@@ -130,8 +137,8 @@ def place_out(rows: Rows, src_idx: Sequence[int], dst: torch.Tensor, dst_idx: Se
     elif not isinstance(rows, LayerRows):
         copy_rows(rows, src_idx, dst, dst_idx)
     else:
-        for layer, r in enumerate(rows):
-            copy_rows(r, src_idx, dst[:, layer], dst_idx)
+        for layer, kv, r in rows.parts():
+            copy_rows(r, src_idx, dst[:, layer, kv], dst_idx)
     wait(rows)
     sync(dst)
 
@@ -141,9 +148,9 @@ def take(rows: Rows, idx: Sequence[int]) -> torch.Tensor:
     if not isinstance(rows, LayerRows):
         return gather(rows, idx)
     r0 = rows[0]
-    out = torch.empty((len(idx), len(rows), *r0.shape[1:]), dtype=r0.dtype, device=r0.device)
-    for layer, r in enumerate(rows):
-        copy_rows(r, idx, out[:, layer], range(len(idx)))
+    out = torch.empty((len(idx), len(rows) // 2, 2, *r0.shape[1:]), dtype=r0.dtype, device=r0.device)
+    for layer, kv, r in rows.parts():
+        copy_rows(r, idx, out[:, layer, kv], range(len(idx)))
     return out
 
 
