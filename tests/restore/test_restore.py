@@ -181,7 +181,7 @@ def test_greedy_generation_from_load_equals_plain_generation(arch, tmp_path, see
     with _store(adapter, tmp_path, profile=prof, mode=rng.choice(["beside", "instead"]),
                 act_blocks=rng.choice([0, 2, 4])) as s:
         s.put(prompt[0, :24], kv, activations=act)
-        res = s.load(prompt[0])
+        res = s.load(prompt[0], device=next(model.parameters()).device)  # the model's device
         n = res.tokens_restored
         assert n % BT == 0 and n <= 24
         baseline = model.generate(prompt, attention_mask=mask, max_new_tokens=6, do_sample=False)
