@@ -23,6 +23,8 @@ from typing import Any, Callable
 
 import torch
 
+from kvstore.errors import StoreClosedError
+
 
 class PutHandle:
     """One save in flight. ``wait()`` returns what ``put`` would (the cached prefix length in
@@ -44,7 +46,7 @@ class PutHandle:
 
 class AsyncSaver:
     """The worker (and, on CUDA, the side streams) behind ``put_async``. ``close`` waits for
-    every save already submitted; later submissions raise ``RuntimeError``."""
+    every save already submitted; later submissions raise ``StoreClosedError``."""
 
     def __init__(self) -> None:
         self._pool: ThreadPoolExecutor | None = None
@@ -55,7 +57,7 @@ class AsyncSaver:
         """Run ``job`` on the worker; on CUDA after the caller's current stream reaches this
         point, with the worker's current stream set to a side stream."""
         if self._closed:
-            raise RuntimeError("the saver is closed")
+            raise StoreClosedError("the store is closed")
         if self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvstore-save")
         if kv.device.type != "cuda":
