@@ -50,15 +50,15 @@ class MemoryArena(Arena):
 
     def write(self, slots: Sequence[int], src: torch.Tensor) -> None:
         """One strided pass per run of consecutive slots (see :func:`allocator.rowcopy.copy_rows`);
-        from another device the rows cross as whole runs and this returns once they are in
-        (the caller may reuse ``src``)."""
+        from another device the rows cross as whole runs. Returns once the bytes are in (the
+        caller may reuse ``src``, and blocks indexed afterwards are complete on any stream)."""
         self._check_batch(slots, src)
         n = len(slots)
         if not n:
             return
         copy_rows(src, range(n), self.rows(src.dtype, src.shape[1:]), slots)
-        if src.device != self.data.device:
-            sync(src, self.data)
+        if src.device != self.data.device or self.data.is_cuda:
+            sync(src, self.data)  # the bytes are in before the caller indexes the blocks
 
     def read(self, slots: Sequence[int], out: torch.Tensor) -> None:
         """Slots straight into ``out``'s rows (any strides, any device); returns once they are in."""

@@ -148,13 +148,13 @@ def measure_gemm(tokens: int, hidden: int, out: int, reps: int, rope: bool) -> t
 
 
 def peak_gemm_rate(device, dtype, n: int | None = None, reps: int = 3) -> float:
-    """FLOP/s of a square ``n x n x n`` GEMM (2048 on CUDA, 512 on CPU): the most this device
+    """FLOP/s of a square ``n x n x n`` GEMM (2048 on CUDA, 256 on CPU): the most this device
     does in ``dtype``; no rate measured at a smaller shape may exceed it."""
     import torch
 
     from kvstore.restore.costmodel import MAX_FLOPS
 
-    n = n or (2048 if device.type == "cuda" else 512)
+    n = n or (2048 if device.type == "cuda" else 256)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)
