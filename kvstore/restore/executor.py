@@ -46,6 +46,7 @@ from typing import Any, Protocol
 import torch
 
 from allocator import Arena, CorruptSlotError, MemoryArena
+from allocator.rowcopy import copy_rows
 from kvstore.restore.costmodel import CostModel
 from kvstore.errors import InvalidInputError
 from kvstore.layout import ModelLayout
@@ -289,12 +290,15 @@ class _RunState:
         return act
 
     def _place_kv(self, ch: _Chunk, layer: int | None = None) -> int:
-        """Copy a chunk's KV (all layers, or one) into ``out``: one strided copy per run. Bytes."""
+        """Copy a chunk's KV (all layers, or one) into ``out`` with :func:`allocator.rowcopy.copy_rows`
+        (one strided copy per run; across devices runs of slots by DMA, re-layout on the device). Bytes."""
         rows, by_slot = self._source(ch)
-        for b0, b1, _, _, r0, r1 in self._pieces(ch, by_slot):
-            src = rows[r0:r1] if layer is None else rows[r0:r1, layer:layer + 1]
-            self.out6[slice(None) if layer is None else slice(layer, layer + 1), :, b0:b1].copy_(
-                self._dev(src).permute(1, 2, 0, 3, 4, 5))
+        src_idx = ch.slots if by_slot else range(len(ch.blocks))
+        dst = self.out6.permute(2, 0, 1, 3, 4, 5)  # [blocks, L, 2, bt, H, D]: block b is row b
+        if layer is None:
+            copy_rows(rows, src_idx, dst, ch.blocks)
+        else:
+            copy_rows(rows[:, layer], src_idx, dst[:, layer], ch.blocks)
         per_layer = 1 if layer is not None else self.ex.layout.num_layers
         return len(ch.blocks) * self.ex.layout.kv_block_bytes(self.ex.block_tokens) * per_layer \
             // self.ex.layout.num_layers
