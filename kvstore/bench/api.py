@@ -360,8 +360,10 @@ def run(args: argparse.Namespace) -> Report:
                     _scenario(report, sub, tier, block_bytes, total, dev, repeats)
     if not getattr(args, "no_restore", False):
         for dev in outs:
-            tokens = (8192 if dev.type == "cuda" else 2048) // (4 if quick else 1)
             for name, kv_heads in (("mha", 8), ("gqa", 2)):
+                # 64 MiB of KV on a CPU (bigger than a last-level cache: the limit copy must not
+                # run from cache), 256 MiB on a GPU
+                tokens = (8192 if dev.type == "cuda" else 2048 * 8 // kv_heads) // (4 if quick else 1)
                 _log(f"api: restore {name} -> {dev.type}, {tokens} tokens")
                 _restore(report, Path(base or tempfile.gettempdir()), name, kv_heads, tokens, dev, repeats)
     if not getattr(args, "no_ops", False):
