@@ -23,6 +23,12 @@ device -> host copy (put of cuda KV to a CPU tier); disk: one cold sequential ``
 (get), one ``pwrite`` (put). ``ratio`` = limit time / our time, so 1.0 is the link's limit;
 the target is 0.8 for CPU get/put, 0.8 (device tier) and 0.85 (host tier) into CUDA.
 
+Restore (``restore_{mha,gqa}``): ``store.load`` of a prefix kept as KV and activations on
+the host tier (64 MiB of KV on a CPU, 8192 tokens on a GPU), recomputed by a K/V-projection
+adapter (no model library), beside the raw copy of all its KV, the bare GEMMs, and the best
+transfer/recompute split computed from those (target <= 1.15x; MHA on CUDA <= 0.6x the raw
+KV copy); also the plan's prediction error (target <= 0.2) and how many blocks it recomputed.
+
 Then the per-operation cost at 10^3 vs 10^5 stored blocks (``put``/``lookup``/``get`` of 4
 small blocks; target <= 1.3x) -- the store must not slow down as it fills.
 
