@@ -519,8 +519,10 @@ class KVStore:
         Unlike ``get``, the planner may leave a suffix of the cached blocks to the engine's
         prefill (when recomputing them from tokens is faster than any restore), so
         ``tokens_restored`` may be less than ``lookup``. ``kv`` is
-        ``[layers, 2, tokens_restored, kv_heads, head_dim]``; ``out`` (that shape) is
-        filled in place when given. A block that fails its checksum ends the restored
+        ``[layers, 2, tokens_restored, kv_heads, head_dim]``; when ``out`` is given (a
+        contiguous ``[layers, 2, T, kv_heads, head_dim]`` buffer with ``T`` at least the
+        restored length, e.g. the whole prompt's) its leading tokens are filled and ``kv`` is
+        a view of them. A block that fails its checksum ends the restored
         prefix there (it is dropped). Costs as ``get`` plus planning (bounded search).
         """
         self._check_open()
@@ -608,11 +610,18 @@ class KVStore:
             shape = self.layout.kv_shape(m * bt)
             if out is None:
                 result = torch.empty(shape, dtype=self.layout.dtype, device=device)
-            elif tuple(out.shape) != shape or out.dtype != self.layout.dtype or not out.is_contiguous():
-                raise InvalidInputError(f"out must be a contiguous {shape} tensor of {self.layout.dtype}, "
-                                        f"got {tuple(out.shape)} {out.dtype}")
             else:
-                result = out
+                # load(): the engine's buffer may be longer than what the plan restores (a suffix
+                # left to prefill); its leading tokens are filled
+                fits = (isinstance(out, torch.Tensor) and out.dim() == 5
+                        and tuple(out.shape) == self.layout.kv_shape(out.shape[2])
+                        and (out.shape[2] >= m * bt if allow_prefill else out.shape[2] == m * bt)
+                        and out.dtype == self.layout.dtype and out.is_contiguous())
+                if not fits:
+                    want = f"at least {shape}" if allow_prefill else str(shape)
+                    raise InvalidInputError(f"out must be a contiguous tensor of {self.layout.dtype}, shape {want}; "
+                                            f"got {tuple(out.shape) if isinstance(out, torch.Tensor) else out!r}")
+                result = out[:, :, : m * bt]
             kv_src = [Source(t.name, t.arena, p[2]) if p and t else None for p, t in zip(kv_placed, kv_tiers)]
             act_src = [Source(t.name, t.arena, p[2]) if p and t else None for p, t in zip(act_placed, act_tiers)]
             res = self._executor().run(plan.steps, kv_src, act_src, result, adapter, on_layer)

@@ -268,18 +268,15 @@ def _restore(report: Report, workdir: Path, name: str, kv_heads: int, tokens: in
     ids = list(range(tokens))
     with KVStore(cfg, adapter=proj, cost_model=CostModel(profile, alpha=0.3)) as store:
         assert store.put(ids, kv.cpu(), activations=act) == tokens
-        # load() returns a new tensor (its length is the plan's: a suffix may be left to prefill),
-        # so the limit is a copy into new memory too.
-        def kv_copy_new() -> None:
-            torch.empty_like(dst_kv).copy_(host_kv, non_blocking=True)
-        store.load(ids, device=out_dev)  # warm-up; refines the cost model online
-        t_load, t_kv = _pair(lambda: store.load(ids, device=out_dev), kv_copy_new, repeats)  # interleaved
+        buf = torch.empty_like(kv)  # the engine's buffer for the prompt; load fills its restored prefix
+        store.load(ids, out=buf)  # warm-up; refines the cost model online
+        t_load, t_kv = _pair(lambda: store.load(ids, out=buf), kv_copy, repeats)  # interleaved
         if cuda:
             f = t_kv / max(t_kv - t_act + t_gemm, 1e-12)
             best = min(t_kv, f * t_gemm)
         else:
             best = min(t_kv, t_act + t_gemm)
-        res = store.load(ids, device=out_dev)
+        res = store.load(ids, out=buf)
         out, plan = res.kv, res.plan
     m = res.tokens_restored  # the planner may leave a suffix to the engine's prefill
     err = ((out[:, :, :m].double() - kv[:, :, :m].double()).norm() / kv[:, :, :m].double().norm()).item() if m else 0.0

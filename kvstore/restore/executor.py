@@ -161,7 +161,9 @@ class Executor:
             srcs = kv_src if payload == "kv" else act_src
             slot_bytes = self.layout.kv_block_bytes(self.block_tokens) if payload == "kv" \
                 else self.layout.act_block_bytes(self.block_tokens)
-            per = max(1, self.chunk_bytes // slot_bytes)
+            # KV from memory needs no pipelining of its own (nothing waits on a part of it), and
+            # every chunk is one more copy call: cut it coarser
+            per = max(1, self.chunk_bytes * (16 if payload == "kv" and tier != "disk" else 1) // slot_bytes)
             for i in range(0, len(blocks), per):
                 part = blocks[i:i + per]
                 chunks.append(_Chunk(payload, tier, arenas[arena_id], part,
@@ -175,7 +177,8 @@ class Executor:
         """Restore the non-prefill blocks of ``steps`` into ``out``.
 
         ``kv_src[b]``/``act_src[b]``: block ``b``'s payload sources (None where absent).
-        ``out``: contiguous ``[layers, 2, m * block_tokens, kv_heads, head_dim]`` of the
+        ``out``: ``[layers, 2, m * block_tokens, kv_heads, head_dim]`` (contiguous, or a token
+        prefix of a contiguous tensor) of the
         layout's dtype, where ``m`` is the number of restored (leading) blocks; block ``b``
         covers tokens ``b*bt .. (b+1)*bt - 1`` and is recomputed at those positions.
         Blocks that fail their checksum are reported (their rows of ``out`` are undefined).
@@ -185,8 +188,11 @@ class Executor:
         if any(s.action == "prefill" for s in steps[:m]):
             raise InvalidInputError("only a suffix of the plan may be left for prefill")
         want = lay.kv_shape(m * bt)
-        if tuple(out.shape) != want or out.dtype != lay.dtype or not out.is_contiguous():
-            raise InvalidInputError(f"out must be a contiguous {want} tensor of {lay.dtype}, "
+        packed = out.dim() == 5 and out.stride(4) == 1 and out.stride(3) == lay.head_dim \
+            and out.stride(2) == lay.num_kv_heads * lay.head_dim  # tokens packed: blocks are views
+        if tuple(out.shape) != want or out.dtype != lay.dtype or not packed:
+            raise InvalidInputError(f"out must be a {want} tensor of {lay.dtype} with packed tokens "
+                                    f"(contiguous, or a token prefix of a contiguous one), "
                                     f"got {tuple(out.shape)} {out.dtype}")
         chunks = self._chunks(steps[:m], kv_src, act_src)
         if any(c.payload == "act" for c in chunks) and adapter is None:

@@ -237,3 +237,36 @@ def test_memory_arena_moves_rows_across_devices_and_layouts(device, rng):
         assert torch.equal(out.cpu(), src)
     with pytest.raises(ValueError, match="row of"):
         arena.write([0], torch.zeros(1, 3))
+
+
+def test_load_fills_the_leading_tokens_of_an_engine_buffer(layout, device):
+    """``load(out=buf)``: the buffer may cover the whole prompt; the plan's restored prefix is
+    written into its leading tokens, the rest is untouched, and a too-short buffer is refused."""
+    from kvstore.bench.api import _Projection
+    from kvstore.restore.costmodel import ComputeCost, CostModel, CostProfile, LinkCost
+
+    proj = _Projection(layout, device)
+    act = torch.randn(layout.act_shape(12), generator=torch.Generator().manual_seed(9)).to(layout.dtype)
+    kv = proj.recompute_kv(act.to(device))
+    bb, ab = layout.kv_block_bytes(BT), layout.act_block_bytes(BT)
+
+    def store(prefill_rate: float) -> KVStore:
+        prof = CostProfile(links={"disk->host": LinkCost(1e9), "host->device": LinkCost(1e9)},
+                           recompute=ComputeCost(1e3), prefill=ComputeCost(prefill_rate), device="test")
+        cfg = StoreConfig(layout=layout, block_tokens=BT, device_bytes=0, host_bytes=8 * (bb + ab), disk_bytes=0,
+                          act_share=ab / (bb + ab), activations="beside")
+        return KVStore(cfg, adapter=proj, cost_model=CostModel(prof))
+
+    prompt = list(range(18))  # 3 cached blocks, then 6 new tokens
+    with store(prefill_rate=1.0) as s:  # prefill hopeless: restore every cached block
+        s.put(prompt[:12], kv.cpu(), activations=act)
+        buf = torch.full(layout.kv_shape(18), float("nan"), dtype=layout.dtype, device=device)
+        res = s.load(prompt, out=buf)
+        assert res.tokens_restored == 12 and res.kv.data_ptr() == buf.data_ptr()
+        assert torch.equal(buf[:, :, :12], kv) and buf[:, :, 12:].isnan().all()
+        with pytest.raises(InvalidInputError, match="at least"):
+            s.load(prompt, out=buf[:, :, :8].contiguous())
+    with store(prefill_rate=1e30) as s:  # prefill free: nothing restored, nothing written
+        s.put(prompt[:12], kv.cpu(), activations=act)
+        buf = torch.full(layout.kv_shape(18), float("nan"), dtype=layout.dtype, device=device)
+        assert s.load(prompt, out=buf).tokens_restored == 0 and buf.isnan().all()
