@@ -583,14 +583,10 @@ class KVStore:
             kv_placed = [(e, e.tier, e.slot) if e is not None else None for e in kv_es]
             act_placed = [(a, a.tier, a.slot) if a is not None else None for a in act_es]
             self._tiers.touch([e for e in kv_es if e is not None])
-            for e in kv_es:
-                if e is not None:
-                    self._tiers.pin(e)
+            self._tiers.pin_many([e for e in kv_es if e is not None])
             if acts is not None:
                 acts.touch([a for a in act_es if a is not None])
-                for a in act_es:
-                    if a is not None:
-                        acts.pin(a)
+                acts.pin_many([a for a in act_es if a is not None])
         corrupt: list[tuple[int, str]] = []
         io_errors: list = []
         plan: Plan | None = None
@@ -628,12 +624,9 @@ class KVStore:
             corrupt, io_errors, timings = res.corrupt, res.io_errors, res.timings
         finally:
             with self._lock:
-                for p in kv_placed:
-                    if p is not None:
-                        self._tiers.unpin(*p)
-                for p in act_placed:
-                    if p is not None and acts is not None:
-                        acts.unpin(*p)
+                self._tiers.unpin_many([p for p in kv_placed if p is not None])
+                if acts is not None:
+                    acts.unpin_many([p for p in act_placed if p is not None])
                 for tier_name, exc in io_errors:
                     for mgr in (self._tiers, acts):
                         for ti, t in enumerate(mgr.tiers if mgr is not None else []):

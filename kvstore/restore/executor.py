@@ -448,8 +448,12 @@ class _RunState:
         arrived: queue.Queue = queue.Queue()  # disk chunks as read; None ends
         L = self.ex.layout.num_layers
         self.layer_done = [_Parts({"copy", "compute"} if self.act_left else {"copy"}) for _ in range(L)]
-        threads = [threading.Thread(target=self._guard(lambda: self._disk_worker(disk_chunks, arrived)),
-                                    name="kvstore-restore-disk", daemon=True)]
+        threads = []
+        if disk_chunks:
+            threads.append(threading.Thread(target=self._guard(lambda: self._disk_worker(disk_chunks, arrived)),
+                                            name="kvstore-restore-disk", daemon=True))
+        else:
+            arrived.put(None)  # nothing to read: no thread to start
         if self.act_left:
             threads.append(threading.Thread(target=self._guard(self._compute_worker),
                                             name="kvstore-restore-compute", daemon=True))
