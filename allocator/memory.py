@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import torch
 
 from allocator.arena import Arena
+from allocator.rowcopy import copy_rows, sync
 
 
 def default_device() -> torch.device:
@@ -16,9 +17,9 @@ def default_device() -> torch.device:
 class MemoryArena(Arena):
     """One ``[num_slots, slot_bytes]`` uint8 tensor; batched gathers and scatters on it.
 
-    ``write`` is one ``index_put_`` (a single strided pass, also from a permuted view of the
-    caller's KV) and ``read`` one ``index_select``; both are O(bytes) with no per-slot Python
-    work beyond building the index tensor.
+    ``write`` and ``read`` are :func:`allocator.rowcopy.copy_rows` (a single strided pass per
+    run of slots, also from or into a permuted view of the caller's KV); both are O(bytes)
+    with O(runs) Python steps at most.
     """
 
     kind = "memory"
@@ -29,6 +30,11 @@ class MemoryArena(Arena):
         dev = torch.device(device) if device is not None else default_device()
         pin = pin and dev.type == "cpu" and torch.cuda.is_available()
         self.data = torch.empty((num_slots, slot_bytes), dtype=torch.uint8, device=dev, pin_memory=pin)
+        if dev.type == "cpu" and not pin:
+            # Touch every page now (O(capacity), once): a store's first puts would otherwise
+            # pay a page fault per 4 KiB on the data path (measured: 10-40x slower copies
+            # until the arena is warm), and a machine short of memory fails here, at start.
+            self.data.zero_()
         self.pinned = pin
 
     @property
@@ -43,28 +49,26 @@ class MemoryArena(Arena):
         return self.data.view(dtype).view(self.num_slots, *row_shape)
 
     def write(self, slots: Sequence[int], src: torch.Tensor) -> None:
+        """One strided pass per run of consecutive slots (see :func:`allocator.rowcopy.copy_rows`);
+        from another device the rows cross as whole runs. Returns once the bytes are in (the
+        caller may reuse ``src``, and blocks indexed afterwards are complete on any stream)."""
         self._check_batch(slots, src)
         n = len(slots)
         if not n:
             return
-        view = self.rows(src.dtype, src.shape[1:])
-        src = src.to(self.data.device, non_blocking=True)
-        first = slots[0]
-        if slots[-1] - first == n - 1 and all(slots[i + 1] == slots[i] + 1 for i in range(n - 1)):
-            view[first:first + n].copy_(src)  # one strided copy, no index tensor
-        else:
-            view.index_copy_(0, self._index(slots), src)
+        copy_rows(src, range(n), self.rows(src.dtype, src.shape[1:]), slots)
+        if src.device != self.data.device or self.data.is_cuda:
+            sync(src, self.data)  # the bytes are in before the caller indexes the blocks
 
     def read(self, slots: Sequence[int], out: torch.Tensor) -> None:
+        """Slots straight into ``out``'s rows (any strides, any device); returns once they are in."""
         self._check_batch(slots, out)
-        if not len(slots):
+        n = len(slots)
+        if not n:
             return
-        view = self.rows(out.dtype, out.shape[1:])
-        idx = self._index(slots)
-        if out.device == self.data.device:
-            torch.index_select(view, 0, idx, out=out)
-        else:
-            out.copy_(view.index_select(0, idx), non_blocking=out.is_pinned() if out.device.type == "cpu" else True)
+        copy_rows(self.rows(out.dtype, out.shape[1:]), slots, out, range(n))
+        if out.device != self.data.device:
+            sync(out, self.data)
 
     def gather(self, slots: Sequence[int]) -> torch.Tensor:
         """A new ``[len(slots), slot_bytes]`` tensor on this arena's device."""

@@ -10,7 +10,7 @@ eviction can never hand a slot being read to a writer.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 
@@ -51,12 +51,14 @@ class SlotPool:
         return slot
 
     def allocate_many(self, n: int) -> list[int]:
-        """Allocate ``n`` slots at once, or none (raises) if fewer than ``n`` are free."""
+        """Allocate ``n`` slots at once, or none (raises) if fewer than ``n`` are free. The
+        slots come in ascending order: freed slots tend to form ranges again, and runs of
+        consecutive slots are single copies and single disk requests. O(n log n)."""
         if n > len(self._free):
             raise OutOfSlotsError(f"asked for {n} slots, {len(self._free)} of {self.num_slots} free")
         if n <= 0:
             return []
-        slots = self._free[-n:][::-1]
+        slots = sorted(self._free[-n:])
         del self._free[-n:]
         self._refs[slots] = 1
         return slots
@@ -80,6 +82,26 @@ class SlotPool:
         if self._refs[slot] <= 0:
             raise ValueError(f"incref of free slot {slot}")
         self._refs[slot] += 1
+
+    def incref_many(self, slots: Sequence[int]) -> None:
+        """``incref`` of each slot (one vectorised step; slots may repeat). O(len(slots))."""
+        idx = np.asarray(slots, dtype=np.int64)
+        if idx.size and (self._refs[idx] <= 0).any():
+            raise ValueError(f"incref of free slot(s) {sorted({int(s) for s in idx if self._refs[s] <= 0})[:8]}")
+        np.add.at(self._refs, idx, 1)
+
+    def decref_many(self, slots: Sequence[int]) -> list[int]:
+        """``decref`` of each slot; returns the slots that became free. O(len(slots))."""
+        idx = np.asarray(slots, dtype=np.int64)
+        if not idx.size:
+            return []
+        uniq, counts = np.unique(idx, return_counts=True)
+        if (self._refs[uniq] < counts).any():
+            raise ValueError("decref of free slot(s)")
+        self._refs[uniq] -= counts.astype(self._refs.dtype)
+        freed = [int(s) for s in uniq[self._refs[uniq] == 0]]
+        self._free.extend(freed)
+        return freed
 
     def decref(self, slot: int) -> bool:
         """Drop one reference; returns True when the slot became free."""

@@ -25,6 +25,8 @@ import torch
 from allocator import CorruptSlotError, DiskArena, FileOps, MemoryArena, default_device, slots_for_bytes
 from allocator.disk import KIND_ACT, KIND_KV, SlabIdentityError, SlabInUseError, SlabMismatchError, slab_file_bytes
 from allocator.fileops import UnsafePathError
+from kvstore import paged
+from kvstore.saves import AsyncSaver, PutHandle
 from eviction import make_policy
 from kvstore.activations import ActDiskArena, put_forms
 from kvstore.config import TIERS, StoreConfig
@@ -123,6 +125,7 @@ class KVStore:
             if self._acts is not None:
                 self._acts.restore(act_records, present={r.key for r in kv_records})
             log.info("recovered %d blocks from %s", self.recovered_blocks, getattr(disk, "path", "?"))
+        self._saver = AsyncSaver()
         self._counters = dict(lookups=0, puts=0, gets=0, hits=0, misses=0, put_blocks=0,
                               dedup_blocks=0, get_blocks=0, corrupt_blocks=0, rejected_blocks=0,
                               put_act_blocks=0, recomputed_blocks=0, loads=0)
@@ -279,6 +282,66 @@ class KVStore:
         blocks = kv[:, :, : nb * bt].unflatten(2, (nb, bt)).permute(2, 0, 1, 3, 4, 5)  # [nb, L, 2, bt, H, D]
         if self._remote is not None:  # the shared tier holds every block's KV (outside the lock)
             self._remote.put(keys, blocks)
+        return self._put_blocks(keys, blocks, activations)
+
+    def put_async(self, tokens: TokensLike, kv: torch.Tensor, activations: torch.Tensor | None = None) -> PutHandle:
+        """``put`` without stalling the caller: returns at once with a :class:`PutHandle`.
+
+        Input is validated here (errors raise now). The bytes are copied on a worker thread
+        -- from CUDA memory on a side stream that first waits for the caller's current
+        stream, device->host by DMA into pinned slots -- and the blocks become visible to
+        ``lookup``/``get`` only once all their bytes are in. The caller must not modify
+        ``kv``/``activations`` until ``handle.done()`` (``handle.wait()`` returns ``put``'s
+        result). Saves complete in submission order; ``close`` waits for them. Same costs as
+        ``put``, off the caller's thread (see :mod:`kvstore.saves`).
+        """
+        self._check_open()
+        arr = np.array(tokens_to_array(tokens), copy=True)  # the caller may reuse its token list
+        self._check_kv(kv, len(arr))
+        if activations is not None:
+            self._check_act(activations, len(arr))
+        return self._saver.submit(lambda: self._save(arr, kv, activations), kv, activations)
+
+    def _save(self, arr: np.ndarray, kv: torch.Tensor, activations: torch.Tensor | None) -> int:
+        """The worker's half of ``put_async``: reserve top-tier slots (invisible), copy the new
+        blocks into them outside the lock, commit. Falls back to ``put`` when the top tier
+        cannot take them all or activations are saved too."""
+        if activations is not None and self._acts is not None:
+            return self.put(arr, kv, activations)
+        nb, bt = len(arr) // self.block_tokens, self.block_tokens
+        blocks = kv[:, :, : nb * bt].unflatten(2, (nb, bt)).permute(2, 0, 1, 3, 4, 5)
+
+        def write(arena: Any, pos: list[int], slots: list[int]) -> None:
+            arena.write(slots, blocks[pos[0]:pos[-1] + 1] if pos[-1] - pos[0] == len(pos) - 1 else blocks[pos])
+        return self._write_reserved(arr, write, lambda: self.put(arr, kv, activations))
+
+    def _write_reserved(self, arr: np.ndarray, write: Callable[[Any, list[int], list[int]], None],
+                        fallback: Callable[[], int]) -> int:
+        """A put in three steps: reserve top-tier slots for the new blocks (invisible to
+        lookups), ``write(arena, positions, slots)`` their bytes *outside* the lock, commit.
+        ``fallback()`` (a plain put) when the top tier is disk or degraded or cannot make
+        room for all of them. Returns the cached prefix in tokens, like ``put``."""
+        top = self._tiers.tiers[0]
+        if top.is_disk or top.degraded:
+            return fallback()
+        res = self.reserve(arr, 0)
+        if res is None:
+            return fallback()
+        if res.positions:
+            try:
+                write(top.arena, res.positions, res.slots)
+                if top.arena.device.type == "cuda":  # a same-device copy is only queued: wait for it
+                    torch.cuda.current_stream(top.arena.device).synchronize()
+            except BaseException:
+                self.abort(res)
+                raise
+        recorded = getattr(top.arena, "checksums", None)  # a shared arena hashed what write() copied in
+        return self.commit(res, recorded[res.slots] if recorded is not None else None)
+
+    def _put_blocks(self, keys: list[bytes], blocks: torch.Tensor, activations: torch.Tensor | None) -> int:
+        """``put`` of validated input: ``blocks`` is ``[len(keys), *block]`` (any strides/device)."""
+        bt = self.block_tokens
+        nb = len(keys)
         want_kv, want_act = put_forms(self.config.activations, self.config.act_blocks, nb,
                                       activations is not None and self._acts is not None)
         with self._lock:
@@ -302,7 +365,8 @@ class KVStore:
             self._counters["dedup_blocks"] += nb - len(set(new_pos) | set(act_new))
             stored = 0
             if new_pos:
-                src = blocks if len(new_pos) == nb else blocks[new_pos]
+                src = blocks[new_pos[0]:new_pos[-1] + 1] if new_pos[-1] - new_pos[0] == len(new_pos) - 1 \
+                    else blocks[new_pos]  # a run (the usual new tail) stays a view: one pass
                 parents = [keys[i - 1] if i > 0 else None for i in new_pos]
                 stored = self._tiers.add([keys[i] for i in new_pos], parents, src)
                 self._counters["put_blocks"] += stored
@@ -369,10 +433,48 @@ class KVStore:
                                        device=out_device)
             if kv is not None:
                 return kv
-        if (adapter is not None and self._acts is not None) or out is not None or on_layer is not None:
+        if (adapter is not None and self._acts is not None) or on_layer is not None:
             kv, _, _, _ = self._restore(keys, adapter, allow_prefill=False, exact=exact, out=out,
                                         on_layer=on_layer, device=out_device)
             return kv
+        result = self._output(len(keys) * bt, out, out_device)
+        placed, _ = self._pin_prefix(keys, len(arr))
+        target = result
+        if result.device.type == "cpu" and placed and all(
+                self._tiers.tiers[t].arena.device.type == "cuda" for _, t, _ in placed):
+            # From GPU memory into CPU memory: lay the prefix out on the GPU, then one
+            # contiguous copy crosses the link (not one strided piece per block and layer).
+            target = torch.empty(result.shape, dtype=result.dtype, device=self._tiers.tiers[placed[0][1]].arena.device)
+        self._read_pinned(placed, self._block_rows(target), list(range(len(placed))))
+        if target is not result:
+            result.copy_(target)
+        return result
+
+    def _output(self, tokens: int, out: torch.Tensor | None, device: torch.device) -> torch.Tensor:
+        """``out`` checked as a contiguous ``[layers, 2, tokens, kv_heads, head_dim]`` tensor of
+        the layout's dtype, or a new one on ``device``."""
+        shape = self.layout.kv_shape(tokens)
+        if out is None:
+            return torch.empty(shape, dtype=self.layout.dtype, device=device)
+        if not isinstance(out, torch.Tensor) or tuple(out.shape) != shape or out.dtype != self.layout.dtype \
+                or not out.is_contiguous():
+            raise InvalidInputError(f"out must be a contiguous {shape} tensor of {self.layout.dtype}, got "
+                                    + (f"{tuple(out.shape)} {out.dtype}" if isinstance(out, torch.Tensor)
+                                       else type(out).__name__))
+        return out
+
+    def _block_rows(self, kv: torch.Tensor) -> torch.Tensor:
+        """``kv`` (``[layers, 2, T, kv_heads, head_dim]``) viewed as ``[T / bt, *block]`` rows: block
+        ``i`` of the prefix is row ``i``, laid out like a slot (a strided view, no copy)."""
+        L, _, T, H, D = kv.shape
+        bt = self.block_tokens
+        return kv.view(L, 2, T // bt, bt, H, D).permute(2, 0, 1, 3, 4, 5)
+
+    def _pin_prefix(self, keys: list[bytes], num_tokens: int) -> tuple[list[tuple[BlockEntry, int, int]],
+                                                                       list[BlockEntry]]:
+        """Count a get of ``keys`` and pin all their blocks, or raise :class:`BlockNotFoundError`
+        (counted as misses) when one is missing. Returns ``(entry, tier, slot)`` per block. O(blocks)."""
+        bt = self.block_tokens
         with self._lock:
             self._check_open()
             self._counters["gets"] += 1
@@ -385,38 +487,88 @@ class KVStore:
             if len(entries) < len(keys):
                 self._counters["misses"] += len(keys) - len(entries)
                 self._counters["hits"] += len(entries)
-                raise BlockNotFoundError(f"only {len(entries) * bt} of {len(arr)} tokens are cached "
+                raise BlockNotFoundError(f"only {len(entries) * bt} of {num_tokens} tokens are cached "
                                          f"(block {len(entries)} is missing)")
             self._counters["hits"] += len(entries)
             self._tiers.touch(entries)
             placed = [(e, e.tier, e.slot) for e in entries]
-            for e in entries:
-                self._tiers.pin(e)
+            self._tiers.pin_many(entries)
+        return placed, entries
+
+    def _read_pinned(self, placed: list[tuple[BlockEntry, int, int]], rows: paged.Rows,
+                     positions: Sequence[int]) -> None:
+        """Copy pinned blocks into ``rows[positions[i]]`` (any layout/device), then unpin them,
+        drop corrupt ones (raising :class:`BlockNotFoundError`) and promote lower-tier hits."""
         corrupt: list[BlockEntry] = []
-        staging = torch.empty((len(keys), *self._block_shape), dtype=self.layout.dtype)
         try:
-            corrupt = self._read_blocks(placed, staging)
+            corrupt = self._read_blocks(placed, rows, positions)
         finally:
             with self._lock:
-                for e, t, slot in placed:
-                    self._tiers.unpin(e, t, slot)
+                self._tiers.unpin_many(placed)
                 if corrupt:
                     self._counters["corrupt_blocks"] += len(corrupt)
                     log.error("dropped %d block(s) that failed their checksum", len(corrupt))
                     self._tiers.drop(corrupt)
                 else:
-                    self._counters["get_blocks"] += len(entries)
+                    self._counters["get_blocks"] += len(placed)
                     for _, t, _ in placed:
                         self._tiers.tiers[t].counters.hits += 1
                     if self.config.promote_on_hit and not self._closed:
                         low = [i for i, (_, t, _) in enumerate(placed) if t > 0]
                         if low:
-                            self._tiers.promote([entries[i] for i in low], staging[low])
+                            self._tiers.promote([placed[i][0] for i in low],
+                                                paged.take(rows, [positions[i] for i in low]))
         if corrupt:
             raise BlockNotFoundError(f"{len(corrupt)} block(s) failed their checksum and were dropped; "
                                      "recompute them")
-        out = staging.permute(1, 2, 0, 3, 4, 5).reshape(self.layout.kv_shape(len(keys) * bt))
-        return out.to(out_device)
+
+    def load_into(self, tokens: TokensLike, pool: torch.Tensor | Sequence[torch.Tensor],
+                  block_ids: Sequence[int] | torch.Tensor) -> int:
+        """Copy the KV of ``tokens`` (whole blocks, fully cached) straight into an engine's
+        paged KV pool: block ``i`` of the prefix lands in pool block ``block_ids[i]``.
+
+        ``pool``: one tensor ``[num_blocks, layers, 2, block_tokens, kv_heads, head_dim]``
+        (cross-layer blocks) or a list of one ``[2, num_blocks, block_tokens, kv_heads,
+        head_dim]`` tensor per layer, of the layout's dtype, on any one device.
+        ``block_ids``: distinct ids, one per block. Returns the tokens loaded
+        (``len(tokens)``); raises :class:`BlockNotFoundError` when a block is missing (the
+        pool is then untouched) and :class:`InvalidInputError` on a bad pool or ids (checked
+        before anything is read). Pool blocks not named are never written. Costs as ``get``:
+        O(bytes) + O(runs of slots) (times layers for a per-layer pool).
+        """
+        self._check_open()
+        arr, keys = self._whole_block_keys(tokens)
+        rows, num_blocks = paged.pool_rows(self.layout, self.block_tokens, pool)
+        ids = paged.block_ids(block_ids, len(keys), num_blocks)
+        if not keys:
+            return 0
+        placed, _ = self._pin_prefix(keys, len(arr))
+        self._read_pinned(placed, rows, ids)
+        return len(arr)
+
+    def save_from(self, tokens: TokensLike, pool: torch.Tensor | Sequence[torch.Tensor],
+                  block_ids: Sequence[int] | torch.Tensor) -> int:
+        """``put`` of the full blocks of ``tokens`` whose KV sits in an engine's paged pool:
+        block ``i`` is pool block ``block_ids[i]`` (layouts as :meth:`load_into`). One more id
+        for a partial trailing block is accepted and ignored. Returns the cached prefix
+        length in tokens, like ``put``. The new blocks go straight from the pool into reserved
+        top-tier slots and become visible once written (across devices they are assembled on
+        the pool's device first and cross as whole runs). O(bytes) + O(runs).
+        """
+        self._check_open()
+        arr, keys = self._keys(tokens)
+        rows, num_blocks = paged.pool_rows(self.layout, self.block_tokens, pool)
+        ids = paged.block_ids(block_ids, len(keys), num_blocks, spare=1 if len(arr) % self.block_tokens else 0)
+        if not keys:
+            return 0
+
+        def write(arena: Any, pos: list[int], slots: list[int]) -> None:
+            src = [ids[p] for p in pos]
+            if isinstance(arena, MemoryArena):
+                paged.place_out(rows, src, arena.rows(self.layout.dtype, self._block_shape), slots)
+            else:
+                arena.write(slots, paged.take(rows, src))
+        return self._write_reserved(arr, write, lambda: self._put_blocks(keys, paged.take(rows, ids), None))
 
     def load(self, tokens: TokensLike, adapter: Recomputer | None = None, *, device: torch.device | str | None = None,
              out: torch.Tensor | None = None, on_layer: Callable[[int], None] | None = None) -> LoadResult:
@@ -425,8 +577,10 @@ class KVStore:
         Unlike ``get``, the planner may leave a suffix of the cached blocks to the engine's
         prefill (when recomputing them from tokens is faster than any restore), so
         ``tokens_restored`` may be less than ``lookup``. ``kv`` is
-        ``[layers, 2, tokens_restored, kv_heads, head_dim]``; ``out`` (that shape) is
-        filled in place when given. A block that fails its checksum ends the restored
+        ``[layers, 2, tokens_restored, kv_heads, head_dim]``; when ``out`` is given (a
+        contiguous ``[layers, 2, T, kv_heads, head_dim]`` buffer with ``T`` at least the
+        restored length, e.g. the whole prompt's) its leading tokens are filled and ``kv`` is
+        a view of them. A block that fails its checksum ends the restored
         prefix there (it is dropped). Costs as ``get`` plus planning (bounded search).
         """
         self._check_open()
@@ -489,14 +643,10 @@ class KVStore:
             kv_placed = [(e, e.tier, e.slot) if e is not None else None for e in kv_es]
             act_placed = [(a, a.tier, a.slot) if a is not None else None for a in act_es]
             self._tiers.touch([e for e in kv_es if e is not None])
-            for e in kv_es:
-                if e is not None:
-                    self._tiers.pin(e)
+            self._tiers.pin_many([e for e in kv_es if e is not None])
             if acts is not None:
                 acts.touch([a for a in act_es if a is not None])
-                for a in act_es:
-                    if a is not None:
-                        acts.pin(a)
+                acts.pin_many([a for a in act_es if a is not None])
         corrupt: list[tuple[int, str]] = []
         io_errors: list = []
         plan: Plan | None = None
@@ -516,23 +666,27 @@ class KVStore:
             shape = self.layout.kv_shape(m * bt)
             if out is None:
                 result = torch.empty(shape, dtype=self.layout.dtype, device=device)
-            elif tuple(out.shape) != shape or out.dtype != self.layout.dtype or not out.is_contiguous():
-                raise InvalidInputError(f"out must be a contiguous {shape} tensor of {self.layout.dtype}, "
-                                        f"got {tuple(out.shape)} {out.dtype}")
             else:
-                result = out
+                # load(): the engine's buffer may be longer than what the plan restores (a suffix
+                # left to prefill); its leading tokens are filled
+                fits = (isinstance(out, torch.Tensor) and out.dim() == 5
+                        and tuple(out.shape) == self.layout.kv_shape(out.shape[2])
+                        and (out.shape[2] >= m * bt if allow_prefill else out.shape[2] == m * bt)
+                        and out.dtype == self.layout.dtype and out.is_contiguous())
+                if not fits:
+                    want = f"at least {shape}" if allow_prefill else str(shape)
+                    raise InvalidInputError(f"out must be a contiguous tensor of {self.layout.dtype}, shape {want}; "
+                                            f"got {tuple(out.shape) if isinstance(out, torch.Tensor) else out!r}")
+                result = out[:, :, : m * bt]
             kv_src = [Source(t.name, t.arena, p[2]) if p and t else None for p, t in zip(kv_placed, kv_tiers)]
             act_src = [Source(t.name, t.arena, p[2]) if p and t else None for p, t in zip(act_placed, act_tiers)]
             res = self._executor().run(plan.steps, kv_src, act_src, result, adapter, on_layer)
             corrupt, io_errors, timings = res.corrupt, res.io_errors, res.timings
         finally:
             with self._lock:
-                for p in kv_placed:
-                    if p is not None:
-                        self._tiers.unpin(*p)
-                for p in act_placed:
-                    if p is not None and acts is not None:
-                        acts.unpin(*p)
+                self._tiers.unpin_many([p for p in kv_placed if p is not None])
+                if acts is not None:
+                    acts.unpin_many([p for p in act_placed if p is not None])
                 for tier_name, exc in io_errors:
                     for mgr in (self._tiers, acts):
                         for ti, t in enumerate(mgr.tiers if mgr is not None else []):
@@ -566,30 +720,42 @@ class KVStore:
         assert result is not None
         return result, result.shape[2], plan, timings
 
-    def _read_blocks(self, placed: list[tuple[BlockEntry, int, int]], staging: torch.Tensor) -> list[BlockEntry]:
-        """Copy every pinned block into ``staging[i]``; returns entries whose bytes are corrupt."""
+    def _read_blocks(self, placed: list[tuple[BlockEntry, int, int]], rows: paged.Rows,
+                     positions: Sequence[int] | None = None) -> list[BlockEntry]:
+        """Copy every pinned block into ``rows[positions[i]]`` (default ``rows[i]``): ``rows`` is
+        any ``[n, *block]`` view (the caller's KV seen as blocks, an engine's paged pool, plain
+        staging) on any device. Memory tiers copy straight from their slots (runs of slots by
+        DMA across devices, re-layout on the device); other tiers read into staging (pinned
+        when the rows are on CUDA) first. Returns entries whose bytes are corrupt (their rows
+        are undefined); returns once every byte is in. O(bytes) + O(runs)."""
         corrupt: list[BlockEntry] = []
+        pos = list(range(len(placed))) if positions is None else list(positions)
         by_tier: dict[int, list[int]] = {}
         for i, (_, t, _) in enumerate(placed):
             by_tier.setdefault(t, []).append(i)
-        for t, positions in by_tier.items():
+        for t, idx in by_tier.items():
             arena = self._tiers.tiers[t].arena
-            slots = [placed[i][2] for i in positions]
-            if len(positions) == len(placed):
-                target = staging
-            else:
-                target = torch.empty((len(positions), *self._block_shape), dtype=self.layout.dtype)
+            slots = [placed[i][2] for i in idx]
+            if isinstance(arena, MemoryArena) and getattr(arena, "checksums", None) is None:
+                # only this process writes these slots: straight into the caller's layout.
+                # Shared-memory slots (others can write them) go through the arena's checked read.
+                paged.place(arena.rows(self.layout.dtype, self._block_shape), slots, rows, [pos[i] for i in idx])
+                continue
+            staging = torch.empty((len(idx), *self._block_shape), dtype=self.layout.dtype,
+                                  pin_memory=paged.device_of(rows).type == "cuda")
+            bad: set[int] = set()
             try:
-                arena.read(slots, target)
+                arena.read(slots, staging)
             except CorruptSlotError as exc:
                 bad = set(exc.slots)
-                corrupt.extend(placed[i][0] for i in positions if placed[i][2] in bad)
             except OSError as exc:  # EIO and friends: the blocks are missing, the tier degraded
                 with self._lock:
                     self._tiers.fail(t, exc)
-                corrupt.extend(placed[i][0] for i in positions)
-            if target is not staging:
-                staging[positions] = target
+                bad = set(slots)
+            corrupt.extend(placed[i][0] for i in idx if placed[i][2] in bad)
+            good = [j for j, i in enumerate(idx) if placed[i][2] not in bad]
+            paged.place(staging, good, rows, [pos[idx[j]] for j in good])
+        paged.wait(rows)
         return corrupt
 
     def clear(self) -> int:
@@ -649,6 +815,9 @@ class KVStore:
                 self._acts._check()
 
     def close(self) -> None:
+        saver = getattr(self, "_saver", None)
+        if saver is not None:
+            saver.close()  # saves already accepted complete first (they need the tiers)
         with self._lock:
             if self._closed:
                 return

@@ -461,6 +461,33 @@ class TierManager:
             self.tiers[tier_index].policy.unpin(entry.key)
         self._decref(tier_index, slot)
 
+    def pin_many(self, entries: Sequence[BlockEntry]) -> None:
+        """:meth:`pin` of each entry, the slot counts in one vectorised step per tier."""
+        by_tier: dict[int, list[int]] = {}
+        for e in entries:
+            self.tiers[e.tier].policy.pin(e.key)
+            e.pins += 1
+            by_tier.setdefault(e.tier, []).append(e.slot)
+        for t, slots in by_tier.items():
+            self.tiers[t].pool.incref_many(slots)
+
+    def unpin_many(self, placed: Sequence[tuple[BlockEntry, int, int]]) -> None:
+        """:meth:`unpin` of each ``(entry, tier, slot)`` taken by :meth:`pin_many`."""
+        by_tier: dict[int, list[int]] = {}
+        index = self.index
+        for entry, t, slot in placed:
+            entry.pins -= 1
+            if entry.tier == t and entry.key in index:
+                self.tiers[t].policy.unpin(entry.key)
+            by_tier.setdefault(t, []).append(slot)
+        for t, slots in by_tier.items():
+            freed = self.tiers[t].pool.decref_many(slots)
+            if freed and t == self.disk and self.durable:
+                try:
+                    self.tiers[t].arena.invalidate(freed)  # a freed slot must not come back after a restart
+                except OSError as exc:
+                    self.fail(t, exc)
+
     def touch(self, entries: Sequence[BlockEntry]) -> None:
         """Record a hit on a prefix's blocks, deepest first (parents end up most recent)."""
         now = self.clock()

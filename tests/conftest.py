@@ -48,3 +48,10 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture
 def rng(seed) -> random.Random:
     return random.Random(seed)
+
+
+@pytest.fixture
+def device() -> torch.device:
+    """Where results are compared: CUDA when present, else the CPU. Tests that move data
+    through the store use it so the same assertions run on both (comparisons on one device)."""
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")

@@ -24,7 +24,8 @@ ROOT = Path(__file__).resolve().parents[1]
 TOP_PACKAGES = ("kvstore", "allocator", "eviction", "clients")
 
 CORE = {"kvstore", "kvstore.activations", "kvstore.config", "kvstore.errors", "kvstore.hashing",
-        "kvstore.layout", "kvstore.store", "kvstore.remote_tier", "kvstore.tiers", "kvstore.validate"}
+        "kvstore.layout", "kvstore.paged", "kvstore.remote_tier", "kvstore.saves", "kvstore.store", "kvstore.tiers",
+        "kvstore.validate"}
 ROOMS = ["kvstore.restore", "kvstore.models", "kvstore.sidecar", "kvstore.cli", "kvstore.bench"]
 EVERYTHING = {"*"}
 ALLOWED: dict[str, set[str]] = {

@@ -5,7 +5,8 @@ Moves: ``total`` bytes of blocks (default 256 MiB) go device -> host -> disk and
 (disk reads cold: the page cache is dropped first) through :func:`allocator.transfer`, the
 batched path the tier manager uses. Source slots are a random permutation (victims are
 scattered), destinations are fresh (consecutive) slots, as in a demotion. Limits measured
-in the same run on the same bytes: one large tensor copy (``dst.copy_(src)``), one
+in the same run on the same bytes: one large tensor copy (``dst.copy_(src)``; with CUDA, one
+pinned device<->host copy for the device tier's moves), one
 sequential ``pwrite`` + ``fdatasync`` of a plain file, one cold sequential ``preadv`` of it.
 Each figure is the median of ``repeats`` runs, ours and the limit interleaved so both see
 the same machine noise.
@@ -79,8 +80,19 @@ def _moves(report: Report, workdir: Path, total: int, block_sizes: list[int], re
         def h2d() -> None:
             transfer(host, fresh, device, scattered)
 
-        pairs = [("device_to_host", d2h, raw_copy), ("host_to_disk", h2disk, raw_write),
-                 ("disk_to_host_cold", disk2h, raw_cold_read), ("host_to_device", h2d, raw_copy)]
+        d2h_limit = h2d_limit = raw_copy
+        if device.device.type == "cuda":  # the PCIe link: one pinned copy each way, not a CPU memcpy
+            pinned = torch.empty(total, dtype=torch.uint8, pin_memory=True)
+            on_dev = torch.empty(total, dtype=torch.uint8, device=device.device)
+
+            def d2h_limit() -> None:
+                pinned.copy_(on_dev)
+
+            def h2d_limit() -> None:
+                on_dev.copy_(pinned)
+                torch.cuda.synchronize()
+        pairs = [("device_to_host", d2h, d2h_limit), ("host_to_disk", h2disk, raw_write),
+                 ("disk_to_host_cold", disk2h, raw_cold_read), ("host_to_device", h2d, h2d_limit)]
         for name, ours, limit in pairs:
             ours()  # warm-up (first touch of fresh pages)
             limit()

@@ -54,6 +54,13 @@ class _Model:
         self.model = LlamaForCausalLM(self.config).eval()
         self._cache_kw = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
         self._DynamicCache = DynamicCache
+        self.device = torch.device("cpu")
+
+    def to(self, device) -> "_Model":
+        """Run the model where the store keeps its device tier (its ``get`` returns KV there)."""
+        self.device = self.torch.device(device)
+        self.model.to(self.device)
+        return self
 
     def new_cache(self):
         try:
@@ -64,7 +71,7 @@ class _Model:
     def forward(self, ids: list[int], cache):
         torch = self.torch
         with torch.no_grad():
-            out = self.model(torch.tensor([ids]), use_cache=True, **{self._cache_kw: cache})
+            out = self.model(torch.tensor([ids], device=self.device), use_cache=True, **{self._cache_kw: cache})
         cache = getattr(out, "cache", None) or getattr(out, "past_key_values")
         return out.logits[0, -1], cache
 
@@ -117,12 +124,14 @@ class Demo:
         systems = [[rng.randrange(c.vocab_size) for _ in range(rng.randrange(150, 260))] for _ in range(3)]
         chats = [(u % 3, list(systems[u % 3])) for u in range(self.users)]
         print(f"model: Llama, {c.num_hidden_layers} layers, {c.num_attention_heads} heads "
-              f"({c.num_key_value_heads} KV heads), hidden {c.hidden_size}, random weights, fp32, CPU")
+              f"({c.num_key_value_heads} KV heads), hidden {c.hidden_size}, random weights, fp32, "
+              f"on {'cuda' if torch.cuda.is_available() else 'cpu'} (the store's device)")
         print(f"store: {bt}-token blocks of {block // 1024} KiB; tiers device {config.device_bytes // block}, "
               f"host {config.host_bytes // block}, disk {config.disk_bytes // block} blocks (temp dir)")
         print(f"workload: {self.users} chats x {self.turns} turns over {len(systems)} shared system prompts\n")
         totals = dict(requests=0, prompt_tokens=0, cached_tokens=0, t_full=0.0, t_cached=0.0, same=0)
         with KVStore(config) as store:
+            m.to(store.device)  # the store hands back KV on its device: the model runs there
             print(f"{'req':>3} {'chat':>4} {'turn':>4} {'prompt':>6} {'cached':>6} {'full ms':>8} "
                   f"{'cached ms':>9}  same tokens")
             for turn in range(self.turns):
@@ -137,7 +146,7 @@ class Demo:
                     # with the store: restore the cached prefix, prefill only the rest
                     t0 = time.perf_counter()
                     hit = min(store.lookup(prompt), (len(prompt) - 1) // bt * bt)  # keep >= 1 token to prefill
-                    cache = m.kv_to_cache(store.get(prompt[:hit])) if hit else m.new_cache()
+                    cache = m.kv_to_cache(store.get(prompt[:hit], device=m.device)) if hit else m.new_cache()
                     logits, cache = m.forward(prompt[hit:], cache)
                     t_cached = time.perf_counter() - t0
                     kv = m.cache_to_kv(cache, len(prompt))

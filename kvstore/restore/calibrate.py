@@ -146,8 +146,34 @@ def measure_gemm(tokens: int, hidden: int, out: int, reps: int, rope: bool) -> t
     t_small = _median_time(call(1), reps * 3, sync)
     t_big = _median_time(call(tokens), reps, sync)
     flops = 2.0 * tokens * hidden * out + (3.0 * tokens * out / 2 if rope else 0.0)
-    rate = flops / max(t_big - t_small, t_big * 0.05, 1e-12)
-    return rate, t_small
+    return believable_rate(flops / max(t_big, 1e-12), dev, dtype), t_small
+
+
+def peak_gemm_rate(device, dtype, n: int | None = None, reps: int = 3) -> float:
+    """FLOP/s of a square ``n x n x n`` GEMM (2048 on CUDA, 256 on CPU): the most this device
+    does in ``dtype``; no rate measured at a smaller shape may exceed it."""
+    import torch
+
+    from kvstore.restore.costmodel import MAX_FLOPS
+
+    n = n or (2048 if device.type == "cuda" else 256)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    t = _median_time(lambda: torch.mm(a, b), reps, sync)
+    return min(2.0 * n ** 3 / max(t, 1e-12), MAX_FLOPS)
+
+
+def believable_rate(rate: float, device, dtype, peak: float | None = None) -> float:
+    """``rate`` capped at what the device can do (``peak``, else measured now, and
+    :data:`MAX_FLOPS`). Rates come from whole-call times (launch latency included), never
+    from the difference of two tiny calls: on a GPU both are launch-bound and their
+    difference is noise (the source of a 3.9 PFLOP/s "measurement" on an H200)."""
+    from kvstore.restore.costmodel import MAX_FLOPS
+
+    if peak is None:
+        peak = peak_gemm_rate(device, dtype)
+    return min(rate, peak, MAX_FLOPS)
 
 
 def measure_remote(url: str, big: int, reps: int, block: int = 256 << 10) -> tuple[float, float]:
@@ -183,9 +209,14 @@ def measure(args: argparse.Namespace):
     d_bw, d_lat = measure_disk(args.dir, big, reps)
     log.info("measuring host->device")
     h_bw, h_lat, kind = measure_host_to_device(big, reps)
-    tokens = min(args.tokens, 128) if quick else args.tokens
-    hidden = min(args.hidden, 512) if quick else args.hidden
-    kvd = min(args.kv_dim, 256) if quick else args.kv_dim
+    # The GEMMs are measured at the shapes the planner plans for: a GPU far from saturated by
+    # tiny shapes would report a rate 100x off. Only a CPU (saturated early) gets smaller ones.
+    import torch
+
+    small = quick and not torch.cuda.is_available()
+    tokens = min(args.tokens, 256) if small else args.tokens
+    hidden = min(args.hidden, 1024) if small else args.hidden
+    kvd = min(args.kv_dim, 512) if small else args.kv_dim
     log.info("measuring recompute GEMM")
     r_rate, r_lat = measure_gemm(tokens, hidden, 2 * kvd, reps, rope=True)
     log.info("measuring prefill GEMM")

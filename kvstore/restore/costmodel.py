@@ -34,6 +34,9 @@ from kvstore.layout import ModelLayout
 LINKS = ("disk->host", "host->device", "disk->device", "remote->host")
 TIERS = ("device", "host", "disk")
 PROFILE_VERSION = 1
+#: no single accelerator today sustains more dense FLOP/s than this (an H200 peaks near 1e15
+#: in bf16): a measured or observed rate above it is a timing artefact, never believed
+MAX_FLOPS = 4e15
 
 
 @dataclass(frozen=True)
@@ -191,6 +194,6 @@ class CostModel:
             busy = seconds - cur.latency_s
             if tokens <= 0 or busy <= 0 or not math.isfinite(seconds):
                 return
-            rate = recompute_flops(layout, tokens) / busy
+            rate = min(recompute_flops(layout, tokens) / busy, MAX_FLOPS)
             self._profile = replace(self._profile, recompute=replace(cur, flops_per_s=self._ewma(cur.flops_per_s, rate)))
             self.observations += 1

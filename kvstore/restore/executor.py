@@ -17,8 +17,10 @@ On CPU the GEMMs (torch intra-op threads) and the file reads release the GIL, so
 overlap; on a 2-core machine they also compete for the cores, which the cost model learns
 because every observed chunk time (contention included) refines it online
 (``CostModel.observe_transfer``/``observe_recompute``). On CUDA the host->device moves run on
-a side stream from pinned staging and the compute stream waits on per-chunk events (code
-path present, tested only where CUDA is).
+a copy stream from pinned memory (whole runs of slots by DMA, re-layout on the device), the
+GEMMs on a compute stream that waits on a per-chunk event of the copy stream; both streams
+first wait for the caller's current stream (``out`` may still be in use there) and the run
+ends with a device synchronise (code path present, tested only where CUDA is).
 
 Layer by layer (``on_layer``): the last stage runs layer-major instead -- for layer ``l``,
 copy every KV block's layer ``l`` and recompute every activation block's layer ``l`` -- and
@@ -44,6 +46,7 @@ from typing import Any, Protocol
 import torch
 
 from allocator import Arena, CorruptSlotError, MemoryArena
+from allocator.rowcopy import copy_rows
 from kvstore.restore.costmodel import CostModel
 from kvstore.errors import InvalidInputError
 from kvstore.layout import ModelLayout
@@ -158,7 +161,9 @@ class Executor:
             srcs = kv_src if payload == "kv" else act_src
             slot_bytes = self.layout.kv_block_bytes(self.block_tokens) if payload == "kv" \
                 else self.layout.act_block_bytes(self.block_tokens)
-            per = max(1, self.chunk_bytes // slot_bytes)
+            # KV from memory needs no pipelining of its own (nothing waits on a part of it), and
+            # every chunk is one more copy call: cut it coarser
+            per = max(1, self.chunk_bytes * (16 if payload == "kv" and tier != "disk" else 1) // slot_bytes)
             for i in range(0, len(blocks), per):
                 part = blocks[i:i + per]
                 chunks.append(_Chunk(payload, tier, arenas[arena_id], part,
@@ -172,7 +177,8 @@ class Executor:
         """Restore the non-prefill blocks of ``steps`` into ``out``.
 
         ``kv_src[b]``/``act_src[b]``: block ``b``'s payload sources (None where absent).
-        ``out``: contiguous ``[layers, 2, m * block_tokens, kv_heads, head_dim]`` of the
+        ``out``: ``[layers, 2, m * block_tokens, kv_heads, head_dim]`` (contiguous, or a token
+        prefix of a contiguous tensor) of the
         layout's dtype, where ``m`` is the number of restored (leading) blocks; block ``b``
         covers tokens ``b*bt .. (b+1)*bt - 1`` and is recomputed at those positions.
         Blocks that fail their checksum are reported (their rows of ``out`` are undefined).
@@ -182,8 +188,11 @@ class Executor:
         if any(s.action == "prefill" for s in steps[:m]):
             raise InvalidInputError("only a suffix of the plan may be left for prefill")
         want = lay.kv_shape(m * bt)
-        if tuple(out.shape) != want or out.dtype != lay.dtype or not out.is_contiguous():
-            raise InvalidInputError(f"out must be a contiguous {want} tensor of {lay.dtype}, "
+        packed = out.dim() == 5 and out.stride(4) == 1 and out.stride(3) == lay.head_dim \
+            and out.stride(2) == lay.num_kv_heads * lay.head_dim  # tokens packed: blocks are views
+        if tuple(out.shape) != want or out.dtype != lay.dtype or not packed:
+            raise InvalidInputError(f"out must be a {want} tensor of {lay.dtype} with packed tokens "
+                                    f"(contiguous, or a token prefix of a contiguous one), "
                                     f"got {tuple(out.shape)} {out.dtype}")
         chunks = self._chunks(steps[:m], kv_src, act_src)
         if any(c.payload == "act" for c in chunks) and adapter is None:
@@ -208,6 +217,13 @@ class _RunState:
         self.out6 = out.view(lay.num_layers, 2, out.shape[2] // bt, bt, lay.num_kv_heads, lay.head_dim)
         self.cuda = out.device.type == "cuda"
         self.copy_stream = torch.cuda.Stream(device=out.device) if self.cuda else None
+        self.compute_stream = torch.cuda.Stream(device=out.device) if self.cuda else None
+        if self.cuda:
+            # ``out`` (and the memory the caching allocator hands either stream) was last used
+            # on the caller's stream: both side streams start after it.
+            caller = torch.cuda.current_stream(out.device)
+            self.copy_stream.wait_stream(caller)
+            self.compute_stream.wait_stream(caller)
         self.corrupt: list[tuple[int, str]] = []
         self.io_errors: list[tuple[str, OSError]] = []
         self.errors: list[BaseException] = []
@@ -280,12 +296,15 @@ class _RunState:
         return act
 
     def _place_kv(self, ch: _Chunk, layer: int | None = None) -> int:
-        """Copy a chunk's KV (all layers, or one) into ``out``: one strided copy per run. Bytes."""
+        """Copy a chunk's KV (all layers, or one) into ``out`` with :func:`allocator.rowcopy.copy_rows`
+        (one strided copy per run; across devices runs of slots by DMA, re-layout on the device). Bytes."""
         rows, by_slot = self._source(ch)
-        for b0, b1, _, _, r0, r1 in self._pieces(ch, by_slot):
-            src = rows[r0:r1] if layer is None else rows[r0:r1, layer:layer + 1]
-            self.out6[slice(None) if layer is None else slice(layer, layer + 1), :, b0:b1].copy_(
-                self._dev(src).permute(1, 2, 0, 3, 4, 5))
+        src_idx = ch.slots if by_slot else range(len(ch.blocks))
+        dst = self.out6.permute(2, 0, 1, 3, 4, 5)  # [blocks, L, 2, bt, H, D]: block b is row b
+        if layer is None:
+            copy_rows(rows, src_idx, dst, ch.blocks)
+        else:
+            copy_rows(rows[:, layer], src_idx, dst[:, layer], ch.blocks)
         per_layer = 1 if layer is not None else self.ex.layout.num_layers
         return len(ch.blocks) * self.ex.layout.kv_block_bytes(self.ex.block_tokens) * per_layer \
             // self.ex.layout.num_layers
@@ -350,6 +369,13 @@ class _RunState:
             arrived.put(None)
 
     def _compute_worker(self) -> None:
+        if not self.cuda:
+            self._compute_loop()
+            return
+        with torch.cuda.device(self.out.device), torch.cuda.stream(self.compute_stream):
+            self._compute_loop()  # GEMMs on their own stream, each chunk after its copy's event
+
+    def _compute_loop(self) -> None:
         bt = self.ex.block_tokens
         wait = (lambda ev: torch.cuda.current_stream(self.out.device).wait_event(ev)) if self.cuda else None
         if self.on_layer is None:
@@ -380,6 +406,7 @@ class _RunState:
         if self.cuda:
             ev = torch.cuda.Event()
             ev.record(self.copy_stream)
+            act.record_stream(self.compute_stream)  # allocated on the copy stream, read by the GEMMs
         nbytes = len(ch.blocks) * self.ex.layout.act_block_bytes(self.ex.block_tokens)
         self._observe_link("host->device" if ch.tier != "device" else "device", nbytes, self.ex.clock() - t)
         self.compute_q.put((ch, act, ev))
@@ -421,8 +448,12 @@ class _RunState:
         arrived: queue.Queue = queue.Queue()  # disk chunks as read; None ends
         L = self.ex.layout.num_layers
         self.layer_done = [_Parts({"copy", "compute"} if self.act_left else {"copy"}) for _ in range(L)]
-        threads = [threading.Thread(target=self._guard(lambda: self._disk_worker(disk_chunks, arrived)),
-                                    name="kvstore-restore-disk", daemon=True)]
+        threads = []
+        if disk_chunks:
+            threads.append(threading.Thread(target=self._guard(lambda: self._disk_worker(disk_chunks, arrived)),
+                                            name="kvstore-restore-disk", daemon=True))
+        else:
+            arrived.put(None)  # nothing to read: no thread to start
         if self.act_left:
             threads.append(threading.Thread(target=self._guard(self._compute_worker),
                                             name="kvstore-restore-compute", daemon=True))

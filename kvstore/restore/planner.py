@@ -327,6 +327,8 @@ def _fast_restore(groups: dict[tuple[str, str], int], costs: _Costs) -> tuple[fl
         return groups.get((p, t), 0)
 
     ls = costs.link_s
+    if not n("act", "disk") and not n("kv", "disk"):
+        return _fast_restore_memory(n("act", "host"), n("kv", "host"), n("act", "device"), costs)
     loads: dict[str, float] = {}
     end = 0.0
     direct = costs.routes["disk"] == ("disk->device",)
@@ -398,8 +400,31 @@ def _fast_restore(groups: dict[tuple[str, str], int], costs: _Costs) -> tuple[fl
     return _share_cores(end, loads, costs), loads
 
 
+def _fast_restore_memory(a: int, k: int, kd: int, costs: _Costs) -> tuple[float, dict[str, float]]:
+    """``_fast_restore`` when nothing comes from disk, in closed form (O(1)): the host->device
+    link carries ``a`` activation blocks then ``k`` KV blocks back to back; compute takes
+    ``kd`` device-resident activation blocks, then each arriving one (arrival ``i * da``):
+    ``t_i = max(t_{i-1}, i * da) + r`` ends at ``max((kd + a) r, a da + r if da >= r else da + a r)``."""
+    hd = "host->device"
+    da, dk = costs.link_s.get((hd, "act"), 0.0), costs.link_s.get((hd, "kv"), 0.0)
+    loads: dict[str, float] = {}
+    end = 0.0
+    busy = a * da + k * dk
+    if busy:
+        loads[hd] = busy
+        end = busy
+    r = costs.recompute_s
+    if kd or a:
+        t = (kd + a) * r
+        if a:
+            t = max(t, a * da + r if da >= r else da + a * r)
+        loads["compute"] = r * (kd + a)
+        end = max(end, t)
+    return _share_cores(end, loads, costs), loads
+
+
 def plan_restore(blocks: Sequence[BlockForms], layout: ModelLayout, block_tokens: int,
-                 profile: CostProfile, *, max_evals: int = 20000, allow_prefill: bool = True) -> Plan:
+                 profile: CostProfile, *, max_evals: int = 2000, allow_prefill: bool = True) -> Plan:
     """The fastest plan for restoring ``blocks`` (see module doc for model and derivation).
 
     ``allow_prefill=False`` restores every block (``KVStore.get``: the caller wants the whole
@@ -454,6 +479,11 @@ def plan_restore(blocks: Sequence[BlockForms], layout: ModelLayout, block_tokens
 
     # Every m in 0..n is feasible (any suffix may be prefilled).
     m_values = range(n + 1) if allow_prefill else range(n, n + 1)
+    grid = _memory_grid(n, forced, prefix_classes, costs, layout, block_tokens, profile, m_values)
+    if grid is not None:  # nothing from disk: every (m, c) in closed form, at once
+        (m, c), lower = grid
+        best["key"] = (m, ((("host", "host"), c),) if prefix_classes[m] else ())
+        m_values = range(0)
     total = 0
     for m in m_values:
         prod = 1
@@ -463,7 +493,9 @@ def plan_restore(blocks: Sequence[BlockForms], layout: ModelLayout, block_tokens
         if total > max_evals:
             break
     exact = total <= max_evals
-    if exact:
+    if grid is not None:
+        exact = True
+    elif exact:
         for m in m_values:
             cls = classes(m)
             names = sorted(cls)
@@ -485,6 +517,49 @@ def plan_restore(blocks: Sequence[BlockForms], layout: ModelLayout, block_tokens
         ops.append(Op("compute", m, "prefill", restore, restore + p))
     return Plan(steps=steps, predicted_s=predicted, lower_bound_s=min(lower, predicted),
                 restore_s=restore, prefill_tokens=prefill_tokens, schedule=tuple(ops), exact=exact)
+
+
+def _memory_grid(n: int, forced, prefix_classes, costs: _Costs, layout: ModelLayout, block_tokens: int,
+                 profile: CostProfile, m_values: range) -> tuple[tuple[int, int], float] | None:
+    """The exact search when no block has a form on disk and the only two-form class is
+    (KV on host, activations on host) -- a restore from host memory, the common case:
+    :func:`_fast_restore_memory`'s closed form over every ``(m, c)`` (``c`` blocks of the
+    first ``m`` recomputed) as one array expression. Returns ``((m, c), lower bound)`` of the
+    best (ties: more blocks restored, then fewer recomputed), or None when it does not apply
+    or the grid would exceed 4M cells. O(n^2) array work, O(n) Python."""
+    import numpy as np
+
+    if any(k not in (("host", "host"),) for k in prefix_classes[n]) or (n + 1) ** 2 > 4_000_000:
+        return None
+    if any(t == "disk" for key in forced[n] for t in key[1:]):
+        return None
+    hd = "host->device"
+    da, dk = costs.link_s.get((hd, "act"), 0.0), costs.link_s.get((hd, "kv"), 0.0)
+    r = costs.recompute_s
+    ms = np.asarray(list(m_values), dtype=np.int64)
+    size = np.array([prefix_classes[m].get(("host", "host"), 0) for m in ms], dtype=np.float64)[:, None]
+    a0 = np.array([forced[m].get(("act", "host"), 0) for m in ms], dtype=np.float64)[:, None]
+    k0 = np.array([forced[m].get(("kv", "host"), 0) for m in ms], dtype=np.float64)[:, None]
+    kd = np.array([forced[m].get(("act", "device"), 0) for m in ms], dtype=np.float64)[:, None]
+    prefill = np.array([profile.prefill_s(layout, block_tokens * (n - m)) for m in ms])[:, None]
+    c = np.arange(int(size.max(initial=0)) + 1, dtype=np.float64)[None, :]
+    valid = c <= size
+    a = a0 + c
+    busy = a * da + (k0 + size - c) * dk
+    compute = (kd + a) * r
+    arrive = np.where(a > 0, a * da + r if da >= r else da + a * r, 0.0)
+    end = np.maximum(busy, np.where(kd + a > 0, np.maximum(compute, arrive), 0.0))
+    heavy = np.maximum(busy, compute)
+    if costs.shared:
+        end = np.maximum(end, busy + compute)
+        heavy = np.maximum(heavy, busy + compute)
+    total = np.where(valid, end + prefill, np.inf)
+    lower = float(np.where(valid, heavy + prefill, np.inf).min())
+    best_c = total.argmin(axis=1)  # first minimum: fewest recomputed
+    best_t = total[np.arange(len(ms)), best_c]
+    t_min = best_t.min()
+    i = max(j for j in range(len(ms)) if best_t[j] <= t_min * (1 + 1e-12))  # most restored
+    return (int(ms[i]), int(best_c[i])), min(lower, float(t_min))
 
 
 def _bounded_search(n: int, classes, evaluate, allow_prefill: bool = True) -> None:

@@ -26,9 +26,11 @@ from kvstore.layout import ModelLayout
 log = logging.getLogger(__name__)
 
 
-def measure_recompute(layout: ModelLayout, tokens: int, device: torch.device, reps: int = 3
-                      ) -> tuple[float, float]:
-    """(flops/s, per-call latency) of the K/V GEMM at the layout's shapes, dtype and device."""
+def measure_recompute(layout: ModelLayout, tokens: int, device: torch.device, reps: int = 3,
+                      peak: float | None = None) -> tuple[float, float]:
+    """(flops/s, per-call latency) of the K/V GEMM at the layout's shapes, dtype and device:
+    the rate from the whole call at ``tokens`` tokens (never from the difference of two
+    launch-bound calls), capped at the device's square-GEMM ``peak``."""
     kvd = layout.num_kv_heads * layout.head_dim
     w = torch.randn(2 * kvd, layout.hidden_size, device=device).to(layout.dtype)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -44,9 +46,11 @@ def measure_recompute(layout: ModelLayout, tokens: int, device: torch.device, re
             sync()
             best = min(best, time.perf_counter() - t0)
         return best
+    from kvstore.restore.calibrate import believable_rate
+
     small, big = timed(1), timed(tokens)
     per_layer = recompute_flops(layout, tokens) / layout.num_layers
-    return per_layer / max(big - small, big * 0.05, 1e-9), small * layout.num_layers
+    return believable_rate(per_layer / max(big, 1e-12), device, layout.dtype, peak), small * layout.num_layers
 
 
 def quick_profile(layout: ModelLayout, device: torch.device | None = None, tokens: int = 256) -> CostProfile:
@@ -54,12 +58,17 @@ def quick_profile(layout: ModelLayout, device: torch.device | None = None, token
     from kvstore.restore import calibrate
 
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        tokens = max(tokens, 4096)  # a restore's chunk; a GPU is launch-bound below that
     d_bw, d_lat = calibrate.measure_disk(None, 8 << 20, 3)
     h_bw, h_lat, kind = calibrate.measure_host_to_device(16 << 20, 3)
-    r_rate, r_lat = measure_recompute(layout, tokens, device)
-    # A forward is mostly larger GEMMs than the K/V one: at least the same rate.
+    peak = calibrate.peak_gemm_rate(device, layout.dtype)
+    r_rate, r_lat = measure_recompute(layout, tokens, device, peak=peak)
+    # A forward is mostly larger GEMMs than the K/V one: at least the same rate (already capped
+    # at the square-GEMM peak: a prefill believed faster than the chip skips every restore).
+    p_rate = r_rate
     return CostProfile(links={"disk->host": LinkCost(d_bw, d_lat), "host->device": LinkCost(h_bw, h_lat)},
-                       recompute=ComputeCost(r_rate, r_lat), prefill=ComputeCost(r_rate, 1e-3), device=kind,
+                       recompute=ComputeCost(r_rate, r_lat), prefill=ComputeCost(p_rate, 1e-3), device=kind,
                        shared_compute=(kind == "cpu"),
                        meta={"source": "quick measurement", "measured_at": time.time()})
 

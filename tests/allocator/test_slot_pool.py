@@ -71,3 +71,28 @@ def test_seeded_stress_keeps_invariants(rng):
                 del held[s]
         assert pool.used_count == len(held)
         pool._check()
+
+
+def test_batched_refcounts_match_one_at_a_time(rng):
+    from allocator import SlotPool
+
+    a, b = SlotPool(32), SlotPool(32)
+    sa, sb = a.allocate_many(20), b.allocate_many(20)
+    assert sa == sb
+    picks = [rng.choice(sa) for _ in range(40)]  # with repeats
+    a.incref_many(picks)
+    for s in picks:
+        b.incref(s)
+    assert [a.refcount(s) for s in range(32)] == [b.refcount(s) for s in range(32)]
+    decs = picks + sa[:5]
+    freed = a.decref_many(decs)
+    want = [s for s in set(decs) if decs.count(s) == b.refcount(s)]  # the last reference goes
+    for s in decs:
+        b.decref(s)
+    assert sorted(freed) == sorted(want) and a.free_count == b.free_count
+    assert [a.refcount(s) for s in range(32)] == [b.refcount(s) for s in range(32)]
+    with pytest.raises(ValueError):
+        a.incref_many([sorted(set(range(32)) - set(sa))[0]])
+    with pytest.raises(ValueError):
+        a.decref_many(freed[:1] or [31])
+    a._check()

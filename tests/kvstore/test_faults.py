@@ -10,6 +10,8 @@ import os
 import pytest
 import torch
 
+from tests.helpers import same
+
 from allocator import FileOps
 from allocator.disk import slab_file_bytes
 from kvstore import BlockNotFoundError, KVStore, StoreConfig
@@ -68,7 +70,7 @@ def test_enospc_on_demotion_degrades_disk_and_keeps_serving(faulty_store, layout
     for p in range(6):  # what is still cached is exact; the rest is a clean miss
         n = s.lookup(prompt(p))
         if n:
-            assert torch.equal(s.get(prompt(p)[:n]), kv_for(layout, 8, p)[:, :, :n])
+            assert same(s.get(prompt(p)[:n]), kv_for(layout, 8, p)[:, :, :n])
     assert s.lookup(prompt(5)) == 8
 
 
@@ -86,7 +88,7 @@ def test_eio_on_read_reports_a_miss_and_later_puts_skip_the_disk(faulty_store, l
     ops.fail_read = None
     for p in range(4, 8):
         assert s.put(prompt(p), kv_for(layout, 8, p)) == 8
-    assert torch.equal(s.get(prompt(7)), kv_for(layout, 8, 7))
+    assert same(s.get(prompt(7)), kv_for(layout, 8, 7))
     s._check()
 
 
@@ -99,7 +101,7 @@ def test_slab_truncated_underneath_reads_as_missing(faulty_store, layout):
     with pytest.raises(BlockNotFoundError, match="checksum"):
         s.get(prompt(0))
     assert s.stats()["corrupt_blocks"] >= 1
-    assert torch.equal(s.get(prompt(3)), kv_for(layout, 8, 3))  # memory tiers unaffected
+    assert same(s.get(prompt(3)), kv_for(layout, 8, 3))  # memory tiers unaffected
     s._check()
 
 
@@ -109,5 +111,5 @@ def test_slab_deleted_underneath_keeps_working(faulty_store, layout):
         s.put(prompt(p), kv_for(layout, 8, p))
     os.unlink(s._tiers.tiers[-1].arena.path)  # the open descriptor still holds the file
     for p in range(4):
-        assert torch.equal(s.get(prompt(p)), kv_for(layout, 8, p))
+        assert same(s.get(prompt(p)), kv_for(layout, 8, p))
     s._check()

@@ -13,6 +13,8 @@ import textwrap
 import pytest
 import torch
 
+from tests.helpers import same
+
 from allocator.disk import slab_file_bytes
 from kvstore import BlockNotFoundError, ConfigError, KVStore, ModelLayout, StoreConfig
 
@@ -44,7 +46,7 @@ def test_clean_restart_keeps_every_block(layout, tmp_path):
         assert s.recovered_blocks == 24
         for p in range(8):
             assert s.lookup(prompt(p)) == 12
-            assert torch.equal(s.get(prompt(p)), kv_for(layout, 12, p))
+            assert same(s.get(prompt(p)), kv_for(layout, 12, p))
         s._check()
 
 
@@ -71,8 +73,8 @@ def test_torn_payload_is_reported_missing_after_restart(layout, tmp_path):
         with pytest.raises(BlockNotFoundError, match="checksum"):
             s.get(prompt(1))
         assert s.lookup(prompt(1)) == 8
-        assert torch.equal(s.get(prompt(1)[:8]), kv_for(layout, 12, 1)[:, :, :8])
-        assert torch.equal(s.get(prompt(0)), kv_for(layout, 12, 0))
+        assert same(s.get(prompt(1)[:8]), kv_for(layout, 12, 1)[:, :, :8])
+        assert same(s.get(prompt(0)), kv_for(layout, 12, 0))
 
 
 def test_persist_needs_a_path_and_one_owner(layout, tmp_path):
@@ -121,7 +123,7 @@ def test_sigkill_mid_put_storm_loses_no_acknowledged_block(layout, tmp_path):
     with durable(layout, tmp_path, disk=256) as s:
         for p in acked:
             assert s.lookup(prompt(p)) == 12, f"acknowledged prompt {p} lost"
-            assert torch.equal(s.get(prompt(p)), kv_for(layout, 12, p))
+            assert same(s.get(prompt(p)), kv_for(layout, 12, p))
         s._check()
         report = {"acked": len(acked), "recovered": s.recovered_blocks}
     assert report["recovered"] >= 3 * len(acked), json.dumps(report)

@@ -6,6 +6,8 @@ import threading
 import pytest
 import torch
 
+from tests.helpers import same
+
 from kvstore import (BlockNotFoundError, ConfigError, InvalidInputError, KVStore, ModelLayout,
                      StoreClosedError, StoreConfig)
 
@@ -33,8 +35,8 @@ def test_put_lookup_get_roundtrip(layout, tmp_path):
         assert s.put(tokens, kv) == 8  # only full blocks
         assert s.lookup(tokens) == 8
         assert s.lookup(tokens[:7]) == 4
-        assert torch.equal(s.get(tokens[:8]), kv[:, :, :8])
-        assert torch.equal(s.get(tokens[:4]), kv[:, :, :4])
+        assert same(s.get(tokens[:8]), kv[:, :, :8])
+        assert same(s.get(tokens[:4]), kv[:, :, :4])
         assert s.lookup([99] + tokens[1:]) == 0
         s._check()
 
@@ -49,7 +51,7 @@ def test_shared_prefix_is_stored_once(layout, tmp_path):
         assert s.put(base + [200, 201, 202, 203], kv_b) == 12
         st = s.stats()
         assert st["blocks"] == 4 and st["dedup_blocks"] == 2 and st["put_blocks"] == 4
-        assert torch.equal(s.get(base + [200, 201, 202, 203]), kv_b)
+        assert same(s.get(base + [200, 201, 202, 203]), kv_b)
 
 
 def test_get_of_uncached_prefix_raises_keyerror(layout, tmp_path):
@@ -76,7 +78,7 @@ def test_blocks_demote_to_disk_and_come_back_exact(layout, tmp_path):
         for tokens, kv in kvs.values():
             n = s.lookup(tokens)
             if n:
-                assert torch.equal(s.get(tokens[:n]), kv[:, :, :n])
+                assert same(s.get(tokens[:n]), kv[:, :, :n])
             s._check()
         assert s.stats()["tiers"]["disk"]["hits"] > 0
         assert s.stats()["promotions"] > 0
@@ -120,7 +122,7 @@ def test_bad_kv_is_rejected_and_nothing_changes(layout, tmp_path, bad_kv, msg):
         with pytest.raises(InvalidInputError, match="empty"):
             s.lookup([])
         assert s.stats()["blocks"] == 2
-        assert torch.equal(s.get(list(range(8))), kept)
+        assert same(s.get(list(range(8))), kept)
         s._check()
 
 
@@ -179,7 +181,7 @@ def test_pinned_blocks_are_not_evicted_while_read(layout, tmp_path):
         assert s.stats()["rejected_blocks"] == 2
         for e in entries:
             s._tiers.unpin(e, e.tier, e.slot)
-        assert torch.equal(s.get(tokens), kv)
+        assert same(s.get(tokens), kv)
         assert s.put(list(range(100, 108)), make_kv(layout, 8, 1)) == 8
         s._check()
 
@@ -218,7 +220,7 @@ def test_threads_share_a_store_safely(layout, tmp_path):
                     n = s.lookup(tokens)
                     if n:
                         try:
-                            assert torch.equal(s.get(tokens[:n]), kv[:, :, :n])
+                            assert same(s.get(tokens[:n]), kv[:, :, :n])
                         except BlockNotFoundError:
                             pass  # evicted between lookup and get: a clean miss
             except BaseException as exc:  # noqa: BLE001
@@ -278,7 +280,7 @@ def test_seeded_stress_against_reference(layout, tmp_path, seed, persist):
                 if n:
                     got = s.get(tokens[:n])
                     want = torch.cat([reference[tuple(tokens[:(b + 1) * BT])] for b in range(n // BT)], dim=2)
-                    assert torch.equal(got, want), f"step {step}: bytes differ"
+                    assert same(got, want), f"step {step}: bytes differ"
             s._check()
             for tier in s.stats()["tiers"].values():
                 assert tier["used_blocks"] <= tier["capacity_blocks"]

@@ -16,6 +16,8 @@ from hypothesis.stateful import Bundle, RuleBasedStateMachine, invariant, rule
 import pytest
 import torch
 
+from tests.helpers import same
+
 from allocator.disk import slab_file_bytes
 from kvstore import BlockNotFoundError, InvalidInputError, KVStore, ModelLayout, StoreConfig
 
@@ -82,7 +84,7 @@ class StoreMachine(RuleBasedStateMachine):
             self.hits += 1
             got = self.store.get(tokens[:n])
             want = torch.cat([self.model[tuple(tokens[:(b + 1) * BT])] for b in range(n // BT)], dim=2)
-            assert torch.equal(got, want)
+            assert same(got, want)
 
     @rule(tokens=prompts)
     def get_beyond_the_cached_prefix_is_a_clean_miss(self, tokens):

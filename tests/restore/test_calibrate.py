@@ -47,3 +47,24 @@ def test_default_path_is_in_user_cache_dir() -> None:
 def test_fit_recovers_line() -> None:
     bw, lat = calibrate._fit(4096, 1e-5 + 4096 / 2e9, 1 << 26, 1e-5 + (1 << 26) / 2e9)
     assert bw == pytest.approx(2e9) and lat == pytest.approx(1e-5)
+
+
+def test_rates_are_never_above_what_the_device_does(layout) -> None:
+    """A rate from launch-bound calls (or a too-short observation) is capped, never believed."""
+    import torch
+
+    from kvstore.restore.costmodel import MAX_FLOPS, ComputeCost, CostModel, CostProfile, LinkCost
+    from kvstore.restore.profiles import measure_recompute
+
+    cpu = torch.device("cpu")
+    assert calibrate.believable_rate(1e30, cpu, torch.float32, peak=5e9) == 5e9
+    assert calibrate.believable_rate(1e30, cpu, torch.float32, peak=1e30) == MAX_FLOPS
+    rate, _ = measure_recompute(layout, 64, cpu, peak=1e6)
+    assert rate <= 1e6
+    peak = calibrate.peak_gemm_rate(cpu, torch.float32, n=128)
+    assert 1e6 < peak <= MAX_FLOPS
+    cm = CostModel(CostProfile(links={"disk->host": LinkCost(1e9), "host->device": LinkCost(1e9)},
+                               recompute=ComputeCost(1e9, 1e-3), prefill=ComputeCost(1e9)))
+    for _ in range(50):
+        cm.observe_recompute(layout, 4096, 1e-3 + 1e-15)  # busy time ~0: an absurd rate
+    assert cm.profile.recompute.flops_per_s <= MAX_FLOPS

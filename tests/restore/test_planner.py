@@ -263,3 +263,30 @@ def test_planner_matches_brute_force_on_shared_cores(case: int) -> None:
     plan = plan_restore(blocks, MHA, bt, profile)
     best = min(simulate(blocks, acts, MHA, bt, profile)[0] for acts in _all_assignments(blocks))
     assert plan.predicted_s == pytest.approx(best, rel=1e-9), f"case {case}"
+
+
+def test_memory_grid_matches_brute_force() -> None:
+    """Restores with nothing on disk take the closed-form grid search: it must find the
+    brute-force optimum over every (restored prefix, recompute count)."""
+    from kvstore.restore.planner import _actions_for, simulate
+
+    seed = random.randrange(2**32)
+    rng = random.Random(seed)
+    for _ in range(60):
+        n = rng.randint(1, 12)
+        choices = [BlockForms(kv="host", act="host")] * 4 + [BlockForms(kv="host", act=None),
+                                                             BlockForms(kv=None, act="host"),
+                                                             BlockForms(kv="device", act=None)]
+        blocks = [rng.choice(choices) for _ in range(n)]
+        prof = _random_profile(rng, direct=False, shared=rng.random() < 0.3)
+        lay = rng.choice([MHA, GQA])
+        allow = rng.random() < 0.7
+        plan = plan_restore(blocks, lay, 16, prof, allow_prefill=allow)
+        best = float("inf")
+        for m in (range(n + 1) if allow else [n]):
+            size = sum(1 for b in blocks[:m] if b.kv == "host" and b.act == "host")
+            for c in range(size + 1):
+                best = min(best, simulate(blocks, _actions_for(blocks, m, {("host", "host"): c} if size else {}),
+                                          lay, 16, prof)[0])
+        assert plan.exact and plan.predicted_s == pytest.approx(best, rel=1e-9), f"seed={seed}"
+        assert plan.lower_bound_s <= plan.predicted_s * (1 + 1e-9), f"seed={seed}"

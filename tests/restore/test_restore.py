@@ -13,6 +13,8 @@ import threading
 import pytest
 import torch
 
+from tests.helpers import same
+
 transformers = pytest.importorskip("transformers")
 
 from allocator.disk import KIND_ACT, slab_file_bytes  # noqa: E402
@@ -75,6 +77,7 @@ def _store(adapter, tmp_path, *, mode="beside", act_blocks=0, host=64, disk=0, s
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    b = b.to(a.device)  # compared on one device (results come back on the store's)
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
@@ -100,10 +103,10 @@ def test_get_mixed_plan_equals_models_kv(arch, tmp_path, seed):
         for st in plan.steps:  # KV-read blocks are bytes equal to what was put
             if st.action == "kv":
                 sl = slice(st.block * BT, (st.block + 1) * BT)
-                assert torch.equal(res.kv[:, :, sl], kv[:, :, sl])
+                assert same(res.kv[:, :, sl], kv[:, :, sl])
         got = s.get(ids[0])
         assert _rel(got, kv) < 1e-5
-        assert torch.equal(s.get(ids[0], exact=True), kv)  # exact: never recompute a block with KV
+        assert same(s.get(ids[0], exact=True), kv)  # exact: never recompute a block with KV
         assert s.stats()["recomputed_blocks"] > 0 or arch == "qwen2"
         s._check()
 
@@ -123,7 +126,7 @@ def test_instead_mode_lookup_needs_an_adapter(tmp_path):
         assert s.lookup(ids[0], adapter=adapter) == 24
         got = s.get(ids[0], adapter=adapter, exact=True)  # act-only blocks must be recomputed
         assert _rel(got, kv) < 1e-5
-        assert torch.equal(got[:, :, 12:], kv[:, :, 12:])
+        assert same(got[:, :, 12:], kv[:, :, 12:])
         s._check()
 
 
@@ -162,7 +165,7 @@ def test_activations_ignored_without_act_share(tmp_path):
     with KVStore(StoreConfig(layout=lay, block_tokens=BT, device_bytes=0, host_bytes=8 * lay.kv_block_bytes(BT)),
                  adapter=adapter) as s:
         assert s.put(ids[0], kv, activations=act) == 16
-        assert torch.equal(s.get(ids[0]), kv)
+        assert same(s.get(ids[0]), kv)
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
@@ -179,7 +182,7 @@ def test_greedy_generation_from_load_equals_plain_generation(arch, tmp_path, see
     with _store(adapter, tmp_path, profile=prof, mode=rng.choice(["beside", "instead"]),
                 act_blocks=rng.choice([0, 2, 4])) as s:
         s.put(prompt[0, :24], kv, activations=act)
-        res = s.load(prompt[0])
+        res = s.load(prompt[0], device=next(model.parameters()).device)  # the model's device
         n = res.tokens_restored
         assert n % BT == 0 and n <= 24
         baseline = model.generate(prompt, attention_mask=mask, max_new_tokens=6, do_sample=False)
