@@ -71,25 +71,36 @@ def new_cache() -> Any:
     return DynamicCache()
 
 
-def cache_layers(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """``[(key, value), ...]`` per layer, each ``[batch, kv_heads, tokens, head_dim]``.
+def cache_layers(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor, int]]:
+    """``[(key, value, seen), ...]`` per layer: K/V ``[batch, kv_heads, slots, head_dim]`` and the
+    number of tokens the layer has been given.
 
-    Understands ``.layers`` (``keys``/``values``), ``.key_cache``/``.value_cache`` lists and
-    legacy tuples; anything else raises ``NotImplementedError`` naming its type. A layer not
-    yet written (``keys is None``) is returned as empty tensors so length checks catch it.
+    ``seen`` differs from ``slots`` where a layer does not hold each token it saw exactly
+    once (a sliding-window layer that dropped old tokens, a preallocated static layer); the
+    caller must refuse such a layer rather than read its slots as the first tokens.
+    Understands ``.layers`` (``keys``/``values``), a ``DynamicCache``'s
+    ``.key_cache``/``.value_cache`` lists and legacy tuples; anything else (e.g. the
+    fixed-size ``StaticCache``/``HybridCache`` lists of older releases) raises
+    ``NotImplementedError`` naming its type. A layer not yet written is returned empty.
     """
     if hasattr(cache, "layers") and isinstance(cache.layers, (list, tuple)):
         out = []
         for layer in cache.layers:
             k, v = getattr(layer, "keys", None), getattr(layer, "values", None)
-            if k is None or v is None or not isinstance(k, torch.Tensor):
-                k = v = torch.empty(0, 0, 0, 0)
-            out.append((k, v))
+            if not isinstance(k, torch.Tensor) or not isinstance(v, torch.Tensor) or k.dim() != 4:
+                out.append((torch.empty(0, 0, 0, 0), torch.empty(0, 0, 0, 0), 0))
+                continue
+            seen = layer.get_seq_length() if callable(getattr(layer, "get_seq_length", None)) else k.shape[-2]
+            out.append((k, v, int(seen)))
         return out
     if isinstance(getattr(cache, "key_cache", None), list) and isinstance(getattr(cache, "value_cache", None), list):
-        return list(zip(cache.key_cache, cache.value_cache))
+        from transformers import DynamicCache
+
+        if not isinstance(cache, DynamicCache):
+            raise unsupported(f"a cache of type {type(cache).__name__} (fixed-size or windowed key_cache lists)")
+        return [(k, v, k.shape[-2]) for k, v in zip(cache.key_cache, cache.value_cache)]
     if isinstance(cache, (tuple, list)) and all(isinstance(p, (tuple, list)) and len(p) >= 2 for p in cache):
-        return [(p[0], p[1]) for p in cache]
+        return [(p[0], p[1], p[0].shape[-2]) for p in cache]
     raise unsupported(f"a cache of type {type(cache).__name__} (neither .layers, .key_cache/.value_cache "
                       "nor a tuple of (key, value) pairs)")
 
@@ -121,6 +132,7 @@ def probe_cache_layout() -> str:
     k = torch.arange(6, dtype=torch.float32).view(1, 1, 3, 2)
     cache.update(k, k + 1, 0)
     layers = cache_layers(cache)
-    if len(layers) != 1 or not torch.equal(layers[0][0], k) or not torch.equal(layers[0][1], k + 1):
+    if len(layers) != 1 or not torch.equal(layers[0][0], k) or not torch.equal(layers[0][1], k + 1) \
+            or layers[0][2] != 3:
         raise unsupported(f"{type(cache).__name__} of this release (written KV does not read back)")
     return "layers" if hasattr(cache, "layers") else "key_cache lists"

@@ -218,9 +218,11 @@ class HFAdapter:
             raise CaptureError(f"the model's cache has {len(layers)} layers, expected {lay.num_layers} "
                                f"(did the forward ignore the {self._base_cache_keyword!r} it was given?)")
         per_layer = []
-        for i, (k, v) in enumerate(layers):
+        for i, (k, v, seen) in enumerate(layers):
             repeat = self._proj[i].cache_repeat
             want = (1, lay.num_kv_heads * repeat, past_len + tokens, lay.head_dim)
+            if seen != k.shape[2]:
+                raise CaptureError(f"layer {i} of the model's cache holds {k.shape[2]} of the {seen} tokens it saw")
             if tuple(k.shape) != want or tuple(v.shape) != want:
                 raise CaptureError(f"layer {i} of the model's cache holds K {tuple(k.shape)}, V {tuple(v.shape)}; "
                                    f"expected {want} ({past_len} cached + {tokens} new tokens)")
@@ -249,6 +251,10 @@ class HFAdapter:
             raise InvalidInputError(f"input_ids must be [T] or [1, T] with T > 0, got {tuple(ids.shape)}")
         return ids.to(self.device)
 
+    def new_cache(self) -> Any:
+        """An empty cache for this model's forward (pass it under ``cache_keyword``); keeps every token."""
+        return compat.new_cache()
+
     def to_cache(self, kv: torch.Tensor) -> Any:
         """A ``DynamicCache`` holding ``kv`` (``[L, 2, T, H, D]``), for ``forward``/``generate``.
 
@@ -259,6 +265,42 @@ class HFAdapter:
         cache = compat.new_cache()
         compat.fill_cache(cache, kv.to(dtype=self.layout.dtype), self.device, self._repeats)
         return cache
+
+    def from_cache(self, cache: Any, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """Tokens ``start..stop`` of a model-filled cache (any layout this release uses) as ``[L, 2, T, H, D]``.
+
+        What an engine calls after its own prefill to ``put`` the KV. Raises
+        :class:`CaptureError` if the cache does not have this model's layers and heads or
+        holds fewer than ``stop`` tokens in some layer (e.g. a sliding-window layer that
+        dropped old tokens). ``O(L * T * H * D)`` copy.
+        """
+        layers = compat.cache_layers(cache)
+        lay = self.layout
+        if len(layers) != lay.num_layers:
+            raise CaptureError(f"the cache has {len(layers)} layers, expected {lay.num_layers}")
+        for i, (k, _, seen) in enumerate(layers):
+            if seen != k.shape[2]:
+                raise CaptureError(f"layer {i} of the cache holds {k.shape[2]} of the {seen} tokens it saw "
+                                   "(a sliding-window or preallocated layer)")
+        lengths = {k.shape[2] for k, _, _ in layers}
+        if len(lengths) != 1:
+            raise CaptureError(f"the cache's layers hold different numbers of tokens {sorted(lengths)} "
+                               "(a sliding-window layer drops old tokens)")
+        held = lengths.pop()
+        stop = held if stop is None else stop
+        if not 0 <= start <= stop <= held:
+            raise CaptureError(f"asked for tokens {start}..{stop} of a cache holding {held}")
+        per_layer = []
+        for i, (k, v, _) in enumerate(layers):
+            repeat = self._proj[i].cache_repeat
+            want = (1, lay.num_kv_heads * repeat)
+            if tuple(k.shape[:2]) != want or tuple(v.shape[:2]) != want or k.shape[3] != lay.head_dim:
+                raise CaptureError(f"layer {i} of the cache holds K {tuple(k.shape)}, expected {want} heads x "
+                                   f"tokens x {lay.head_dim}")
+            if repeat > 1:
+                k, v = self._unrepeat(k, repeat, i), self._unrepeat(v, repeat, i)
+            per_layer.append(torch.stack([k[0, :, start:stop].transpose(0, 1), v[0, :, start:stop].transpose(0, 1)]))
+        return torch.stack(per_layer).contiguous()
 
     @staticmethod
     def output_cache(out: Any) -> Any:
@@ -307,7 +349,11 @@ class HFAdapter:
             for layer in range(a, b):
                 proj, norm, rot = self._proj[layer], self._norms[layer], self._rotary[layer]
                 x = act[layer - offset].to(device=self.device, dtype=lay.dtype)
-                y = torch.nn.functional.linear(x, proj.weight, proj.bias)  # [T, 2*kvd]: the one GEMM
+                if proj.fused_bias:
+                    y = torch.nn.functional.linear(x, proj.weight, proj.bias)  # [T, 2*kvd]: the one GEMM
+                else:  # rounded as the model rounds it: the product, then the bias
+                    y = torch.nn.functional.linear(x, proj.weight)
+                    y = y if proj.bias is None else y + proj.bias
                 k = y[:, :kvd].view(tokens, heads, dim)
                 if norm is not None or rot is not None:
                     k4 = k.transpose(0, 1)[None]  # [1, H, T, D], the layout the model's modules take

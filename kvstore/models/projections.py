@@ -23,9 +23,10 @@ from torch import nn
 
 from kvstore.models.compat import unsupported
 
-#: Linear subclasses known to compute exactly ``x @ W^T + b`` (anything else, e.g. a quantised
-#: or LoRA-wrapped projection, is refused by name).
-_PLAIN_LINEAR_SUBCLASSES = frozenset({"FalconLinear"})
+#: Linear subclasses known to compute ``x @ W^T`` then ``+ b`` as two operations (two roundings
+#: in low precision, which recompute reproduces); anything else, e.g. a quantised or
+#: LoRA-wrapped projection, is refused by name.
+_UNFUSED_BIAS_LINEARS = frozenset({"FalconLinear"})
 
 
 @dataclass(frozen=True)
@@ -46,13 +47,14 @@ class KVProjection:
     head_dim: int
     hidden: int
     cache_repeat: int = 1
+    fused_bias: bool = True  # False: the model adds the bias after the matmul (FalconLinear)
 
 
 def _linear(attn: nn.Module, name: str, layer: int) -> nn.Linear:
     mod = getattr(attn, name, None)
     if mod is None:
         raise unsupported(f"attention {type(attn).__name__} in layer {layer} without {name!r}")
-    if type(mod) is not nn.Linear and type(mod).__name__ not in _PLAIN_LINEAR_SUBCLASSES:
+    if type(mod) is not nn.Linear and type(mod).__name__ not in _UNFUSED_BIAS_LINEARS:
         raise unsupported(f"{name} of type {type(mod).__name__} in layer {layer} "
                           "(quantised or wrapped projections)")
     return mod
@@ -116,7 +118,7 @@ def qkv_per_head(attn: nn.Module, config: Any, layer: int, name: str = "query_ke
         raise unsupported(f"{name} of {mod.out_features} rows for {heads} heads of {hd} in layer {layer}")
     idx = torch.arange(heads)
     weight, bias = _gather(mod.weight, mod.bias, _head_rows(idx, 3 * hd, hd, hd), _head_rows(idx, 3 * hd, 2 * hd, hd))
-    return KVProjection(mod, weight, bias, heads, hd, mod.in_features)
+    return KVProjection(mod, weight, bias, heads, hd, mod.in_features, fused_bias=type(mod) is nn.Linear)
 
 
 def falcon(attn: nn.Module, config: Any, layer: int) -> KVProjection:
@@ -132,7 +134,8 @@ def falcon(attn: nn.Module, config: Any, layer: int) -> KVProjection:
         idx = torch.arange(kvh)
         weight, bias = _gather(mod.weight, mod.bias, _head_rows(idx, group * hd, (group - 2) * hd, hd),
                                _head_rows(idx, group * hd, (group - 1) * hd, hd))
-        return KVProjection(mod, weight, bias, kvh, hd, mod.in_features, cache_repeat=heads // kvh)
+        return KVProjection(mod, weight, bias, kvh, hd, mod.in_features, cache_repeat=heads // kvh,
+                            fused_bias=type(mod) is nn.Linear)
     if getattr(config, "multi_query", False):
         mod = _linear(attn, "query_key_value", layer)
         hd, heads = _head_dim(attn, config), config.num_attention_heads
@@ -140,7 +143,7 @@ def falcon(attn: nn.Module, config: Any, layer: int) -> KVProjection:
             raise unsupported(f"falcon multi-query query_key_value of {mod.out_features} rows in layer {layer}")
         q = heads * hd
         weight, bias = _gather(mod.weight, mod.bias, torch.arange(q, q + hd), torch.arange(q + hd, q + 2 * hd))
-        return KVProjection(mod, weight, bias, 1, hd, mod.in_features)
+        return KVProjection(mod, weight, bias, 1, hd, mod.in_features, fused_bias=type(mod) is nn.Linear)
     return qkv_per_head(attn, config, layer)
 
 

@@ -209,10 +209,17 @@ def test_capture_refuses_a_cache_that_drops_tokens(monkeypatch, device: str) -> 
     adapter = HFAdapter(model)
     real_layers = compat.cache_layers
 
-    def window_tail(cache):
-        return [(k[:, :, -8:], v[:, :, -8:]) for k, v in real_layers(cache)]
+    def window_tail(cache):  # what a sliding layer of a config-built cache holds, and says it saw
+        return [(k[:, :, -8:], v[:, :, -8:], seen) for k, v, seen in real_layers(cache)]
 
     monkeypatch.setattr(compat, "cache_layers", window_tail)
+    with pytest.raises(CaptureError, match="holds 8 of the 20 tokens"):
+        adapter.capture(_ids(20, 8).to(device))
+
+    def window_tail_unaware(cache):  # a layer that does not even know it dropped tokens
+        return [(k[:, :, -8:], v[:, :, -8:], 8) for k, v, _ in real_layers(cache)]
+
+    monkeypatch.setattr(compat, "cache_layers", window_tail_unaware)
     with pytest.raises(CaptureError, match="expected"):
         adapter.capture(_ids(20, 8).to(device))
 
@@ -399,3 +406,28 @@ def test_recompute_on_cuda_fp16(arch: str) -> None:
     prefix_kv, _ = adapter.capture(ids[:, :16])
     cont_kv, cont_act = adapter.capture(ids[:, 16:], past_kv=prefix_kv)
     assert rel_err(adapter.recompute_kv(cont_act, start_pos=16), kv[:, :, 16:]) < 1e-2
+
+
+@pytest.mark.parametrize("arch", ["llama", "falcon-gqa", "mistral-sliding"])
+def test_from_cache_reads_an_engines_own_cache(arch: str, device: str) -> None:
+    """What an engine does after its own prefill: read the model's cache into the store's
+    layout. A cache with a layer that dropped old tokens (a sliding-window layer) is refused."""
+    model = build(arch, device=device)
+    adapter = HFAdapter(model)
+    ids = _ids(20, 11).to(device)
+    kv, _ = adapter.capture(ids)
+    cache = adapter.new_cache()
+    with torch.no_grad():
+        model(ids, use_cache=True, **{adapter.cache_keyword: cache})
+    assert torch.equal(adapter.from_cache(cache), kv)
+    assert torch.equal(adapter.from_cache(cache, 4, 12), kv[:, :, 4:12])
+    with pytest.raises(CaptureError):
+        adapter.from_cache(cache, 0, 21)
+    with torch.no_grad():
+        default = adapter.output_cache(model(ids, use_cache=True))
+    lengths = {k.shape[1] for k, _ in cache_kv(default)}
+    if lengths == {20}:
+        assert torch.equal(adapter.from_cache(default), kv)
+    else:  # windowed or padded layers: never returned as if they held the 20 tokens
+        with pytest.raises((CaptureError, NotImplementedError)):
+            adapter.from_cache(default)
