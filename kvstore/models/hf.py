@@ -78,7 +78,8 @@ class HFAdapter:
 
     Holds no mutable state after construction apart from the model reference and the
     gathered K/V weights; safe to share between threads for ``recompute_kv`` (each call
-    allocates its own outputs unless ``out`` is given).
+    allocates its own outputs unless ``out`` is given). ``capture`` hooks the model's modules
+    for the duration of one forward: one capture per model at a time.
     """
 
     def __init__(self, model: "nn.Module") -> None:
@@ -96,7 +97,14 @@ class HFAdapter:
         self.model = model
         self.config = config
         self.model_type: str = model_type
-        family = FAMILIES[model_type]
+        try:
+            self._inspect(model, config, FAMILIES[model_type])
+        except AttributeError as exc:  # a module tree other than the family's: refuse, by name
+            raise unsupported(f"{model_type} module layout ({exc})") from exc
+
+    # ------------------------------------------------------------------ construction
+    def _inspect(self, model: "nn.Module", config: Any, family: Any) -> None:
+        """Find and check every module the adapter relies on; build the gathered K/V weights."""
         self.cache_layout: str = compat.probe_cache_layout()
         self._base = self._base_model(model)
         #: the keyword under which the model's forward / generate take a cache.
@@ -115,14 +123,15 @@ class HFAdapter:
         if len({id(p.module) for p in self._proj}) != len(self._proj):
             raise unsupported("K/V projections shared between layers")
         self._norms = [norms.resolve(a, i, first.kv_heads, first.head_dim) for i, a in enumerate(attns)]
-        rotated = family.rotary if isinstance(family.rotary, bool) else bool(getattr(config, family.rotary))
+        rotated = family.rotary if isinstance(family.rotary, bool) else getattr(config, family.rotary, None)
+        if not isinstance(rotated, bool):
+            raise unsupported(f"{self.model_type} config without a boolean {family.rotary!r}")
         self._rotary: list[rotary.LayerRotary | None] = [
             rotary.resolve(self._base, a, config, i, first.head_dim) if rotated else None for i, a in enumerate(attns)]
         self.layout = ModelLayout(num_layers=len(attns), num_kv_heads=first.kv_heads, head_dim=first.head_dim,
                                   hidden_size=first.hidden, dtype=first.weight.dtype)
         self.device = first.weight.device
 
-    # ------------------------------------------------------------------ construction
     @staticmethod
     def _base_model(model: "nn.Module") -> "nn.Module":
         """The decoder stack under the LM head (skips computing logits during capture).
@@ -182,11 +191,17 @@ class HFAdapter:
             past_len = prefix.shape[2]
             compat.fill_cache(cache, prefix, self.device, self._repeats)
         seen: list[list[torch.Tensor]] = [[] for _ in self._proj]
+        seen_v: list[list[torch.Tensor]] = [[] for _ in self._proj]
         handles = []
         for i, p in enumerate(self._proj):
             def hook(_mod: Any, args: tuple, _i: int = i) -> None:
                 seen[_i].append(args[0].detach())
+
+            def hook_v(_mod: Any, args: tuple, _i: int = i) -> None:
+                seen_v[_i].append(args[0].detach())
             handles.append(p.module.register_forward_pre_hook(hook))
+            if p.v_module is not None:
+                handles.append(p.v_module.register_forward_pre_hook(hook_v))
         kwargs: dict[str, Any] = {self._base_cache_keyword: cache, "use_cache": True}
         if self._base_takes_positions:
             kwargs["position_ids"] = torch.arange(past_len, past_len + tokens, device=self.device)[None]
@@ -197,6 +212,9 @@ class HFAdapter:
             for h in handles:
                 h.remove()
         act = self._checked_activations(seen, tokens)
+        for i, p in enumerate(self._proj):
+            if p.v_module is not None and (len(seen_v[i]) != 1 or not torch.equal(seen_v[i][0][0], act[i])):
+                raise CaptureError(f"layer {i}'s V projection did not see exactly the K projection's input")
         kv = self._checked_kv(compat.output_cache(out), prefix, past_len, tokens)
         return kv, act
 

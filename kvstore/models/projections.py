@@ -48,6 +48,7 @@ class KVProjection:
     hidden: int
     cache_repeat: int = 1
     fused_bias: bool = True  # False: the model adds the bias after the matmul (FalconLinear)
+    v_module: nn.Module | None = None  # separate V projection: capture checks it saw the same input
 
 
 def _linear(attn: nn.Module, name: str, layer: int) -> nn.Linear:
@@ -93,7 +94,7 @@ def separate(attn: nn.Module, config: Any, layer: int) -> KVProjection:
     with torch.no_grad():
         weight = torch.cat([k.weight, v.weight]).detach()
         bias = None if k.bias is None else torch.cat([k.bias, v.bias]).detach()
-    return KVProjection(k, weight, bias, k.out_features // hd, hd, k.in_features)
+    return KVProjection(k, weight, bias, k.out_features // hd, hd, k.in_features, v_module=v)
 
 
 def qkv_concat(attn: nn.Module, config: Any, layer: int) -> KVProjection:

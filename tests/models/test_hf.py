@@ -259,6 +259,20 @@ def test_capture_refuses_a_projection_run_twice(device: str) -> None:
         handle.remove()
 
 
+def test_capture_refuses_a_v_projection_fed_another_input(device: str) -> None:
+    """Recompute assumes K and V project the same activations; a model that feeds V
+    something else (here: a scaled copy) is caught, not stored."""
+    model = build("mistral-sliding", device=device)
+    adapter = HFAdapter(model)
+    v_proj = model.model.layers[0].self_attn.v_proj
+    handle = v_proj.register_forward_pre_hook(lambda mod, args: (args[0] * 2.0,))
+    try:
+        with pytest.raises(CaptureError, match="layer 0's V projection"):
+            adapter.capture(_ids(6, 12).to(device))
+    finally:
+        handle.remove()
+
+
 def test_bad_inputs_raise_invalid_input(device: str) -> None:
     adapter = HFAdapter(build("llama", device=device))
     lay = adapter.layout
