@@ -42,7 +42,7 @@ FAMILIES: dict[str, Family] = {
     "starcoder2": _LLAMA,
     "phi": _LLAMA,  # partial rotary, optional k_layernorm
     "stablelm": _LLAMA,  # partial rotary, optional per-head norms
-    "phi3": Family(proj="qkv_concat"),  # fused q|k|v, partial rotary in phi-3.5-moe style configs
+    "phi3": Family(proj="qkv_concat"),  # fused q|k|v, full or partial rotary (Phi-4-mini)
     "gpt_neox": Family(attn="attention", proj="qkv_per_head"),  # [heads, 3, D] fused, partial rotary
     "falcon": Family(layers="h", attn="self_attention", proj="falcon", rotary="rotary"),  # 3 fused layouts; alibi or rotary
     "gpt2": Family(layers="h", attn="attn", proj="conv1d", rotary=False),  # learned absolute positions
