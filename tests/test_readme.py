@@ -96,6 +96,20 @@ def test_every_kvstore_command_line_parses():
     assert seen >= 4
 
 
+def _serve(argv: list[str], cwd: Path) -> subprocess.Popen:
+    return subprocess.Popen(_kvstore(argv[1:]), cwd=cwd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        assert proc.wait(timeout=30) == 0, proc.stderr.read()[-2000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
 def _wait_for_socket(path: Path, proc: subprocess.Popen, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     while not path.exists():
@@ -108,7 +122,7 @@ def _wait_for_socket(path: Path, proc: subprocess.Popen, timeout: float = 60.0) 
 
 def test_sidecar_section_runs_end_to_end(tmp_path):
     """store.toml, ``kvstore serve``, ``kvstore stats``, then the Python client example."""
-    (toml,) = blocks("toml")
+    (toml,) = [b for b in blocks("toml") if "remote_url" not in b]
     (tmp_path / "store.toml").write_text(_substitute(toml, tmp_path))
     sidecar_block = next(b for b in blocks("bash") if "kvstore serve" in b)
     lines = [shlex.split(_substitute(line, tmp_path)) for line in _command_lines(sidecar_block)]
@@ -158,3 +172,65 @@ def test_simulate_example_runs(tmp_path):
     assert {r["policy"] for r in doc["results"]} >= {"lru", "kv", "belady"}
     for r in doc["results"]:
         assert r["hits"] + r["misses"] == r["accesses"] > 0
+
+
+def test_fleet_section_runs_against_a_real_cluster(tmp_path):
+    """The remote tier's store.toml and commands, with the example's seed nodes
+    (10.0.0.x, never contacted) replaced by a 3-master Redis Cluster on loopback, the
+    host tier scaled down (``--host-bytes``) and the sidecar on an ipc socket. The
+    ``export`` line is a placeholder (this cluster has no password); ``kvstore bench
+    remote`` runs in tests/bench/test_remote_bench.py."""
+    from tests.redisserver import RedisClusterProcs, require_redis
+
+    require_redis()
+    cluster = RedisClusterProcs(3)
+    try:
+        seeds = ",".join(n.addr for n in cluster.nodes)
+
+        def sub(text: str) -> str:
+            return re.sub(r"10\.0\.0\.1\d:6379(,10\.0\.0\.1\d:6379)*",
+                          lambda m: seeds if "," in m.group(0) else cluster.nodes[0].addr, _substitute(text, tmp_path))
+
+        (toml,) = [b for b in blocks("toml") if "remote_url" in b]
+        (tmp_path / "store.toml").write_text(sub(toml))
+        block = next(b for b in blocks("bash") if "--remote-url" in b)
+        lines = [shlex.split(sub(line)) for line in _command_lines(block) if line.startswith("kvstore")]
+        assert {tuple(a[:2]) for a in lines} >= {("kvstore", "serve"), ("kvstore", "calibrate"), ("kvstore", "bench")}
+        sock = tmp_path / "fleet.sock"
+        for argv in lines:
+            if argv[:2] == ["kvstore", "serve"]:
+                argv = [str(tmp_path / a) if a == "store.toml" else a for a in argv]
+                proc = _serve([*argv, "--endpoint", f"ipc://{sock}", "--host-bytes", "16777216",
+                               "--device-bytes", "0"], tmp_path)
+                try:
+                    _wait_for_socket(sock, proc)
+                    _a_fleet_shares_a_prefix(f"ipc://{sock}", seeds)
+                finally:
+                    _stop(proc)
+            elif argv[:2] == ["kvstore", "calibrate"]:
+                done = subprocess.run(_kvstore([*argv[1:], "--quick", "--json", "--profile", str(tmp_path / "p.json")]),
+                                      cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300)
+                assert done.returncode == 0, done.stderr[-2000:]
+                import json
+
+                assert "remote->host" in json.loads(done.stdout)["links"]
+    finally:
+        cluster.stop()
+
+
+def _a_fleet_shares_a_prefix(endpoint: str, seeds: str) -> None:
+    """A client of the sidecar puts; a store elsewhere that shares only the cluster finds it."""
+    import torch
+
+    from clients import connect
+    from kvstore import KVStore, ModelLayout, StoreConfig
+
+    layout = ModelLayout(num_layers=2, num_kv_heads=2, head_dim=16, hidden_size=64, dtype=torch.float16)
+    tokens = list(range(64))
+    kv = torch.randn(layout.kv_shape(64), dtype=torch.float16)
+    with connect(endpoint, layout=layout, namespace="fleet", block_tokens=16) as c:
+        assert c.put(tokens, kv) == 64
+    with KVStore(StoreConfig(layout=layout, block_tokens=16, host_bytes=1 << 20, namespace="fleet",
+                             remote_url=f"redis+cluster://{seeds}")) as other:
+        assert other.lookup(tokens) == 64
+        assert torch.equal(other.get(tokens).cpu(), kv)

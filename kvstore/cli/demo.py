@@ -12,7 +12,6 @@ greedy generation from the restored cache produces exactly the same tokens.
 from __future__ import annotations
 
 import argparse
-import inspect
 import random
 import sys
 import time
@@ -39,58 +38,49 @@ def run(args: argparse.Namespace) -> int:
 
 
 class _Model:
-    """The few model calls the demo needs, across transformers 4.x (``past_key_values``) and
-    5.x (``cache``) naming."""
+    """The few model calls the demo needs. The cache keyword (``cache`` or ``past_key_values``),
+    the cache's layout and the conversions to and from the store's layout all come from the
+    model adapter's detection, so the demo runs on every transformers release in the range
+    ``pyproject.toml`` declares."""
 
     def __init__(self, seed: int) -> None:
         import torch
         from transformers import LlamaConfig, LlamaForCausalLM
-        from transformers.cache_utils import DynamicCache
+
+        from kvstore.models import HFAdapter
 
         self.torch = torch
         self.config = LlamaConfig(vocab_size=2048, hidden_size=256, intermediate_size=704, num_hidden_layers=4,
                                   num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=4096)
         torch.manual_seed(seed)
         self.model = LlamaForCausalLM(self.config).eval()
-        self._cache_kw = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
-        self._DynamicCache = DynamicCache
+        self.adapter = HFAdapter(self.model)
         self.device = torch.device("cpu")
 
     def to(self, device) -> "_Model":
-        """Run the model where the store keeps its device tier (its ``get`` returns KV there)."""
+        """Run the model where the store keeps its device tier (its ``get`` returns KV there);
+        the adapter is rebuilt so its weights live there too."""
         self.device = self.torch.device(device)
         self.model.to(self.device)
+        self.adapter = type(self.adapter)(self.model)
         return self
 
     def new_cache(self):
-        try:
-            return self._DynamicCache(config=self.config)
-        except TypeError:
-            return self._DynamicCache()
+        return self.adapter.new_cache()
 
     def forward(self, ids: list[int], cache):
         torch = self.torch
         with torch.no_grad():
-            out = self.model(torch.tensor([ids], device=self.device), use_cache=True, **{self._cache_kw: cache})
-        cache = getattr(out, "cache", None) or getattr(out, "past_key_values")
-        return out.logits[0, -1], cache
+            out = self.model(torch.tensor([ids], device=self.device), use_cache=True,
+                             **{self.adapter.cache_keyword: cache})
+        return out.logits[0, -1], self.adapter.output_cache(out)
 
     def cache_to_kv(self, cache, tokens: int):
-        """DynamicCache -> ``[layers, 2, T, kv_heads, head_dim]`` (the store's layout)."""
-        torch = self.torch
-        layers = []
-        for layer in range(self.config.num_hidden_layers):
-            k, v = (cache.layers[layer].keys, cache.layers[layer].values) if hasattr(cache, "layers") \
-                else (cache.key_cache[layer], cache.value_cache[layer])
-            layers.append(torch.stack([k[0, :, :tokens].transpose(0, 1), v[0, :, :tokens].transpose(0, 1)]))
-        return torch.stack(layers).contiguous()
+        """The model's cache -> ``[layers, 2, T, kv_heads, head_dim]`` (the store's layout)."""
+        return self.adapter.from_cache(cache, 0, tokens)
 
     def kv_to_cache(self, kv):
-        cache = self.new_cache()
-        for layer in range(kv.shape[0]):
-            cache.update(kv[layer, 0].transpose(0, 1).unsqueeze(0).contiguous(),
-                         kv[layer, 1].transpose(0, 1).unsqueeze(0).contiguous(), layer)
-        return cache
+        return self.adapter.to_cache(kv)
 
     def generate(self, logits, cache, n: int) -> list[int]:
         out = []
@@ -108,14 +98,12 @@ class Demo:
     def run(self) -> int:
         import torch
 
-        from kvstore import KVStore, ModelLayout, StoreConfig
+        from kvstore import KVStore, StoreConfig
 
         t_start = time.perf_counter()
         m = _Model(self.seed)
         c = m.config
-        layout = ModelLayout(num_layers=c.num_hidden_layers, num_kv_heads=c.num_key_value_heads,
-                             head_dim=c.hidden_size // c.num_attention_heads, hidden_size=c.hidden_size,
-                             dtype=torch.float32)
+        layout = m.adapter.layout
         bt = 16
         block = layout.kv_block_bytes(bt)
         config = StoreConfig(layout=layout, block_tokens=bt, device_bytes=32 * block, host_bytes=32 * block,

@@ -38,7 +38,7 @@ def _model(arch: str, dtype: torch.dtype = torch.float32):
                       bos_token_id=0, eos_token_id=None, pad_token_id=0)
         if arch == "llama":
             cfg = transformers.LlamaConfig(**common, num_key_value_heads=4, attention_bias=True,
-                                           rope_parameters={"rope_type": "default", "rope_theta": 500.0})
+                                           rope_theta=500.0)  # a name every release in the range takes
         elif arch == "qwen2":
             cfg = transformers.Qwen2Config(**common, num_key_value_heads=2)  # GQA
         else:
@@ -189,7 +189,8 @@ def test_greedy_generation_from_load_equals_plain_generation(arch, tmp_path, see
         if n == 0:
             return
         cache = adapter.to_cache(res.kv)
-        got = model.generate(prompt, attention_mask=mask, cache=cache, max_new_tokens=6, do_sample=False)
+        got = model.generate(prompt, attention_mask=mask, **{adapter.cache_keyword: cache}, max_new_tokens=6,
+                             do_sample=False)
         assert cache.get_seq_length() == prompt.shape[1] + 6 - 1
         assert got.tolist() == baseline.tolist(), f"steps={res.plan.steps}"
 
