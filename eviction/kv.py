@@ -34,31 +34,41 @@ What it knows that the classic policies do not:
   blocks are kept longer; ``depth_weight`` adds that many ticks per chain depth (0 by
   default: on hit ratio it only hurts; a cost-aware store passes real costs instead).
 
-**Two experts, chosen by miniature simulation.** The rules above (call them expert 0, the
-*kv score*) win where chains are shared and one-off requests pollute (Mooncake's chat and
-synthetic traces, RAG), but lose to plain recency on agentic sessions, where a few long
-sessions re-read their whole, growing context every turn: there the recency of a whole
-chain is what predicts its next use, and the new/reused split and the frequency bonus
-keep dead sessions' heads while cutting the tails of live ones. Expert 1, *chain
+**Three experts, chosen by miniature simulation.** The rules above (call them expert 0,
+the *kv score*) win where chains are shared and one-off requests pollute (Mooncake's chat
+and synthetic traces, RAG), but lose to plain recency on agentic sessions, where a few
+long sessions re-read their whole, growing context every turn: there the recency of a
+whole chain is what predicts its next use, and the new/reused split and the frequency
+bonus keep dead sessions' heads while cutting the tails of live ones. Expert 1, *chain
 recency*, orders the same leaves by request tick alone (tree-LRU: deepest first within a
-tick, broken blocks first). Both orderings are kept over the leaves (one more heap); each
-eviction takes the victim of the expert being followed.
+tick, broken blocks first). Expert 2 is expert 0 with S3-FIFO's quick demotion: its
+new-segment target starts at ``quick`` = 10% of the capacity (S3-FIFO's small queue,
+Yang et al., SOSP'23) instead of ``p0`` and adapts on the same ghost hits; it wins on
+small caches of chat traces, where most new chains are never reused. The experts share
+the leaves and the segments; expert 1 adds one heap, expert 2 one number. Each eviction
+takes the victim of the expert being followed.
 
-Which one to follow is measured, not tuned: two miniature caches (SHARDS, Waldspurger et
+Which one to follow is measured, not tuned: three miniature caches (SHARDS, Waldspurger et
 al., FAST'15) replay a spatially sampled part of the stream, one per expert, at
 ``sample`` x capacity. A key is sampled by a fixed hash, so a sampled chain is sampled
 whole, and in the miniature its parent is the previous sampled block of the request (the
 tree contracted to its sampled nodes). Each miniature scores prefix hits exactly as the
-simulator does; on the paired outcomes the policy runs McNemar's test (counts ``score`` of
-accesses where only one expert's miniature hit) and switches to the other expert only
-once its lead is significant at ``z`` standard deviations. Constants: ``sample`` = 1/8
-keeps the miniatures at a quarter of the main cost (two of them) while leaving thousands
-of sampled accesses per cache turnover on every trace we have; ``z`` = 3 because the test
+simulator does; on the paired outcomes of the followed expert and each other one the
+policy runs McNemar's test (``score[i][j]``: sampled accesses where expert i's miniature
+scored a prefix hit and expert j's did not) and switches to another expert only once its
+lead is significant at ``z`` standard deviations. Constants: ``sample`` = 1/8 keeps the
+three miniatures at about 40% of the main cost while leaving thousands of sampled
+accesses per cache turnover on every trace we have; ``z`` = 3 because the test
 is repeated after every disagreement (a sequential test at 2 sigma switches on noise while
 the cache warms, and a needless switch costs: the kv score's protected set is rebuilt
 slowly); the policy starts on expert 0 because with no evidence the structure-aware
 order is the better prior on shared-prefix workloads. ``experts=False`` gives expert 0
 alone (the miniatures use it).
+
+Known gaps (tests/eviction/test_kv_families.py lists them as strict xfails): on cold
+1000-1500-request windows of the Mooncake traces S3-FIFO and LIRS keep re-sent long
+prompts whole where every expert here cuts them from the end; on short traces the
+miniatures see too few disagreements to leave expert 0.
 
 Tried and not kept: LeCaR/CACHEUS-style learned weights (regret from ghost hits of each
 expert's own victims, lr 0.45, discount 0.005^(1/N)) swung between the experts in chain
@@ -70,7 +80,7 @@ bonus, and giving an exposed parent the segment of the evicted child.
 
 Eviction order is a min-heap per segment on ``(score, -depth, stamp)`` plus one on
 ``(tick, -depth, stamp)``, with lazy deletion.
-Complexity: insert/access O(log n) plus, for one access in eight, one request to each
+Complexity: insert/access O(log n) plus, for about one access in eight, one request to each
 miniature (the same bounds at an eighth of the size); evict amortised O(log n) (stale heap
 entries are skipped, and the heaps are rebuilt when they grow past a small multiple of the
 live entries); remove O(1) (lazy) plus O(log n) when the parent becomes a leaf. Ghost
@@ -93,7 +103,7 @@ class KVPolicy(EvictionPolicy):
     def __init__(self, capacity: int, *, freq_bonus: float = 50.0, tail_age: float = 1e9,
                  depth_weight: float = 0.0, adaptive: bool = True, ghost_factor: float = 2.0,
                  min_new: float = 0.0, p0: float = 0.4, rel_bonus: bool = False,
-                 experts: bool = True, sample: float = 0.125, z: float = 3.0,
+                 experts: bool = True, sample: float = 0.125, z: float = 3.0, quick: float = 0.1,
                  two_seg: bool = True, **kwargs) -> None:
         super().__init__(capacity, **kwargs)
         if not 0.0 < sample <= 1.0:
@@ -110,13 +120,18 @@ class KVPolicy(EvictionPolicy):
                          depth_weight=depth_weight, adaptive=adaptive,
                          ghost_factor=ghost_factor, min_new=min_new, p0=p0,
                          rel_bonus=rel_bonus, two_seg=two_seg),
-                KVPolicy(cap, experts=False, freq_bonus=0.0, tail_age=0.0, two_seg=False)]
-        #: prefix hits scored by one expert's miniature and not the other's (McNemar's b, c)
-        self.score = [0, 0]
+                KVPolicy(cap, experts=False, freq_bonus=0.0, tail_age=0.0, two_seg=False),
+                KVPolicy(cap, experts=False, freq_bonus=freq_bonus, tail_age=tail_age,
+                         depth_weight=depth_weight, adaptive=adaptive,
+                         ghost_factor=ghost_factor, min_new=min_new, p0=quick,
+                         rel_bonus=rel_bonus, two_seg=two_seg)]
+        #: score[i][j]: sampled accesses where expert i's miniature scored a prefix hit and
+        #: expert j's did not (McNemar's discordant pairs)
+        self.score = [[0, 0, 0], [0, 0, 0], [0, 0, 0]]
+        self._srun = [True, True, True]
         self.switches = 0
         self._z2 = z * z
-        self.expert = 0                # the expert followed: 0 kv score, 1 chain recency
-        self._srun = [True, True]
+        self.expert = 0   # followed: 0 kv score, 1 chain recency, 2 kv score, quick demotion
         self._slast: Key | None = None
         self._sampled_last = False
         self._detached_size = 0
@@ -124,6 +139,7 @@ class KVPolicy(EvictionPolicy):
         self._min_new = min_new * self.capacity
         self._adaptive = adaptive
         self.p = max(self._min_new, p0 * self.capacity)  # target size of the "new" segment (ARC's p)
+        self._pq = max(self._min_new, quick * self.capacity)  # the same for expert 2
         self._seg_size = [0, 0]        # resident size of segment 0 (new) and 1 (reused)
         self._ghost: list[OrderedDict] = [OrderedDict(), OrderedDict()]
         self._ghost_size = [0, 0]
@@ -206,9 +222,13 @@ class KVPolicy(EvictionPolicy):
                 if self._adaptive:
                     g0, g1 = self._ghost_size
                     if seg == 0:
-                        self.p = min(self.p + max(g1 / max(g0, 1), 1) * size, self.capacity)
+                        step = max(g1 / max(g0, 1), 1) * size
+                        self.p = min(self.p + step, self.capacity)
+                        self._pq = min(self._pq + step, self.capacity)
                     else:
-                        self.p = max(self.p - max(g0 / max(g1, 1), 1) * size, self._min_new)
+                        step = max(g0 / max(g1, 1), 1) * size
+                        self.p = max(self.p - step, self._min_new)
+                        self._pq = max(self._pq - step, self._min_new)
                 return True
         return False
 
@@ -244,8 +264,10 @@ class KVPolicy(EvictionPolicy):
         by a fixed hash, so a sampled chain is sampled whole; its parent in the miniature is
         the previous sampled block of the request. Each miniature scores its prefix hits.
         O(1) for an unsampled key, one miniature request per expert otherwise."""
+        run = self._srun
         if new_request:
-            self._srun[0] = self._srun[1] = True
+            for i in range(len(run)):
+                run[i] = True
             self._slast = None
             if not self._sampled_last:
                 # the request that ended had its tail unsampled: its last sampled block
@@ -260,19 +282,29 @@ class KVPolicy(EvictionPolicy):
         self._sampled_last = True
         size = self._sizes[key]
         parent = self._slast
-        run = self._srun
         for i, m in enumerate(self._minis):
             if not m.request(key, size, cost, parent):
                 run[i] = False
         self._slast = key
-        if run[0] != run[1]:
-            # McNemar's test on the paired outcomes: follow the other expert only once its
-            # lead on the accesses where they disagree is significant (z = 2)
+        if any(run) and not all(run):
+            # McNemar's test on the paired outcomes of the followed expert and each other
+            # one: switch only once another's lead on the accesses where the two disagree
+            # is significant (z standard deviations)
             d = self.score
-            d[run[1]] += 1
-            lead = d[1 - self.expert] - d[self.expert]
-            if lead > 0 and lead * lead > self._z2 * (d[0] + d[1]):
-                self.expert = 1 - self.expert
+            n = len(run)
+            for i in range(n):
+                if run[i]:
+                    for j in range(n):
+                        if not run[j]:
+                            d[i][j] += 1
+            cur = self.expert
+            best, best_lead = cur, 0
+            for o in range(n):
+                lead = d[o][cur] - d[cur][o]
+                if lead > best_lead and lead * lead > self._z2 * (d[o][cur] + d[cur][o]):
+                    best, best_lead = o, lead
+            if best != cur:
+                self.expert = best
                 self.switches += 1
 
     # -- hooks -------------------------------------------------------------------------------
@@ -376,12 +408,13 @@ class KVPolicy(EvictionPolicy):
         return found
 
     def _evict_one(self) -> Key:
-        first = 0 if self._seg_size[0] > self.p or self._seg_size[1] == 0 else 1
+        p = self._pq if self.expert == 2 else self.p
+        first = 0 if self._seg_size[0] > p or self._seg_size[1] == 0 else 1
         key = self._peek(self._heaps[first], True)
         if key is None:
             key = self._peek(self._heaps[1 - first], True)
         if key is not None:
-            if self.expert:
+            if self.expert == 1:
                 rkey = self._peek(self._rheap, False)
                 if rkey is not None:
                     key = rkey
@@ -422,7 +455,7 @@ class KVPolicy(EvictionPolicy):
         assert sum(self._seg_size) == self.used
         assert set(self._entry) <= set(self._sizes)
         if self._experts:
-            assert self.expert in (0, 1) and min(self.score) >= 0
+            assert self.expert in (0, 1, 2) and min(map(min, self.score)) >= 0
             live = {(e[2], e[3]) for e in self._rheap}
             assert all((e[2], k) in live for k, e in self._entry.items()), \
                 "leaf missing from the recency heap"
