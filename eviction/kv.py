@@ -62,7 +62,9 @@ accesses per cache turnover on every trace we have; ``z`` = 2, the conventional 
 bound: the test is repeated after every disagreement, so it now and then switches on noise
 while the cache warms, but a late switch costs more than a spurious one (the followed
 expert must reshape a cache the other one filled: at z = 3 the synthetic trace lost 0.4
-points at 2k blocks and 0.3 at 20k, the conversation trace 0.1 at 60k); the policy starts
+points at 2k blocks and 0.3 at 20k, the conversation trace 0.1 at 60k, and gained 0.2
+at 5k and 0.1 at 10k: behind the best classic at five of the fifteen Mooncake-format
+points in the issue note instead of three); the policy starts
 on expert 0 because with no evidence the structure-aware
 order is the better prior on shared-prefix workloads. ``experts=False`` gives expert 0
 alone (the miniatures use it).
