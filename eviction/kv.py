@@ -58,21 +58,25 @@ policy runs McNemar's test (``score[i][j]``: sampled accesses where expert i's m
 scored a prefix hit and expert j's did not) and switches to another expert only once its
 lead is significant at ``z`` standard deviations. Constants: ``sample`` = 1/8 keeps the
 three miniatures at about 40% of the main cost while leaving thousands of sampled
-accesses per cache turnover on every trace we have; ``z`` = 2, the conventional 95%
+accesses per cache turnover on every trace we have; below 8 x ``min_mini`` (256, in the
+capacity's unit) the rate rises so that a miniature still holds a few requests' chains
+(at 100 blocks a 12-block miniature picked the wrong expert on the generated chat test); ``z`` = 2, the conventional 95%
 bound: the test is repeated after every disagreement, so it now and then switches on noise
 while the cache warms, but a late switch costs more than a spurious one (the followed
 expert must reshape a cache the other one filled: at z = 3 the synthetic trace lost 0.4
 points at 2k blocks and 0.3 at 20k, the conversation trace 0.1 at 60k, and gained 0.2
 at 5k and 0.1 at 10k: behind the best classic at five of the fifteen Mooncake-format
 points in the issue note instead of three); the policy starts
-on expert 0 because with no evidence the structure-aware
-order is the better prior on shared-prefix workloads. ``experts=False`` gives expert 0
-alone (the miniatures use it).
+on chain recency, the prior that is never far from LRU: starting on the kv score cost
+0.1 points on the agentic trace at 10k blocks (the miniatures disagree only after
+150k accesses there, while the main cache already pays for the kv score's choices), and
+the kv score's wins elsewhere show up in the miniatures early. ``experts=False`` gives
+expert 0 alone (the miniatures use it).
 
 Known gaps (tests/eviction/test_kv_families.py lists them as strict xfails): on cold
 1000-1500-request windows of the Mooncake traces S3-FIFO and LIRS keep re-sent long
 prompts whole where every expert here cuts them from the end; on short traces the
-miniatures see too few disagreements to leave expert 0.
+miniatures may see too few disagreements to pick the best expert.
 
 Tried and not kept: LeCaR/CACHEUS-style learned weights (regret from ghost hits of each
 expert's own victims, lr 0.45, discount 0.005^(1/N)) swung between the experts in chain
@@ -107,8 +111,8 @@ class KVPolicy(EvictionPolicy):
     def __init__(self, capacity: int, *, freq_bonus: float = 50.0, tail_age: float = 1e9,
                  depth_weight: float = 0.0, adaptive: bool = True, ghost_factor: float = 2.0,
                  min_new: float = 0.0, p0: float = 0.4, rel_bonus: bool = False,
-                 experts: bool = True, sample: float = 0.125, z: float = 2.0, quick: float = 0.1,
-                 two_seg: bool = True, **kwargs) -> None:
+                 experts: bool = True, sample: float = 0.125, min_mini: float = 256.0,
+                 z: float = 2.0, quick: float = 0.1, two_seg: bool = True, **kwargs) -> None:
         super().__init__(capacity, **kwargs)
         if not 0.0 < sample <= 1.0:
             raise ValueError(f"sample must be in (0, 1], got {sample}")
@@ -117,6 +121,7 @@ class KVPolicy(EvictionPolicy):
         self._two_seg = two_seg
         self._minis: list[KVPolicy] = []
         if experts:
+            sample = min(1.0, max(sample, min_mini / self.capacity))
             self._sample = int(sample * 2**64)
             cap = max(1, round(self.capacity * sample))
             self._minis = [
@@ -135,7 +140,7 @@ class KVPolicy(EvictionPolicy):
         self._srun = [True, True, True]
         self.switches = 0
         self._z2 = z * z
-        self.expert = 0   # followed: 0 kv score, 1 chain recency, 2 kv score, quick demotion
+        self.expert = 1   # followed: 0 kv score, 1 chain recency, 2 kv score, quick demotion
         self._slast: Key | None = None
         self._sampled_last = False
         self._detached_size = 0
