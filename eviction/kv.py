@@ -140,7 +140,7 @@ class KVPolicy(EvictionPolicy):
         self._srun = [True, True, True]
         self.switches = 0
         self._z2 = z * z
-        self.expert = 1   # followed: 0 kv score, 1 chain recency, 2 kv score, quick demotion
+        self.expert = 1 if experts else 0  # 0 kv score, 1 chain recency, 2 quick demotion
         self._slast: Key | None = None
         self._sampled_last = False
         self._detached_size = 0
