@@ -111,3 +111,86 @@ def test_kv_beats_lru_on_generated_mixes(tmp_path):
             kv = simulate(tr, "kv", cap, "prefix")["hit_ratio"]
             lru = simulate(tr, "lru", cap, "prefix")["hit_ratio"]
             assert kv > lru, f"{name} cap={cap}: kv {kv:.4f} <= lru {lru:.4f}"
+
+
+def _replay(tr, cap, **kw):
+    p = make_policy("kv", cap, **kw)
+    for k, parent in zip(tr.keys, tr.parents):
+        p.request(k, 1, None, parent)
+    p._check()
+    return p
+
+
+def test_experts_follow_the_workload(tmp_path):
+    """Agentic sessions at a fifth of the working set: chain recency stays (no switch);
+    at 2% the kv score earns the switch; generated chat ends on a kv-score expert."""
+    from .slices import shipped
+
+    tr = read_mooncake(shipped("agentic", tmp_path))
+    ws = tr.working_set()[0]
+    big = _replay(tr, int(ws * 0.2))
+    assert big.expert == 1 and big.switches == 0, big.score
+    small = _replay(tr, int(ws * 0.02))
+    assert small.expert in (0, 2) and small.switches >= 1, small.score
+    for seed in (11, 12):
+        path = tmp_path / f"chat{seed}.jsonl"
+        path.write_text("".join(json.dumps({"hash_ids": r}) + "\n"
+                                for r in chat_requests(seed, n_conv=150, n_req=3000)))
+        p = _replay(read_mooncake(path), 300)
+        assert p.expert in (0, 2), (seed, p.score)
+        d = p.score  # the expert followed is not significantly behind chain recency
+        lead = d[1][p.expert] - d[p.expert][1]
+        assert lead <= 0 or lead * lead <= 4 * (d[1][p.expert] + d[p.expert][1]), (seed, d)
+
+
+def test_experts_off_is_expert_zero_alone():
+    """``experts=False`` keeps no miniatures and no recency heap (the miniatures' own mode)."""
+    p = make_policy("kv", 50, experts=False)
+    for ids in chat_requests(4, n_req=200):
+        prev = None
+        for k in ids:
+            p.request(k, 1, None, prev)
+            prev = k
+    assert p.expert == 0 and not p._minis and not p._rheap
+    p._check()
+
+
+_BYTES_RUN = """
+from eviction import make_policy
+from tests.eviction.conftest import chat_requests
+p = make_policy("kv", 40, min_mini=0, sample=0.25)
+out = []
+for ids in chat_requests(5, n_req=400):
+    prev = None
+    for k in ids:
+        key = k.to_bytes(16, "little")
+        if key not in p:
+            while p.used + 1 > p.capacity:
+                out.append(p.evict())
+            p.insert(key, 1, None, prev)
+        else:
+            p.access(key)
+        prev = key
+p._check()
+assert sum(map(sum, p.score)) > 0, "the miniatures saw no sampled bytes key"
+print(hash(b"x"), [v.hex() for v in out])
+"""
+
+
+def test_bytes_keys_sample_independently_of_the_hash_seed():
+    """Store keys are digests: their sample must not depend on Python's hash seed, so
+    processes with different seeds choose the same victims (tier-manager call order)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    outs = []
+    for hs in ("1", "2"):
+        env = {**os.environ, "PYTHONHASHSEED": hs}
+        r = subprocess.run([sys.executable, "-c", _BYTES_RUN], cwd=root, env=env,
+                           capture_output=True, text=True, timeout=120, check=True)
+        outs.append(r.stdout.split(" ", 1))
+    assert outs[0][0] != outs[1][0], "the two processes did not get different hash seeds"
+    assert outs[0][1] == outs[1][1]

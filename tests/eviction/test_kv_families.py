@@ -1,0 +1,116 @@
+"""``kv`` against the best classic policy on every trace family (issue 15).
+
+Each case runs ``kv`` and the nine classic policies with the prefix metric on one trace at
+one capacity (a fraction of the trace's distinct blocks) and asserts that ``kv`` is not
+behind the best of them. Traces:
+
+* shipped slices of the three shared Mooncake-format traces (always run; ``slices.py``
+  says how they were cut): conversation and synthetic as request windows, agentic as a
+  session sample with 4096-token blocks;
+* a second slice of each, cut from ``../shared/traces`` (skipped when it is absent);
+* the four generated families of ``eviction.kv_tracegen`` (seeded).
+
+Cases where ``kv`` is known to be behind are strict xfails naming the gap (see the issue
+note): they fail the suite the day ``kv`` catches up, so the list stays true.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+
+from eviction.kv_tracegen import PRESETS, generate, write
+from eviction.registry import CLASSIC
+from eviction.simulator import simulate
+from eviction.traces import read_mooncake
+
+from .conftest import shared_trace
+from .slices import SLICES, shipped, slice_requests, write_jsonl
+
+CLASSICS = tuple(n for n in CLASSIC if n != "belady")
+FRACTIONS = (0.02, 0.05, 0.1, 0.2)
+GEN_SEED = 7
+GEN_SECONDS = 600.0
+
+_COLD = ("cold 1000-1500-request window: S3-FIFO/LIRS keep re-sent long prompts whole "
+         "(2.6x kv's prefix hits at depth >= 40 blocks); kv cuts them from the end")
+_SHORT = ("10-minute trace: too few sampled disagreements for the miniatures to leave chain "
+          "recency in time")
+#: (trace, fraction) -> why kv is behind there (strict xfails; see the issue note)
+KNOWN_GAPS: dict[tuple[str, float], str] = {
+    **{("conversation-shipped", f): _COLD for f in (0.05, 0.1, 0.2)},
+    **{("synthetic-shipped", f): _COLD for f in (0.02, 0.05, 0.1, 0.2)},
+    **{("conversation-shared", f): _COLD for f in (0.05, 0.1)},
+    **{("synthetic-shared", f): _COLD for f in (0.05, 0.1)},
+    ("gen-agent", 0.02): "2% of the working set: LIRS/ARC ahead of all three experts",
+    ("gen-mixed", 0.05): _SHORT,
+    ("gen-mixed", 0.2): _SHORT,
+    ("gen-rag", 0.05): "LIRS 0.17 points ahead: popular documents",
+}
+
+
+def _cases(name: str) -> list:
+    out = []
+    for f in FRACTIONS:
+        why = KNOWN_GAPS.get((name, f))
+        marks = [pytest.mark.xfail(strict=True, reason=why)] if why else []
+        out.append(pytest.param(f, marks=marks, id=f"{f:g}"))
+    return out
+
+
+def _assert_not_behind(path, frac: float, label: str) -> None:
+    tr = read_mooncake(path)
+    cap = max(8, int(tr.working_set()[0] * frac))
+    kv = simulate(tr, "kv", cap, "prefix")["hit_ratio"]
+    ratios = {p: simulate(tr, p, cap, "prefix")["hit_ratio"] for p in CLASSICS}
+    best = max(ratios, key=ratios.get)
+    assert kv >= ratios[best], \
+        f"{label} cap={cap}: kv {kv:.4f} behind {best} {ratios[best]:.4f}"
+
+
+def _slice_cases(kind: str) -> list:
+    out = []
+    for name in sorted(SLICES):
+        for p in _cases(f"{name}-{kind}"):
+            out.append(pytest.param(name, *p.values, marks=p.marks, id=f"{name}-{p.id}"))
+    return out
+
+
+@pytest.mark.parametrize(("name", "frac"), _slice_cases("shipped"))
+def test_kv_not_behind_on_shipped_slices(tmp_path, name, frac):
+    _assert_not_behind(shipped(name, tmp_path), frac, f"{name} (shipped slice)")
+
+
+@pytest.mark.parametrize("name", sorted(SLICES))
+def test_shipped_slices_match_the_shared_traces(tmp_path, name):
+    """The shipped slices are what ``slices.py`` cuts from the shared traces."""
+    file, spec, _ = SLICES[name]
+    with open(shared_trace(file), encoding="utf-8") as f:
+        want = slice_requests(f, **spec)
+    got = read_mooncake(shipped(name, tmp_path))
+    assert [got.keys[a:b] for a, b in zip(got.starts, got.starts[1:])] == want
+
+
+@pytest.mark.parametrize(("name", "frac"), _slice_cases("shared"))
+def test_kv_not_behind_on_shared_trace_slices(tmp_path, name, frac):
+    file, _, spec = SLICES[name]
+    with open(shared_trace(file), encoding="utf-8") as f:
+        reqs = slice_requests(f, **spec)
+    _assert_not_behind(write_jsonl(tmp_path / f"{name}.jsonl", reqs), frac, f"{name} (shared slice)")
+
+
+def _gen_cases() -> list:
+    out = []
+    for fam in sorted(PRESETS):
+        for p in _cases(f"gen-{fam}"):
+            out.append(pytest.param(fam, *p.values, marks=p.marks, id=f"{fam}-{p.id}"))
+    return out
+
+
+@pytest.mark.parametrize(("family", "frac"), _gen_cases())
+def test_kv_not_behind_on_generated_families(tmp_path, family, frac, seed_note):
+    seed_note(GEN_SEED)
+    path = tmp_path / f"{family}.jsonl"
+    write(str(path), generate(replace(PRESETS[family], duration_s=GEN_SECONDS), GEN_SEED))
+    _assert_not_behind(path, frac, f"generated {family} (seed {GEN_SEED})")
