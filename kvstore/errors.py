@@ -8,7 +8,13 @@ class KVStoreError(Exception):
 
 
 class ConfigError(KVStoreError, ValueError):
-    """The configuration cannot work (capacity below one block, unwritable disk path...)."""
+    """The configuration cannot work (capacity below one block, unwritable disk path...).
+
+    ``problems`` lists every mistake found, one message each (the message joins them)."""
+
+    def __init__(self, message: str = "", problems: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.problems = list(problems) if problems is not None else [message]
 
 
 class InvalidInputError(KVStoreError, ValueError):

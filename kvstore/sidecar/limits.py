@@ -165,3 +165,36 @@ class OwnerCheck:
             self._maps[pid] = _mapped_paths(pid)
         mapped = self._maps[pid]
         return mapped is not None and not mapped.isdisjoint(arena_paths)
+
+
+def option_problems(opts) -> list[str]:
+    """Every mistake in a :class:`~kvstore.sidecar.server.ServerOptions`, one message each.
+    O(fields)."""
+    out: list[str] = []
+
+    def positive(name: str, value, kind=int) -> None:
+        ok = isinstance(value, (int, float) if kind is float else int) and not isinstance(value, bool)
+        if not ok or value <= 0 or (kind is float and value != value):
+            out.append(f"{name} must be a positive {'number' if kind is float else 'int'}, got {value!r}")
+
+    positive("workers", opts.workers)
+    positive("lease_timeout_s", opts.lease_timeout_s, float)
+    for name in ("max_message_bytes", "max_namespaces", "max_queued", "max_tokens", "max_inflight_per_client",
+                 "max_slots_per_namespace", "max_namespaces_per_key", "max_claims_per_client", "send_hwm",
+                 "recv_hwm"):
+        positive(name, getattr(opts, name))
+    if not isinstance(opts.loop_lookup_tokens, int) or opts.loop_lookup_tokens < 0:
+        out.append(f"loop_lookup_tokens must be a non-negative int, got {opts.loop_lookup_tokens!r}")
+    if opts.metrics_port is not None and (not isinstance(opts.metrics_port, int) or not 0 <= opts.metrics_port < 65536):
+        out.append(f"metrics_port must be a TCP port (0-65535), got {opts.metrics_port!r}")
+    if bool(opts.curve_secret) != bool(opts.curve_allow):
+        out.append("CurveZMQ needs both the server's key (curve_secret) and an allow-list directory (curve_allow)")
+    for name in ("curve_secret", "curve_allow"):
+        path = getattr(opts, name)
+        if path and not os.path.exists(path):
+            out.append(f"{name} {path} does not exist")
+    if opts.shm and opts.shm_dir is not None:
+        parent = opts.shm_dir if os.path.isdir(opts.shm_dir) else os.path.dirname(os.path.abspath(opts.shm_dir))
+        if not os.access(parent, os.W_OK | os.X_OK):
+            out.append(f"shm_dir {opts.shm_dir} is not a writable directory")
+    return out

@@ -350,9 +350,9 @@ class SidecarServer:
         if self._router is not None:
             return self.endpoint
         opts = self.options
-        if bool(opts.curve_secret) != bool(opts.curve_allow):
-            raise ConfigError("CurveZMQ needs both the server's key (curve_secret) and an allow-list directory "
-                              "(curve_allow)")
+        problems = limits.option_problems(opts)
+        if problems:
+            raise ConfigError("; ".join(problems), problems)
         check_bind(self.requested_endpoint, self.curve, opts.insecure_allow_remote)
         # One sidecar per ipc path: libzmq would unlink a live sidecar's socket and take over.
         self._ipc_lock = limits.lock_ipc_endpoint(self.requested_endpoint)
