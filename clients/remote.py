@@ -245,9 +245,14 @@ class RemoteClient:
         end = time.monotonic() + budget
         for _ in range(1000):  # bounded: each pass consumes one reply
             remaining = end - time.monotonic()
-            if remaining <= 0 or not self._sock.poll(max(1, int(remaining * 1000))):
+            if remaining <= 0:
                 return None
-            frames = self._sock.recv_multipart(copy=False)
+            # A receive bounded by RCVTIMEO: one call into libzmq per reply (no poll before it).
+            self._sock.setsockopt(zmq.RCVTIMEO, max(1, int(remaining * 1000)))
+            try:
+                frames = self._sock.recv_multipart(copy=False)
+            except zmq.Again:
+                return None
             if len(frames) < 2 or bytes(frames[0]) != MAGIC:
                 raise ProtocolError(f"the peer at {self.url} is not a kvstore sidecar (bad reply frames)")
             header = unpack(frames[1])

@@ -29,7 +29,7 @@ from kvstore.config import TIERS, StoreConfig
 from kvstore.restore.costmodel import ComputeCost, CostModel, CostProfile, LinkCost
 from kvstore.errors import (BlockNotFoundError, ConfigError, InvalidInputError, StoreClosedError)
 from kvstore.restore.executor import Executor, Recomputer, Source, Timings
-from kvstore.hashing import block_keys, namespace_salt, tokens_to_array
+from kvstore.hashing import KeyMemo, namespace_salt, tokens_to_array
 from kvstore.layout import ModelLayout
 from kvstore.validate import check_act, check_kv
 from kvstore.restore.planner import BlockForms, Plan, plan_restore
@@ -77,6 +77,7 @@ class KVStore:
                              self.layout.head_dim)
         self._salt = namespace_salt(config.namespace, repr(sorted(self.layout.to_dict().items())),
                                     self.block_tokens)
+        self._key_memo = KeyMemo(self.block_tokens, self._salt)
         self._lock = threading.RLock()
         self._closed = False
         self._tmpdir: str | None = None
@@ -195,7 +196,7 @@ class KVStore:
 
     def _keys(self, tokens: TokensLike) -> tuple[np.ndarray, list[bytes]]:
         arr = tokens_to_array(tokens)
-        return arr, block_keys(arr, self.block_tokens, self._salt)
+        return arr, self._key_memo.keys(arr)
 
     def _whole_block_keys(self, tokens: TokensLike) -> tuple[np.ndarray, list[bytes]]:
         arr, keys = self._keys(tokens)
@@ -271,9 +272,17 @@ class KVStore:
         """Blocks of the longest prefix with KV, or activations when ``adapter`` can recompute
         them (never counting a block the caller could not restore). Under the lock; O(blocks)."""
         index = self._tiers.index
-        act_index = self._acts.index if self._acts is not None and adapter is not None else {}
         n = 0
-        while n < len(keys) and (keys[n] in index or keys[n] in act_index):
+        if self._acts is not None and adapter is not None:
+            act_index = self._acts.index
+            for key in keys:
+                if key not in index and key not in act_index:
+                    break
+                n += 1
+            return n
+        for key in keys:
+            if key not in index:
+                break
             n += 1
         return n
 

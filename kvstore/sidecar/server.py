@@ -528,12 +528,16 @@ class SidecarServer:
                 if self._monitor is not None and self._monitor in events:
                     self._on_monitor()
                 if router in events:
-                    for _ in range(256):  # bounded batch, then look at replies again
+                    # Bounded batch, then look at replies again. ZMQ_EVENTS says whether another
+                    # message waits (cheaper than a receive that raises zmq.Again).
+                    for _ in range(256):
                         try:
                             frames = router.recv_multipart(zmq.NOBLOCK, copy=False)
                         except zmq.Again:
                             break
                         self._on_request(frames)
+                        if not router.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                            break
         finally:
             self._shutdown()
 
@@ -545,6 +549,8 @@ class SidecarServer:
             except zmq.Again:
                 return
             self._router.send_multipart(msg, copy=False)
+            if not self._pull.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                return
 
     def _shutdown(self) -> None:
         if self._stopped.is_set():
