@@ -52,6 +52,10 @@ class StoreConfig:
     persist: bool = False
     fsync: FsyncMode = "never"
     fsync_interval_s: float = 1.0
+    #: reserve the disk slab's blocks when it is created (True), or keep it sparse (False, the
+    #: default): disk is taken as blocks are written, up to disk_bytes, and a full file system
+    #: degrades the disk tier instead of refusing to start
+    disk_preallocate: bool = False
     device: str | None = None  # "cuda" / "cpu"; None picks cuda when available
     act_share: float = 0.0
     activations: ActivationsMode = "none"
@@ -85,7 +89,7 @@ class StoreConfig:
         if self.disk_path is not None and not isinstance(self.disk_path, (str, os.PathLike)):
             out.append(f"disk_path must be a directory path (a string), got {type(self.disk_path).__name__}")
         out.extend(policy_problems(self.policy))
-        for name in ("promote_on_hit", "persist"):
+        for name in ("promote_on_hit", "persist", "disk_preallocate"):
             if not isinstance(getattr(self, name), bool):
                 out.append(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.fsync not in ("always", "interval", "never"):

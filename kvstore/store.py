@@ -179,7 +179,7 @@ class KVStore:
         try:
             cls = DiskArena if form == "kv" else ActDiskArena
             return cls(path, num_slots, slot, fsync=cfg.fsync, fsync_interval_s=cfg.fsync_interval_s,
-                       persist=cfg.persist, file_ops=self._file_ops)
+                       persist=cfg.persist, file_ops=self._file_ops, preallocate=cfg.disk_preallocate)
         except SlabInUseError as exc:
             raise ConfigError(f"{exc.strerror}: each store needs its own disk_path") from None
         except SlabMismatchError as exc:
