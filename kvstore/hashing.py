@@ -78,6 +78,22 @@ def tokens_to_array(tokens: Sequence[int] | np.ndarray | torch.Tensor) -> np.nda
     return np.ascontiguousarray(arr, dtype="<i4")
 
 
+def iter_block_keys(tokens: np.ndarray, block_tokens: int, salt: bytes):
+    """The keys of :func:`block_keys`, one at a time: a caller that stops at the first key
+    it does not know (``lookup``) hashes O(known prefix) blocks, not O(tokens)."""
+    n = len(tokens) // block_tokens
+    step = block_tokens * 4
+    data = memoryview(tokens[: n * block_tokens]).cast("B")
+    prev = b""
+    base = hashlib.blake2b(digest_size=KEY_BYTES, key=salt)
+    for i in range(n):
+        h = base.copy()
+        h.update(prev)
+        h.update(data[i * step:(i + 1) * step])
+        prev = h.digest()
+        yield prev
+
+
 def block_keys(tokens: np.ndarray, block_tokens: int, salt: bytes, max_blocks: int | None = None) -> list[bytes]:
     """Keys of the full blocks of ``tokens`` (an int32 LE array). O(len(tokens))."""
     n = len(tokens) // block_tokens
@@ -119,6 +135,34 @@ class KeyMemo:
         self.max_tokens = max_tokens
         self._memo: OrderedDict[bytes, list[bytes]] = OrderedDict()
         self._lock = threading.Lock()
+
+    def _data(self, tokens: np.ndarray) -> bytes | None:
+        n = len(tokens) // self.block_tokens * self.block_tokens
+        if n == 0 or n > self.max_tokens or self.entries <= 0:
+            return None
+        return tokens[:n].tobytes()
+
+    def cached(self, tokens: np.ndarray) -> list[bytes] | None:
+        """The memoised keys of ``tokens``' full blocks, or None (nothing is hashed)."""
+        data = self._data(tokens)
+        if data is None:
+            return None
+        with self._lock:
+            hit = self._memo.get(data)
+            if hit is None:
+                return None
+            self._memo.move_to_end(data)
+            return list(hit)
+
+    def remember(self, tokens: np.ndarray, keys: list[bytes]) -> None:
+        """Keep ``keys`` (every full block's, as :func:`block_keys` gives them) for ``tokens``."""
+        data = self._data(tokens)
+        if data is None:
+            return
+        with self._lock:
+            self._memo[data] = list(keys)
+            if len(self._memo) > self.entries:
+                self._memo.popitem(last=False)
 
     def keys(self, tokens: np.ndarray) -> list[bytes]:
         """``block_keys(tokens, block_tokens, salt)`` (a new list each call)."""

@@ -29,7 +29,7 @@ from kvstore.config import TIERS, StoreConfig
 from kvstore.restore.costmodel import ComputeCost, CostModel, CostProfile, LinkCost
 from kvstore.errors import (BlockNotFoundError, ConfigError, InvalidInputError, StoreClosedError)
 from kvstore.restore.executor import Executor, Recomputer, Source, Timings
-from kvstore.hashing import KeyMemo, namespace_salt, tokens_to_array
+from kvstore.hashing import KeyMemo, iter_block_keys, namespace_salt, tokens_to_array
 from kvstore.layout import ModelLayout
 from kvstore.validate import check_act, check_kv
 from kvstore.restore.planner import BlockForms, Plan, plan_restore
@@ -293,13 +293,27 @@ class KVStore:
         or the store's own); without one it is a miss.
         """
         self._check_open()
-        _, keys = self._keys(tokens)
+        arr = tokens_to_array(tokens)
+        total = len(arr) // self.block_tokens
+        keys = self._key_memo.cached(arr)
+        if keys is None:
+            # Hash only as far as the index knows the chain (read without the lock: the answer
+            # is recomputed under it), so a long prompt costs O(cached prefix), not O(tokens).
+            adapter_known = adapter or self.adapter
+            act_index = self._acts.index if self._acts is not None and adapter_known is not None else {}
+            index, keys = self._tiers.index, []
+            for key in iter_block_keys(arr, self.block_tokens, self._salt):
+                keys.append(key)
+                if key not in index and key not in act_index:
+                    break
+            if len(keys) == total:
+                self._key_memo.remember(arr, keys)
         with self._lock:
             self._check_open()
             n = self._cached_prefix(keys, adapter or self.adapter)
             self._counters["lookups"] += 1
             self._counters["hits"] += n
-            self._counters["misses"] += len(keys) - n
+            self._counters["misses"] += total - n
             return n * self.block_tokens
 
     def get(self, tokens: TokensLike, device: torch.device | str | None = None, *,

@@ -797,8 +797,9 @@ class SidecarServer:
             except Exception:
                 log.exception("could not reclaim a %s", c.kind)
         self._count("reclaimed", len(claims))
-        log.warning("reclaimed %d lease(s)/reservation(s) of clients that died (or cannot be checked) "
-                    "after %.1f s", len(claims), self.options.lease_timeout_s)
+        log.warning("reclaimed %d lease(s)/reservation(s) after %.1f s (leases on the timeout; reservations "
+                    "of clients that died, cannot be checked, or do not map the arenas)",
+                    len(claims), self.options.lease_timeout_s)
 
     # -- helpers -----------------------------------------------------------------------
     @staticmethod
