@@ -179,6 +179,27 @@ def test_namespaces_are_bound_to_the_key_that_made_them(curve_server, keys):
         ctx.destroy(0)
 
 
+def test_one_key_cannot_take_every_namespace(keys):
+    srv = SidecarServer("tcp://127.0.0.1:*", CFG,
+                        ServerOptions(workers=1, curve_secret=str(keys / "server.key_secret"),
+                                      curve_allow=str(keys / "allow"), max_namespaces_per_key=2)).start()
+    ctx = zmq.Context()
+    try:
+        server_key = load_keys(keys / "server.key").public
+        alice = dealer(ctx, srv.endpoint, load_keys(keys / "allow" / "alice.key_secret"), server_key)
+        bob = dealer(ctx, srv.endpoint, load_keys(keys / "allow" / "bob.key_secret"), server_key)
+        assert call(alice, "hello", hello_args("a1"))["ok"] and call(alice, "hello", hello_args("a2"))["ok"]
+        h = call(alice, "hello", hello_args("a3"))
+        assert not h["ok"] and h["error"]["code"] == "capacity" and "per key" in h["error"]["message"], h
+        assert call(alice, "hello", hello_args("a1"))["ok"]  # joining its own is fine
+        assert call(bob, "hello", hello_args("b1"))["ok"]  # another key still has room
+        alice.close(0)
+        bob.close(0)
+    finally:
+        ctx.destroy(0)
+        srv.stop(timeout=10)
+
+
 def test_curve_needs_both_key_options(keys):
     srv = SidecarServer("tcp://127.0.0.1:*", CFG, ServerOptions(curve_secret=str(keys / "server.key_secret")))
     with pytest.raises(ConfigError, match="allow-list"):
