@@ -76,6 +76,15 @@ class InstanceLock:
         os.write(fd, f"{os.getpid()}\n".encode())
         self._fd: int | None = fd
 
+    def remove_dir(self) -> None:
+        """Unlink the lock file and its directory if empty, still holding the lock (a newcomer
+        meanwhile is refused, not handed a stale inode). For a directory made for us alone."""
+        try:
+            os.unlink(self.path)
+            os.rmdir(os.path.dirname(self.path))
+        except OSError:
+            pass
+
     def release(self) -> None:
         if self._fd is not None:
             os.close(self._fd)  # drops the flock; the file stays (unlinking would race a newcomer)

@@ -586,6 +586,8 @@ class SidecarServer:
             self.metrics.close()
         self._close_security()
         self._ctx.term()
+        if self._shm_lock is not None and self.options.shm_dir is None and self.shm_dir is not None:
+            self._shm_lock.remove_dir()  # our own default directory: nothing of it outlives us
         self._release_locks()
         self._stopped.set()
         log.info("sidecar stopped")

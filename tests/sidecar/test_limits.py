@@ -423,3 +423,19 @@ def test_disk_slabs_take_disk_as_blocks_are_written(tmp_path):
     finally:
         ctx.destroy(0)
         srv.stop(timeout=10)
+
+
+def test_the_default_shm_dir_is_the_sidecars_own_and_goes_with_it(tmp_path):
+    cfg = StoreConfig(device_bytes=0, host_bytes=16 * LAYOUT.kv_block_bytes(BT), disk_bytes=0)
+    srv = SidecarServer("tcp://127.0.0.1:*", cfg, ServerOptions(workers=1)).start()
+    ctx = zmq.Context()
+    try:
+        s = dealer(ctx, srv.endpoint)
+        assert call(s, "hello", hello_args("own"))["ok"]
+        assert srv.shm_dir.startswith("/dev/shm/kvstore-sidecar-")
+        assert any(p.endswith(".shm") for p in os.listdir(srv.shm_dir))
+        s.close(0)
+    finally:
+        ctx.destroy(0)
+        srv.stop(timeout=10)
+    assert not os.path.exists(srv.shm_dir)
