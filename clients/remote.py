@@ -180,6 +180,7 @@ class RemoteClient:
             apply_client_curve(sock, *self._curve)
         sock.connect(self.url)
         self._sock = sock
+        self._timeouts: dict[int, int] = {}  # the socket's SNDTIMEO/RCVTIMEO as last set
 
     def _reset_socket(self) -> None:
         """Give up on the current socket (drop what it queued) and connect a fresh one."""
@@ -237,7 +238,7 @@ class RemoteClient:
         rid = next(self._ids)
         # A DEALER whose only peer refused the handshake (CurveZMQ) has no pipe and would block
         # in send forever: bound the send by the same budget.
-        self._sock.setsockopt(zmq.SNDTIMEO, max(1, int(budget * 1000)))
+        self._set_timeout(zmq.SNDTIMEO, max(1, int(budget * 1000)))
         try:
             self._sock.send_multipart(request_frames(rid, op, args, max(1, int(budget * 1000)), payload), copy=False)
         except zmq.Again:
@@ -248,7 +249,7 @@ class RemoteClient:
             if remaining <= 0:
                 return None
             # A receive bounded by RCVTIMEO: one call into libzmq per reply (no poll before it).
-            self._sock.setsockopt(zmq.RCVTIMEO, max(1, int(remaining * 1000)))
+            self._set_timeout(zmq.RCVTIMEO, max(1, int(remaining * 1000)))
             try:
                 frames = self._sock.recv_multipart(copy=False)
             except zmq.Again:
@@ -266,6 +267,13 @@ class RemoteClient:
                 continue  # a late reply to an earlier request
             return header, list(frames[2:])
         return None
+
+    def _set_timeout(self, option: int, ms: int) -> None:
+        """setsockopt only when the value changes (each call costs an enum conversion)."""
+        if self._timeouts.get(option) != ms:
+            assert self._sock is not None
+            self._sock.setsockopt(option, ms)
+            self._timeouts[option] = ms
 
     def _hello(self, timeout: float) -> None:
         result, _ = self._request("hello", {"ns": self.namespace, "layout": self.layout.to_dict(),
