@@ -150,8 +150,12 @@ class DiskArena(Arena):
     def __init__(self, path: str | Path, num_slots: int, slot_bytes: int, *, fsync: str = "never",
                  fsync_interval_s: float = 1.0, file_ops: FileOps | None = None,
                  clock=time.monotonic, io_threads: int = 4, persist: bool = False,
-                 identity: dict | None = None) -> None:
+                 identity: dict | None = None, preallocate: bool = True) -> None:
         super().__init__(num_slots, slot_bytes)
+        #: False: the file is sparse (its full size, no blocks reserved): disk is taken as slots
+        #: are written, and a full file system surfaces as ENOSPC on a write (the store then
+        #: degrades the tier) instead of at creation
+        self.preallocate = preallocate
         self.path = str(path)
         self.fsync = fsync
         self.fsync_interval_s = fsync_interval_s
@@ -201,9 +205,15 @@ class DiskArena(Arena):
             self._pool.shutdown(wait=False)
             raise
 
+    def _grow(self) -> None:
+        if self.preallocate:
+            self.ops.fallocate(self.fd, 0, self.file_bytes)
+        else:
+            os.ftruncate(self.fd, self.file_bytes)
+
     def _create(self) -> None:
         os.ftruncate(self.fd, 0)
-        self.ops.fallocate(self.fd, 0, self.file_bytes)
+        self._grow()
         self.ops.pwrite(self.fd, self._superblock.ljust(PAGE, b"\0"), 0)
 
     def _reopen(self) -> None:
@@ -222,7 +232,7 @@ class DiskArena(Arena):
             raise SlabMismatchError(f"slab {self.path} was made for another geometry {diff}; "
                                     "use another disk_path or delete the file")
         if self.ops.fstat_size(self.fd) < self.file_bytes:
-            self.ops.fallocate(self.fd, 0, self.file_bytes)  # truncated underneath us: grow back
+            self._grow()  # truncated underneath us: grow back
         table = self.ops.pread(self.fd, self.num_slots * HEADER_BYTES, self.header_offset)
         table = table.ljust(self.num_slots * HEADER_BYTES, b"\0")
         best: dict[bytes, SlotRecord] = {}

@@ -14,10 +14,16 @@ and redo the call, never write into an arena nobody reads. Otherwise, or when th
 tier cannot serve a request (blocks on disk, no room), KV travels as raw ZeroMQ frames,
 sent without a copy.
 
-Failure handling: every request has a deadline. On timeout the socket is closed with
-``LINGER=0`` (its queued messages are dropped) and a fresh one connects; idempotent ops
-(``kvstore.sidecar.protocol.IDEMPOTENT``) are then retried, others raise. A sidecar that restarted
-has forgotten our namespace: the client says ``hello`` again and retries once.
+Failure handling: every call has a deadline, the whole time it may take, retries included:
+``timeout`` (default :data:`DEFAULT_TIMEOUT_S`, 5 s) for each call, ``connect_timeout``
+(default :data:`DEFAULT_CONNECT_TIMEOUT_S`, 3 s) for the first ``hello``, and ``timeout=``
+on any single call to override it. Past it the call raises ``SidecarUnavailableError``
+(from :mod:`kvstore.errors`). On timeout the socket is closed with ``LINGER=0`` (its queued
+messages are dropped) and a fresh one connects; idempotent ops
+(``kvstore.sidecar.protocol.IDEMPOTENT``) are retried within the same deadline (each attempt
+gets an equal share), others raise. A sidecar that restarted has forgotten our namespace:
+the client says ``hello`` again and retries once. A request larger than the sidecar's
+``max_message_bytes`` is refused here (``MessageTooLargeError``) without being sent.
 
 Security: ``curve=CurveConfig(secret=".../client.key_secret", server=".../server.key")`` (or a
 dict with those keys, or the env vars ``KVSTORE_CURVE_SECRET`` / ``KVSTORE_CURVE_SERVER``)
@@ -32,8 +38,10 @@ Not safe to share between threads without care: calls are serialised by a lock.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from concurrent.futures import ThreadPoolExecutor
+import functools
 import itertools
 import os
 import threading
@@ -51,13 +59,19 @@ from kvstore.errors import BlockNotFoundError, ConfigError, StoreClosedError
 from kvstore.hashing import tokens_to_array
 from kvstore.layout import ModelLayout
 from kvstore.sidecar.procinfo import self_identity
-from kvstore.sidecar.protocol import (IDEMPOTENT, MAGIC, VERSION, ProtocolError, SidecarUnavailableError,
+from kvstore.errors import SidecarUnavailableError
+from kvstore.sidecar.protocol import (IDEMPOTENT, MAGIC, VERSION, MessageTooLargeError, ProtocolError,
                               UnknownLeaseError, UnknownNamespaceError, VersionMismatchError, check_act, check_kv,
                               error_from_reply, request_frames, tensor_desc, tensor_frame, tensor_from_frame,
                               unpack)
 from kvstore.sidecar.protocol import RemoteError, StaleArenaError
 from kvstore.sidecar.security import CurveKeys, apply_client_curve, load_keys
 from kvstore.sidecar.server import host_id
+
+#: seconds a call may take by default, retries included
+DEFAULT_TIMEOUT_S = 5.0
+#: seconds the first ``hello`` may take by default (nothing listening fails this fast)
+DEFAULT_CONNECT_TIMEOUT_S = 3.0
 
 ENV_SECRET = "KVSTORE_CURVE_SECRET"
 ENV_SERVER = "KVSTORE_CURVE_SERVER"
@@ -91,6 +105,27 @@ class CurveConfig:
         return load_keys(self.secret), load_keys(self.server).public
 
 
+def _with_deadline(method: Callable) -> Callable:
+    """Give a public method a keyword-only ``timeout`` (seconds, retries included): every
+    request the call makes (e.g. reserve, then commit) shares that one deadline."""
+
+    @functools.wraps(method)
+    def call(self: "RemoteClient", *args: Any, timeout: float | None = None, **kwargs: Any) -> Any:
+        outer = getattr(self._tls, "end", None)
+        if outer is None:  # nested calls keep the outermost deadline
+            if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
+                                        or timeout <= 0):
+                raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
+            self._tls.end = time.monotonic() + (self.timeout if timeout is None else timeout)
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            if outer is None:
+                self._tls.end = None
+
+    return call
+
+
 def _runs(blocks: list[tuple[int, int, int]]) -> list[tuple[int, int, int, int]]:
     """Group ``(position, segment, slot)`` into runs ``(pos0, segment, slot0, length)`` where
     both position and slot advance by one: one strided copy per run instead of per block."""
@@ -108,14 +143,16 @@ def _runs(blocks: list[tuple[int, int, int]]) -> list[tuple[int, int, int, int]]
 class RemoteClient:
     """A client of ``kvstore serve`` at ``url`` for one namespace (see module doc).
 
-    ``timeout`` bounds each request, ``connect_timeout`` the first ``hello``; ``retries``
-    is how many times an idempotent request is resent after a timeout; ``shm`` None means
+    ``timeout`` bounds each call (retries included; every method also takes ``timeout=``),
+    ``connect_timeout`` the first ``hello``; ``retries`` is how many times an idempotent
+    request is resent within that deadline after a lost reply; ``shm`` None means
     use shared memory when the sidecar offers it on this host, False never; ``device`` is
     where ``get`` returns tensors by default (CUDA when present, like the store).
     """
 
     def __init__(self, url: str, layout: ModelLayout, *, namespace: str = "default", block_tokens: int = 16,
-                 timeout: float = 30.0, connect_timeout: float = 5.0, retries: int = 1,
+                 timeout: float = DEFAULT_TIMEOUT_S, connect_timeout: float = DEFAULT_CONNECT_TIMEOUT_S,
+                 retries: int = 1,
                  shm: bool | None = None, device: torch.device | str | None = None,
                  curve: CurveConfig | dict | None = None) -> None:
         self.url = url
@@ -135,6 +172,7 @@ class RemoteClient:
         self._sock: zmq.Socket | None = None
         self._ids = itertools.count(1)
         self._lock = threading.RLock()
+        self._tls = threading.local()  # .end: the deadline of the public call in progress
         self._closed = False
         self._rows: list[torch.Tensor] = []  # mapped shared segments as [slots, L, 2, bt, H, D]
         self._idents: list[int] = []  # identity of each mapped segment (the server's generation)
@@ -163,6 +201,7 @@ class RemoteClient:
             apply_client_curve(sock, *self._curve)
         sock.connect(self.url)
         self._sock = sock
+        self._timeouts: dict[int, int] = {}  # the socket's SNDTIMEO/RCVTIMEO as last set
 
     def _reset_socket(self) -> None:
         """Give up on the current socket (drop what it queued) and connect a fresh one."""
@@ -178,10 +217,23 @@ class RemoteClient:
         with self._lock:
             if self._closed:
                 raise StoreClosedError("the client is closed")
-            budget = self.timeout if timeout is None else timeout
+            if timeout is None:
+                end = getattr(self._tls, "end", None)
+                # a follow-up (commit, release) keeps a sliver of time so a claim is not left open
+                budget = self.timeout if end is None else max(end - time.monotonic(), 0.05)
+            else:
+                budget = timeout
+            limit = self.server_info.get("max_message_bytes")
+            if limit and payload:
+                size = sum(len(memoryview(f).cast("B")) for f in payload)
+                if size > limit:
+                    raise MessageTooLargeError(f"{op} of {size} bytes exceeds the sidecar's max_message_bytes "
+                                               f"({limit}); send fewer tokens per call")
             attempts = 1 + (self.retries if op in IDEMPOTENT else 0)
-            for _ in range(attempts):
-                reply = self._exchange(op, args, payload, budget)
+            end = time.monotonic() + budget
+            for attempt in range(attempts):
+                share = (end - time.monotonic()) / (attempts - attempt)
+                reply = self._exchange(op, args, payload, share) if share > 0 else None
                 if reply is None:
                     self._reset_socket()
                     continue
@@ -198,7 +250,7 @@ class RemoteClient:
                     if self._curve is not None else
                     "is `kvstore serve` running there (without CurveZMQ, or pass curve=...)?")
             raise SidecarUnavailableError(
-                f"no reply from the sidecar at {self.url} to {what!r} within {budget:g} s "
+                f"no reply from the sidecar at {self.url} to {what!r} within {budget:.3g} s "
                 f"({attempts} attempt{'s' if attempts > 1 else ''}); {hint}")
 
     def _exchange(self, op: str, args: dict, payload: list | tuple, budget: float) -> tuple[dict, list] | None:
@@ -207,7 +259,7 @@ class RemoteClient:
         rid = next(self._ids)
         # A DEALER whose only peer refused the handshake (CurveZMQ) has no pipe and would block
         # in send forever: bound the send by the same budget.
-        self._sock.setsockopt(zmq.SNDTIMEO, max(1, int(budget * 1000)))
+        self._set_timeout(zmq.SNDTIMEO, max(1, int(budget * 1000)))
         try:
             self._sock.send_multipart(request_frames(rid, op, args, max(1, int(budget * 1000)), payload), copy=False)
         except zmq.Again:
@@ -215,9 +267,14 @@ class RemoteClient:
         end = time.monotonic() + budget
         for _ in range(1000):  # bounded: each pass consumes one reply
             remaining = end - time.monotonic()
-            if remaining <= 0 or not self._sock.poll(max(1, int(remaining * 1000))):
+            if remaining <= 0:
                 return None
-            frames = self._sock.recv_multipart(copy=False)
+            # A receive bounded by RCVTIMEO: one call into libzmq per reply (no poll before it).
+            self._set_timeout(zmq.RCVTIMEO, max(1, int(remaining * 1000)))
+            try:
+                frames = self._sock.recv_multipart(copy=False)
+            except zmq.Again:
+                return None
             if len(frames) < 2 or bytes(frames[0]) != MAGIC:
                 raise ProtocolError(f"the peer at {self.url} is not a kvstore sidecar (bad reply frames)")
             header = unpack(frames[1])
@@ -231,6 +288,13 @@ class RemoteClient:
                 continue  # a late reply to an earlier request
             return header, list(frames[2:])
         return None
+
+    def _set_timeout(self, option: int, ms: int) -> None:
+        """setsockopt only when the value changes (each call costs an enum conversion)."""
+        if self._timeouts.get(option) != ms:
+            assert self._sock is not None
+            self._sock.setsockopt(option, ms)
+            self._timeouts[option] = ms
 
     def _hello(self, timeout: float) -> None:
         result, _ = self._request("hello", {"ns": self.namespace, "layout": self.layout.to_dict(),
@@ -281,6 +345,7 @@ class RemoteClient:
         return arr, {"ns": self.namespace, "tokens": arr.tobytes()}
 
     # -- API ---------------------------------------------------------------------------
+    @_with_deadline
     def put(self, tokens: Any, kv: torch.Tensor, activations: torch.Tensor | None = None) -> int:
         """Store ``tokens``' full blocks; returns the cached prefix length (see ``KVStore.put``)."""
         self._check_open()
@@ -362,6 +427,7 @@ class RemoteClient:
             self._set_staged(res["slots"])
             return int(res["tokens"])
 
+    @_with_deadline
     def lookup(self, tokens: Any) -> int:
         """Cached prefix length in tokens (a multiple of block_tokens)."""
         self._check_open()
@@ -369,6 +435,7 @@ class RemoteClient:
         result, _ = self._request("lookup", args)
         return int(result)
 
+    @_with_deadline
     def get(self, tokens: Any, device: torch.device | str | None = None) -> torch.Tensor:
         """The KV of ``tokens`` (whole, fully cached blocks), bytes equal to what was put."""
         self._check_open()
@@ -381,7 +448,16 @@ class RemoteClient:
                 self._remap()  # a stale mapping: map the current arenas, then read again
                 result, frames = self._request("get", {**args, "shm": bool(self._rows), "owner": self._owner})
             if result["mode"] == "shm":
-                return self._copy_verified(result, out_device)
+                try:
+                    return self._copy_verified(result, out_device)
+                except BlockNotFoundError:
+                    raise  # the corrupt blocks were reported with the release
+                except BaseException:  # never leave the lease pinned behind a failed copy
+                    try:
+                        self._send_oneway("release", {"claim": result["claim"]})
+                    except Exception:  # it expires on the server anyway
+                        pass
+                    raise
         else:
             result, frames = self._request("get", args)
         if len(frames) != 1:
@@ -420,17 +496,20 @@ class RemoteClient:
         self._send_oneway("release", {"claim": result["claim"]})
         return out
 
+    @_with_deadline
     def stats(self) -> dict:
         """The namespace's store statistics, plus the sidecar's under ``"sidecar"``."""
         self._check_open()
         result, _ = self._request("stats", {"ns": self.namespace})
         return {**result["namespace"], "sidecar": result["server"]}
 
+    @_with_deadline
     def clear(self) -> int:
         self._check_open()
         result, _ = self._request("clear", {"ns": self.namespace})
         return int(result)
 
+    @_with_deadline
     def plan(self, tokens: Any, profile: dict | None = None) -> dict:
         """The sidecar's transfer-or-recompute plan for ``tokens``' cached prefix."""
         self._check_open()
@@ -440,6 +519,7 @@ class RemoteClient:
         result, _ = self._request("plan", args)
         return result
 
+    @_with_deadline
     def health(self) -> dict:
         self._check_open()
         result, _ = self._request("health", {})

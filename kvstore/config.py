@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
+import math
+import os
 from pathlib import Path
+import shutil
 import tomllib
 from typing import Any, Literal
 
@@ -50,6 +53,10 @@ class StoreConfig:
     persist: bool = False
     fsync: FsyncMode = "never"
     fsync_interval_s: float = 1.0
+    #: reserve the disk slab's blocks when it is created (True), or keep it sparse (False, the
+    #: default): disk is taken as blocks are written, up to disk_bytes, and a full file system
+    #: degrades the disk tier instead of refusing to start
+    disk_preallocate: bool = False
     device: str | None = None  # "cuda" / "cpu"; None picks cuda when available
     act_share: float = 0.0
     activations: ActivationsMode = "none"
@@ -65,33 +72,66 @@ class StoreConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        problems = self.problems()
+        if problems:
+            raise ConfigError(problems[0] if len(problems) == 1 else
+                              f"{len(problems)} problems in the configuration:\n  - " + "\n  - ".join(problems),
+                              problems)
+
+    def problems(self) -> list[str]:
+        """Every mistake in these values, one clear message each (empty: fine). Normalises
+        ``layout`` given as a mapping. No I/O (see :func:`environment_problems`). O(fields)."""
+        out: list[str] = []
         if isinstance(self.layout, dict):
-            self.layout = ModelLayout.from_dict(self.layout)
-        if not isinstance(self.block_tokens, int) or self.block_tokens <= 0:
-            raise ConfigError(f"block_tokens must be a positive int, got {self.block_tokens!r}")
+            try:
+                self.layout = layout_from_mapping(self.layout)
+            except ConfigError as exc:
+                out.extend(exc.problems)
+        elif self.layout is not None and not isinstance(self.layout, ModelLayout):
+            out.append(f"layout must be a [layout] table or a ModelLayout, got {type(self.layout).__name__}")
+        if not _is_int(self.block_tokens) or self.block_tokens <= 0:
+            out.append(f"block_tokens must be a positive int, got {self.block_tokens!r}")
         for tier in TIERS:
             value = getattr(self, f"{tier}_bytes")
-            if not isinstance(value, int) or value < 0:
-                raise ConfigError(f"{tier}_bytes must be a non-negative int, got {value!r}")
+            if not _is_int(value) or value < 0:
+                out.append(f"{tier}_bytes must be a non-negative int, got {value!r}")
+        if self.disk_path is not None and not isinstance(self.disk_path, (str, os.PathLike)):
+            out.append(f"disk_path must be a directory path (a string), got {type(self.disk_path).__name__}")
+        out.extend(policy_problems(self.policy))
+        for name in ("promote_on_hit", "persist", "disk_preallocate"):
+            if not isinstance(getattr(self, name), bool):
+                out.append(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.fsync not in ("always", "interval", "never"):
-            raise ConfigError(f"fsync must be 'always', 'interval' or 'never', got {self.fsync!r}")
+            out.append(f"fsync must be 'always', 'interval' or 'never', got {self.fsync!r}")
+        if isinstance(self.fsync_interval_s, bool) or not isinstance(self.fsync_interval_s, (int, float)) \
+                or not math.isfinite(self.fsync_interval_s) or self.fsync_interval_s <= 0:
+            out.append(f"fsync_interval_s must be a positive number of seconds, got {self.fsync_interval_s!r}")
+        if self.device is not None and (not isinstance(self.device, str)
+                                        or self.device.split(":")[0] not in ("cpu", "cuda")):
+            out.append(f"device must be 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
         if isinstance(self.act_share, bool) or not isinstance(self.act_share, (int, float)) \
                 or not 0.0 <= self.act_share < 1.0:
-            raise ConfigError(f"act_share must be a number in [0, 1), got {self.act_share!r}")
+            out.append(f"act_share must be a number in [0, 1), got {self.act_share!r}")
+        elif self.activations in ACTIVATION_MODES and (self.activations == "none") != (self.act_share == 0):
+            out.append(f"activations={self.activations!r} with act_share={self.act_share}: keeping "
+                       "activations needs act_share > 0, and act_share > 0 needs activations "
+                       "'beside' or 'instead'")
         if self.activations not in ACTIVATION_MODES:
-            raise ConfigError(f"activations must be one of {ACTIVATION_MODES}, got {self.activations!r}")
-        if isinstance(self.act_blocks, bool) or not isinstance(self.act_blocks, int) or self.act_blocks < 0:
-            raise ConfigError(f"act_blocks must be a non-negative int (0: every block), got {self.act_blocks!r}")
-        if (self.activations == "none") != (self.act_share == 0):
-            raise ConfigError(f"activations={self.activations!r} with act_share={self.act_share}: keeping "
-                              "activations needs act_share > 0, and act_share > 0 needs activations "
-                              "'beside' or 'instead'")
+            out.append(f"activations must be one of {ACTIVATION_MODES}, got {self.activations!r}")
+        if not _is_int(self.act_blocks) or self.act_blocks < 0:
+            out.append(f"act_blocks must be a non-negative int (0: every block), got {self.act_blocks!r}")
         if not isinstance(self.namespace, str) or not self.namespace:
-            raise ConfigError("namespace must be a non-empty string")
+            out.append("namespace must be a non-empty string")
+        if not isinstance(self.extra, dict):
+            out.append(f"extra must be a table, got {type(self.extra).__name__}")
         from kvstore.remote_tier import check_remote_config
 
-        check_remote_config(self.remote_url, self.remote_write, self.remote_ttl_s, self.remote_deadline_s,
-                            self.remote_queue_bytes)
+        try:
+            check_remote_config(self.remote_url, self.remote_write, self.remote_ttl_s, self.remote_deadline_s,
+                                self.remote_queue_bytes)
+        except ConfigError as exc:
+            out.append(str(exc))
+        return out
 
     def policy_for(self, tier: str) -> str:
         if isinstance(self.policy, str):
@@ -114,6 +154,107 @@ class StoreConfig:
         data.update({k: v for k, v in overrides.items() if v is not None})
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"unknown config keys in {path}: {unknown}; known: {sorted(known)}")
-        return cls(**data)
+        problems = [f"unknown config keys in {path}: {k!r}" + _did_you_mean(k, known) for k in unknown]
+        try:
+            config = cls(**{k: v for k, v in data.items() if k in known})
+        except ConfigError as exc:
+            problems.extend(exc.problems)
+        if problems:
+            raise ConfigError(problems[0] if len(problems) == 1 else
+                              f"{len(problems)} problems in {path}:\n  - " + "\n  - ".join(problems), problems)
+        return config
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _did_you_mean(name: str, choices: Any) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(str(name), sorted(choices), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+LAYOUT_KEYS = ("num_layers", "num_kv_heads", "head_dim", "hidden_size", "dtype")
+
+
+def layout_from_mapping(d: dict) -> ModelLayout:
+    """A ``ModelLayout`` from a ``[layout]`` table; every mistake is one ConfigError message."""
+    problems = [f"[layout] is missing {k!r}" for k in LAYOUT_KEYS if k not in d]
+    problems += [f"[layout] has an unknown key {k!r}" + _did_you_mean(k, LAYOUT_KEYS) for k in d if k not in LAYOUT_KEYS]
+    if "dtype" in d:
+        from kvstore.layout import dtype_from_name
+
+        try:
+            dtype_from_name(d["dtype"])
+        except ValueError as exc:
+            problems.append(f"[layout] dtype: {exc}")
+    for k in LAYOUT_KEYS[:4]:
+        if k in d and (not _is_int(d[k]) or d[k] <= 0):
+            problems.append(f"[layout] {k} must be a positive int, got {d[k]!r}")
+    if problems:
+        raise ConfigError("; ".join(problems), problems)
+    return ModelLayout.from_dict(d)
+
+
+def policy_problems(policy: Any) -> list[str]:
+    """Mistakes in ``policy``: a registry name, or a ``{tier: name}`` table over known tiers."""
+    from eviction.registry import ALIASES, OFFLINE, POLICIES, online
+
+    def bad_name(name: Any, where: str) -> str | None:
+        if not isinstance(name, str):
+            return f"{where} must be a policy name, got {name!r}"
+        key = name.lower()
+        key = ALIASES.get(key, key)
+        if key in POLICIES and key not in OFFLINE:
+            return None
+        why = "needs the future (simulator only)" if key in OFFLINE else "is an unknown eviction policy"
+        return f"{where} {name!r} {why}" + _did_you_mean(key, online()) + f"; choose one of {online()}"
+
+    if isinstance(policy, dict):
+        out = []
+        for tier, name in policy.items():
+            if tier not in TIERS:
+                out.append(f"policy table names an unknown tier {tier!r}" + _did_you_mean(tier, TIERS)
+                           + f"; tiers are {list(TIERS)}")
+            problem = bad_name(name, f"policy.{tier}")
+            if problem:
+                out.append(problem)
+        return out
+    problem = bad_name(policy, "policy")
+    return [problem] if problem else []
+
+
+def environment_problems(config: StoreConfig) -> list[str]:
+    """What would make ``config`` fail on this machine: an unusable disk_path (not creatable,
+    not writable, too little room for one namespace's slab), persist without disk_path, a CUDA
+    device without CUDA. Run where the store will run (``kvstore serve`` at start and with
+    ``--check``), so a mistake is found before the first client. O(1) file operations."""
+    out: list[str] = []
+    if config.persist and config.disk_bytes > 0 and config.disk_path is None:
+        out.append("persist = true needs a disk_path (a temporary directory would not survive)")
+    if config.disk_bytes > 0 and config.disk_path is not None:
+        directory = Path(config.disk_path)
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            out.append(f"disk_path {directory} cannot be created: {exc.strerror or exc}")
+        else:
+            probe = directory / f".kvstore-write-probe-{os.getpid()}"
+            try:
+                probe.write_bytes(b"x")
+                probe.unlink()
+            except OSError as exc:
+                out.append(f"disk_path {directory} is not writable: {exc.strerror or exc}")
+            else:
+                free = shutil.disk_usage(directory).free
+                if free < config.disk_bytes:
+                    out.append(f"disk_path {directory} has {free} bytes free, below disk_bytes={config.disk_bytes} "
+                               "(the disk tier of one namespace)")
+    if isinstance(config.device, str) and config.device.startswith("cuda") and config.device_bytes > 0:
+        import torch
+
+        if not torch.cuda.is_available():
+            out.append(f"device = {config.device!r} but this machine has no CUDA device")
+    return out

@@ -8,7 +8,13 @@ class KVStoreError(Exception):
 
 
 class ConfigError(KVStoreError, ValueError):
-    """The configuration cannot work (capacity below one block, unwritable disk path...)."""
+    """The configuration cannot work (capacity below one block, unwritable disk path...).
+
+    ``problems`` lists every mistake found, one message each (the message joins them)."""
+
+    def __init__(self, message: str = "", problems: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.problems = list(problems) if problems is not None else [message]
 
 
 class NamespaceOwnerError(ConfigError, PermissionError):
@@ -32,3 +38,41 @@ class CapacityError(KVStoreError):
 
 class StoreClosedError(KVStoreError):
     """The store was closed."""
+
+
+# -- errors of the sidecar, raised by its clients -----------------------------------------
+# They live here (not only in kvstore.sidecar.protocol, which re-exports them) so an engine
+# catches every error of the store by meaning from one module, embedded or remote.
+class RemoteError(KVStoreError):
+    """An error reply whose code has no more specific class; ``code`` says which."""
+
+    code = "internal"
+
+    def __init__(self, message: str, code: str | None = None) -> None:
+        super().__init__(message)
+        if code is not None:
+            self.code = code
+
+
+class SidecarUnavailableError(RemoteError, ConnectionError):
+    """No sidecar answered within the deadline (absent, crashed or overloaded)."""
+
+    code = "unavailable"
+
+
+class LayoutMismatchError(ConfigError):
+    """The namespace exists on the sidecar with another layout or block size."""
+
+    code = "layout_mismatch"
+
+
+class ForbiddenError(RemoteError, PermissionError):
+    """The namespace is not this client's to use (CurveZMQ: another key created it)."""
+
+    code = "forbidden"
+
+
+class BusyError(RemoteError):
+    """The sidecar refused the request for now (too many queued or in flight): retry later."""
+
+    code = "busy"

@@ -15,6 +15,8 @@ _DTYPES: dict[str, torch.dtype] = {
 def dtype_from_name(name: str | torch.dtype) -> torch.dtype:
     if isinstance(name, torch.dtype):
         return name
+    if not isinstance(name, str):
+        raise ValueError(f"dtype must be a name such as 'float16', got {type(name).__name__} {name!r:.40}")
     key = name.removeprefix("torch.")
     try:
         return _DTYPES[key]

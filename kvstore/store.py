@@ -34,7 +34,7 @@ from kvstore.restore.costmodel import ComputeCost, CostModel, CostProfile, LinkC
 from kvstore.errors import (BlockNotFoundError, ConfigError, InvalidInputError, NamespaceOwnerError,
                             StoreClosedError)
 from kvstore.restore.executor import Executor, Recomputer, Source, Timings
-from kvstore.hashing import block_keys, namespace_salt, tokens_to_array
+from kvstore.hashing import KeyMemo, iter_block_keys, namespace_salt, tokens_to_array
 from kvstore.layout import ModelLayout
 from kvstore.validate import check_act, check_kv
 from kvstore.remote_tier import RemoteTier
@@ -46,13 +46,16 @@ log = logging.getLogger(__name__)
 TokensLike = Sequence[int] | np.ndarray | torch.Tensor
 
 
-def slab_filename(namespace: str, form: str) -> str:
-    """The slab file of ``namespace``'s ``form`` ("kv" / "act"): a readable escape of the
-    name plus a hash of the exact name, so two names never share a file (``a/b`` and ``a_b``,
-    two non-ASCII names, two long names with one start). The slab also records the exact
-    name and refuses another. O(len(namespace))."""
+def slab_filename(namespace: str, form: str, owner: str | None = None) -> str:
+    """The slab file of ``namespace``'s ``form`` ("kv" / "act") for ``owner`` (a CurveZMQ
+    key's name; None without CURVE): a readable escape of the name plus a hash of the exact
+    name and owner, so two names never share a file (``a/b`` and ``a_b``, two non-ASCII
+    names, two long names with one start), nor two keys' namespaces of one name (each key
+    has its own). The slab also records the exact name and owner and refuses another.
+    O(len(namespace))."""
     safe = re.sub(r"[^A-Za-z0-9_.-]", "_", namespace)[:48]
-    digest = hashlib.sha256(namespace.encode("utf-8", "surrogatepass")).hexdigest()[:20]
+    exact = namespace if owner is None else f"{namespace}\x00owner={owner}"
+    digest = hashlib.sha256(exact.encode("utf-8", "surrogatepass")).hexdigest()[:20]
     return f"{safe}-{digest}-{form}.slab"
 
 
@@ -97,6 +100,7 @@ class KVStore:
                              self.layout.head_dim)
         self._salt = namespace_salt(config.namespace, repr(sorted(self.layout.to_dict().items())),
                                     self.block_tokens, owner=owner)
+        self._key_memo = KeyMemo(self.block_tokens, self._salt)
         self._lock = threading.RLock()
         self._closed = False
         self._remote: RemoteTier | None = None  # the shared tier below disk (kvstore.remote_tier)
@@ -205,7 +209,7 @@ class KVStore:
             raise ConfigError(f"disk_bytes={capacity} is below one block on disk "
                               f"({slab_file_bytes(1, slot)} bytes with header and alignment)")
         need = slab_file_bytes(num_slots, slot)
-        path = directory / slab_filename(cfg.namespace, form)
+        path = directory / slab_filename(cfg.namespace, form, self.owner)
         try:
             existing = path.lstat().st_size
         except FileNotFoundError:
@@ -216,7 +220,7 @@ class KVStore:
         try:
             cls = DiskArena if form == "kv" else ActDiskArena
             return cls(path, num_slots, slot, fsync=cfg.fsync, fsync_interval_s=cfg.fsync_interval_s,
-                       persist=cfg.persist, file_ops=self._file_ops,
+                       persist=cfg.persist, file_ops=self._file_ops, preallocate=cfg.disk_preallocate,
                        identity={"namespace": cfg.namespace, "owner": self.owner})
         except SlabIdentityError as exc:
             if exc.found.get("namespace") == cfg.namespace:
@@ -241,7 +245,7 @@ class KVStore:
 
     def _keys(self, tokens: TokensLike) -> tuple[np.ndarray, list[bytes]]:
         arr = tokens_to_array(tokens)
-        return arr, block_keys(arr, self.block_tokens, self._salt)
+        return arr, self._key_memo.keys(arr)
 
     def _whole_block_keys(self, tokens: TokensLike) -> tuple[np.ndarray, list[bytes]]:
         arr, keys = self._keys(tokens)
@@ -380,9 +384,17 @@ class KVStore:
         """Blocks of the longest prefix with KV, or activations when ``adapter`` can recompute
         them (never counting a block the caller could not restore). Under the lock; O(blocks)."""
         index = self._tiers.index
-        act_index = self._acts.index if self._acts is not None and adapter is not None else {}
         n = 0
-        while n < len(keys) and (keys[n] in index or keys[n] in act_index):
+        if self._acts is not None and adapter is not None:
+            act_index = self._acts.index
+            for key in keys:
+                if key not in index and key not in act_index:
+                    break
+                n += 1
+            return n
+        for key in keys:
+            if key not in index:
+                break
             n += 1
         return n
 
@@ -393,7 +405,23 @@ class KVStore:
         or the store's own); without one it is a miss.
         """
         self._check_open()
-        _, keys = self._keys(tokens)
+        arr = tokens_to_array(tokens)
+        total = len(arr) // self.block_tokens
+        keys = self._key_memo.cached(arr)
+        if keys is None and self._remote is not None:
+            keys = self._key_memo.keys(arr)  # the remote tier may extend the prefix: every key
+        if keys is None:
+            # Hash only as far as the index knows the chain (read without the lock: the answer
+            # is recomputed under it), so a long prompt costs O(cached prefix), not O(tokens).
+            adapter_known = adapter or self.adapter
+            act_index = self._acts.index if self._acts is not None and adapter_known is not None else {}
+            index, keys = self._tiers.index, []
+            for key in iter_block_keys(arr, self.block_tokens, self._salt):
+                keys.append(key)
+                if key not in index and key not in act_index:
+                    break
+            if len(keys) == total:
+                self._key_memo.remember(arr, keys)
         with self._lock:
             self._check_open()
             n = self._cached_prefix(keys, adapter or self.adapter)
@@ -401,12 +429,12 @@ class KVStore:
             remote = self._remote is not None and n < len(keys)
             if not remote:
                 self._counters["hits"] += n
-                self._counters["misses"] += len(keys) - n
+                self._counters["misses"] += total - n
                 return n * self.block_tokens
         n += self._remote.count_prefix(keys[n:])  # one batched existence check, no lock held
         with self._lock:
             self._counters["hits"] += n
-            self._counters["misses"] += len(keys) - n
+            self._counters["misses"] += total - n
             return n * self.block_tokens
 
     def get(self, tokens: TokensLike, device: torch.device | str | None = None, *,

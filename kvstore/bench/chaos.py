@@ -61,6 +61,7 @@ class _Sidecar:
                 break
             self.log.write(line)
             if b"serving on " in line:
+                self.serving_line = line.decode(errors="replace")
                 # keep draining stderr so the child never blocks on a full pipe
                 import threading
 
@@ -155,7 +156,7 @@ def _unauthorised(tmp: Path, rng: random.Random, attempts: int) -> tuple[int, in
     write_keypair(keys, "intruder")
     side = _Sidecar([sys.executable, "-m", "kvstore", "serve", "--endpoint", f"ipc://{tmp}/curve.sock",
                      "--host-bytes", "1MiB", "--device-bytes", "0", "--curve-secret", str(keys / "server.key_secret"),
-                     "--curve-allow", str(keys / "allow")], tmp / "curve-sidecar.log")
+                     "--curve-allow", str(keys / "allow"), "--metrics-port", "0"], tmp / "curve-sidecar.log")
     side.start()
     ctx = zmq.Context()
     answered = 0
@@ -183,8 +184,16 @@ def _unauthorised(tmp: Path, rng: random.Random, attempts: int) -> tuple[int, in
         ok.send_multipart([MAGIC, pack({"v": VERSION, "id": 1, "op": "stats", "args": {}})])
         if not ok.poll(10_000):
             raise RuntimeError("the allowed key got no answer from the CurveZMQ sidecar")
-        refused = unpack(ok.recv_multipart()[1])["result"]["server"]["unauthorised"]
+        assert unpack(ok.recv_multipart()[1])["ok"]
         ok.close(0)
+        # The refusal count is the operator's (its metrics endpoint), not any tenant's to see.
+        import re
+        import urllib.request
+
+        url = re.search(r"metrics on (http://\S+)", side.serving_line).group(1)
+        metrics = urllib.request.urlopen(url, timeout=10).read().decode()
+        found = re.search(r'kvstore_server_events_total\{kind="unauthorised"\} ([0-9.e+]+)', metrics)
+        refused = int(float(found.group(1))) if found else 0
     finally:
         ctx.destroy(0)
         side.stop()

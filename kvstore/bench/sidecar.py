@@ -3,7 +3,10 @@
 Results (DESIGN.md bench shape), each with the machine limit measured in the same run:
 
 * ``lookup_p50_us`` / ``lookup_p99_us``: a ``lookup`` of a 32-block prefix over TCP vs a bare
-  pyzmq DEALER/ROUTER echo of the same request bytes (target ratio <= 1.5);
+  pyzmq DEALER/ROUTER echo of the same request bytes (target ratio <= 1.5); the prompt is
+  asked about repeatedly, as an engine does while a request waits, so its block keys come
+  from the store's memo; ``lookup_unseen_p50_us`` is the same with a block no request named
+  before (hashing paid; no target);
 * ``shm_get_gbps`` / ``shm_put_gbps``: 64 MiB of KV through shared memory vs one memcpy of
   the same bytes (``clone`` for get, which returns a new tensor; ``copy_`` into existing
   memory for put) (target >= 0.8); a put is one copy into staged slots with the xxh3 of the

@@ -6,6 +6,10 @@ or ``--insecure-allow-remote``; see :mod:`kvstore.sidecar.security`.
 Store capacities come from ``--config store.toml`` (keys = ``StoreConfig`` field names) with
 flags overriding the file; every namespace gets these capacities, and its layout and block
 size from its first client.
+
+Fail fast: the whole configuration (file, flags, the disk path and shared-memory directory
+on this machine) is checked before anything is bound; every mistake is printed, one line
+each, and the command exits 2. ``--check`` does only that (exit 0 when all is well).
 """
 
 from __future__ import annotations
@@ -51,7 +55,18 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="larger requests are refused with a too_large error")
     parser.add_argument("--max-namespaces", type=int, default=64)
     parser.add_argument("--no-shm", action="store_true", help="no shared-memory data plane (frames only)")
-    parser.add_argument("--shm-dir", default="/dev/shm", help="where shared arenas live (a tmpfs)")
+    parser.add_argument("--shm-dir", default=None,
+                        help="where shared arenas live (a tmpfs; one sidecar per directory). Default: a "
+                             "directory of this sidecar's own under /dev/shm, named after the endpoint")
+    parser.add_argument("--max-slots-per-namespace", type=int, default=1 << 20,
+                        help="blocks one namespace's tiers may hold in all (bounds index memory; tiny "
+                             "blocks are refused at hello)")
+    parser.add_argument("--max-namespaces-per-key", type=int, default=16,
+                        help="namespaces one CurveZMQ client key may create")
+    parser.add_argument("--max-claims", type=int, default=1024,
+                        help="open shared-memory leases/reservations per connection (more get busy)")
+    parser.add_argument("--check", action="store_true",
+                        help="check the configuration (file, flags, paths) and exit: 0 when usable, 2 otherwise")
     parser.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port")
     parser.add_argument("--metrics-addr", default="127.0.0.1", help="address for the metrics endpoint")
     parser.add_argument("--max-tokens", type=int, default=1 << 20, help="tokens one request may name")
@@ -84,8 +99,34 @@ def build(args: argparse.Namespace):
                             shm=not args.no_shm, shm_dir=args.shm_dir, metrics_port=args.metrics_port,
                             metrics_addr=args.metrics_addr, max_tokens=args.max_tokens,
                             max_inflight_per_client=args.max_inflight, curve_secret=args.curve_secret,
-                            curve_allow=args.curve_allow, insecure_allow_remote=args.insecure_allow_remote)
+                            curve_allow=args.curve_allow, insecure_allow_remote=args.insecure_allow_remote,
+                            max_slots_per_namespace=args.max_slots_per_namespace,
+                            max_namespaces_per_key=args.max_namespaces_per_key, max_claims_per_client=args.max_claims)
     return args.endpoint, config, options
+
+
+def problems(args: argparse.Namespace) -> tuple[list[str], tuple | None]:
+    """Every mistake in this invocation (one message each) and, when there is none, what
+    :func:`build` made. Touches the disk path (creates it, writes a probe) but binds nothing."""
+    from kvstore.config import environment_problems
+    from kvstore.errors import ConfigError
+    from kvstore.sidecar.limits import option_problems
+    from kvstore.sidecar.security import check_bind
+
+    try:
+        built = build(args)
+    except ConfigError as exc:
+        return exc.problems, None
+    endpoint, config, options = built
+    found = environment_problems(config) + option_problems(options)
+    if not (endpoint.startswith("tcp://") or endpoint.startswith("ipc://")):
+        found.append(f"endpoint {endpoint!r} must be tcp://HOST:PORT or ipc:///path")
+    else:
+        try:
+            check_bind(endpoint, bool(options.curve_secret or options.curve_allow), options.insecure_allow_remote)
+        except (ConfigError, ValueError) as exc:
+            found.append(str(exc))
+    return found, (None if found else built)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -97,8 +138,17 @@ def run(args: argparse.Namespace) -> int:
     from kvstore.sidecar.server import SidecarServer
 
     log = logging.getLogger("kvstore.serve")
+    found, built = problems(args)
+    if found:
+        for p in found:
+            print(f"kvstore serve: {p}", file=sys.stderr)
+        print(f"kvstore serve: {len(found)} problem(s) in the configuration; nothing started", file=sys.stderr)
+        return 2
+    if args.check:
+        print("kvstore serve: configuration OK", file=sys.stderr)
+        return 0
     try:
-        endpoint, config, options = build(args)
+        endpoint, config, options = built
         server = SidecarServer(endpoint, config, options)
         bound = server.bind()
     except (ConfigError, OSError) as exc:

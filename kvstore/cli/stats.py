@@ -53,15 +53,16 @@ def request_once(endpoint: str, op: str, args: dict, timeout: float = 5.0,
 
 def _table(stats: dict) -> str:
     s = stats["server"]
-    lines = [f"sidecar {s['endpoint']}  protocol v{s['version']}  up {s['uptime_s']:.0f} s  "
-             f"requests {s['requests']}  errors {s['errors']}  open leases {s['open_claims']}  "
-             f"reclaimed {s['reclaimed']}  unauthorised {s.get('unauthorised', 0)}  busy {s.get('busy', 0)}"]
-    namespaces = stats.get("namespaces")
-    if namespaces is None and "namespace" in stats:
+    counters = "".join(f"  {label} {s[key]}" for key, label in (
+        ("requests", "requests"), ("errors", "errors"), ("open_claims", "open leases"), ("reclaimed", "reclaimed"),
+        ("unauthorised", "unauthorised"), ("busy", "busy")) if key in s)  # a CurveZMQ tenant sees fewer
+    lines = [f"sidecar {s['endpoint']}  protocol v{s['version']}  up {s['uptime_s']:.0f} s{counters}"]
+    if "namespace" in stats:
         namespaces = {stats["namespace"]["namespace"]: stats["namespace"]}
+    else:
+        namespaces = stats.get("namespaces") or {}
     if not namespaces:
         lines.append("  no namespaces yet (a namespace is created by its first client's hello)")
-        return "\n".join(lines)
     for name, st in namespaces.items():
         lines.append(f"  namespace {name}: {st['blocks']} blocks of {st['block_bytes']} B, hits {st['hits']}, "
                      f"misses {st['misses']}, evictions {st['evictions']}, demotions {st['demotions']}")

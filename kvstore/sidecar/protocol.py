@@ -23,7 +23,8 @@ import warnings
 import msgpack
 import torch
 
-from kvstore.errors import (BlockNotFoundError, CapacityError, ConfigError, InvalidInputError, KVStoreError,
+from kvstore.errors import (BlockNotFoundError, BusyError, CapacityError, ConfigError, ForbiddenError,  # noqa: F401
+                            InvalidInputError, KVStoreError, LayoutMismatchError, RemoteError, SidecarUnavailableError,
                             StoreClosedError)
 from kvstore.layout import ModelLayout, dtype_from_name, dtype_name
 from kvstore.validate import check_act, check_kv  # noqa: F401 -- the client's checks
@@ -32,6 +33,14 @@ MAGIC = b"KVS1"
 VERSION = 1
 #: a header (msgpack map) larger than this is refused before it is decoded
 MAX_HEADER_BYTES = 16 << 20
+#: headers up to this size decode without per-container accounting (at most this many objects)
+SMALL_HEADER_BYTES = 64 << 10
+#: larger headers: at most this many maps+arrays, items per array, keys per map
+MAX_HEADER_CONTAINERS = 4096
+MAX_HEADER_ARRAY = 1 << 20
+MAX_HEADER_MAP = 1024
+#: a tensor dimension above this is refused (no real KV has one; keeps shape arithmetic exact)
+MAX_TENSOR_DIM = 1 << 40
 #: every op the server knows; ``capabilities`` in the hello reply lists what it serves
 OPS = ("hello", "lookup", "put", "get", "release", "reserve", "commit", "plan", "stats", "health", "clear",
        "stage", "put_shm")
@@ -39,18 +48,8 @@ OPS = ("hello", "lookup", "put", "get", "release", "reserve", "commit", "plan", 
 IDEMPOTENT = frozenset({"hello", "lookup", "get", "plan", "stats", "health"})
 
 
-# -- errors ------------------------------------------------------------------------------
-class RemoteError(KVStoreError):
-    """An error reply whose code has no more specific class; ``code`` says which."""
-
-    code = "internal"
-
-    def __init__(self, message: str, code: str | None = None) -> None:
-        super().__init__(message)
-        if code is not None:
-            self.code = code
-
-
+# -- errors (the sidecar's own; RemoteError, SidecarUnavailableError, LayoutMismatchError,
+# ForbiddenError and BusyError live in kvstore.errors and are re-exported here) ------------------------------------------------------------------------------
 class ProtocolError(RemoteError):
     """A frame or header the peer cannot understand (bad magic, not msgpack, wrong type...)."""
 
@@ -81,18 +80,6 @@ class DeadlineExceededError(RemoteError, TimeoutError):
     """The request's deadline passed before the server got to it."""
 
     code = "deadline_exceeded"
-
-
-class SidecarUnavailableError(RemoteError, ConnectionError):
-    """No sidecar answered within the deadline (absent, crashed or overloaded)."""
-
-    code = "unavailable"
-
-
-class LayoutMismatchError(ConfigError):
-    """The namespace exists on the sidecar with another layout or block size."""
-
-    code = "layout_mismatch"
 
 
 class UnknownNamespaceError(RemoteError):
@@ -132,6 +119,9 @@ CODE_TO_ERROR: dict[str, type[Exception]] = {
     "unknown_namespace": UnknownNamespaceError,
     "unknown_lease": UnknownLeaseError,
     "stale_arena": StaleArenaError,
+    "forbidden": ForbiddenError,
+    "busy": BusyError,
+    "unavailable": SidecarUnavailableError,
     "internal": RemoteError,
 }
 
@@ -166,12 +156,55 @@ def pack(obj: Any) -> bytes:
     return msgpack.packb(obj, use_bin_type=True)
 
 
+class _ContainerBudget:
+    """Counts the maps and arrays one decode builds and stops it past ``limit``.
+
+    Why: a header is a few small maps plus the tokens (one bin, or one array of ints); a
+    hostile one of millions of empty maps costs ~64 bytes of Python per byte of msgpack
+    (16 MiB -> 1 GiB) and seconds of the loop thread. msgpack's ``max_*_len`` bound each
+    container, not their number; these hooks bound the number. O(1) per container.
+    """
+
+    __slots__ = ("left",)
+
+    def __init__(self, limit: int) -> None:
+        self.left = limit
+
+    def _spend(self) -> None:
+        self.left -= 1
+        if self.left < 0:
+            raise MessageTooLargeError(f"header holds more than {MAX_HEADER_CONTAINERS} maps/arrays")
+
+    def map(self, pairs: list) -> dict:
+        self._spend()
+        return dict(pairs)
+
+    def array(self, items: list) -> list:
+        self._spend()
+        return items
+
+
 def unpack(data: bytes | memoryview) -> Any:
-    """Decode one msgpack document; anything else (trailing bytes, bad data) is a ProtocolError."""
-    if len(data) > MAX_HEADER_BYTES:
-        raise MessageTooLargeError(f"header of {len(data)} bytes exceeds {MAX_HEADER_BYTES}")
+    """Decode one msgpack document; anything else (trailing bytes, bad data) is a ProtocolError.
+
+    Bounded: at most :data:`MAX_HEADER_BYTES`; a header above :data:`SMALL_HEADER_BYTES` (a
+    long token list, or an attack) decodes with at most :data:`MAX_HEADER_CONTAINERS` maps
+    and arrays, :data:`MAX_HEADER_ARRAY` items per array and :data:`MAX_HEADER_MAP` keys per
+    map, so no header costs more than a small multiple of its size. Small headers (every
+    ordinary request) take the plain C decoder. O(len(data)).
+    """
+    n = len(data)
+    if n > MAX_HEADER_BYTES:
+        raise MessageTooLargeError(f"header of {n} bytes exceeds {MAX_HEADER_BYTES}")
     try:
-        return msgpack.unpackb(data, raw=False, strict_map_key=True)
+        if n <= SMALL_HEADER_BYTES:
+            return msgpack.unpackb(data, raw=False, strict_map_key=True)
+        budget = _ContainerBudget(MAX_HEADER_CONTAINERS)
+        return msgpack.unpackb(data, raw=False, strict_map_key=True, object_pairs_hook=budget.map,
+                               list_hook=budget.array, max_array_len=MAX_HEADER_ARRAY,
+                               max_map_len=MAX_HEADER_MAP, max_ext_len=0)
+    except MessageTooLargeError:
+        raise
     except Exception as exc:  # msgpack raises several unrelated types
         raise ProtocolError(f"header is not valid msgpack: {type(exc).__name__}: {exc}"[:300]) from None
 
@@ -292,8 +325,10 @@ def tensor_from_frame(frame: Any, desc: Any) -> torch.Tensor:
     except ValueError as exc:
         raise InvalidInputError(str(exc)) from None
     shape = arg(desc, "shape", list)
-    if len(shape) > 8 or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape):
-        raise InvalidInputError(f"tensor shape must be a list of at most 8 non-negative ints, got {shape!r:.100}")
+    if len(shape) > 8 or not all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s <= MAX_TENSOR_DIM
+                                 for s in shape):
+        raise InvalidInputError(f"tensor shape must be a list of at most 8 ints in [0, {MAX_TENSOR_DIM}], "
+                                f"got {shape!r:.100}")
     buf = frame.buffer if hasattr(frame, "buffer") else memoryview(frame)
     itemsize = torch.empty((), dtype=dtype).element_size()
     numel = 1

@@ -61,8 +61,9 @@ import zmq
 from allocator.memory import MemoryArena
 from allocator.shm import ShmArena, shm_free_bytes
 from kvstore.config import StoreConfig
-from kvstore.errors import CapacityError, ConfigError, InvalidInputError, NamespaceOwnerError
-from kvstore.sidecar.procinfo import owner_alive, owner_from_wire
+from kvstore.errors import BusyError, CapacityError, ConfigError, ForbiddenError, InvalidInputError, NamespaceOwnerError
+from kvstore.sidecar import limits
+from kvstore.sidecar.procinfo import owner_from_wire
 from kvstore.layout import ModelLayout
 from kvstore.sidecar.protocol import (MAGIC, OPS, VERSION, LayoutMismatchError, MessageTooLargeError, ProtocolError,
                               RemoteError, UnknownLeaseError, UnknownNamespaceError, UnsupportedError, arg,
@@ -90,7 +91,11 @@ _SHM_NAME = re.compile(r"^kvstore-(?:.*-)?(\d+)-[0-9a-f]{16,32}\.shm$")
 
 def sweep_stale_shm(directory: str) -> int:
     """Unlink shared arenas left by sidecars that were killed (SIGKILL skips cleanup): files
-    named by :class:`ShmArena` whose creating pid no longer exists. O(files in directory)."""
+    named by :class:`ShmArena` whose creating pid no longer exists. O(files in directory).
+
+    Not used by the server any more: a pid is only meaningful in its own pid namespace (a
+    sidecar in a container took a live one's arenas for stale). The server sweeps only the
+    directory whose lock it holds (:func:`kvstore.sidecar.limits.sweep_dir`)."""
     removed = 0
     try:
         names = os.listdir(directory)
@@ -127,7 +132,9 @@ class ServerOptions:
     max_namespaces: int = 64
     max_queued: int = 1024
     shm: bool = True
-    shm_dir: str = "/dev/shm"
+    #: where shared arenas live (a tmpfs); one sidecar per directory. None: a directory of
+    #: this sidecar's own under /dev/shm, named after its endpoint
+    shm_dir: str | None = None
     metrics_port: int | None = None
     metrics_addr: str = "127.0.0.1"
     #: tokens one request may name (lookup/get/put/reserve/plan); more is ``invalid_argument``
@@ -139,12 +146,21 @@ class ServerOptions:
     curve_allow: str | None = None
     #: bind a routable TCP address without CurveZMQ (logs a loud warning)
     insecure_allow_remote: bool = False
-
-
-class ForbiddenError(RemoteError):
-    """The namespace belongs to another CurveZMQ identity."""
-
-    code = "forbidden"
+    #: slots (blocks) one namespace's tiers may hold in all: bounds the per-slot index state
+    max_slots_per_namespace: int = 1 << 20
+    #: namespaces one CurveZMQ key may create (without CURVE: max_namespaces bounds them all)
+    max_namespaces_per_key: int = 16
+    #: open leases + reservations one connection may hold; more is ``busy``
+    max_claims_per_client: int = 1024
+    #: lookups of up to this many tokens are answered on the loop thread; longer ones (their
+    #: hashing is O(tokens)) go to a worker, so they never stall other clients
+    loop_lookup_tokens: int = 4096
+    #: replies ZeroMQ queues for one connection that does not read them (beyond: dropped);
+    #: what such a connection can hold is send_hwm x its largest reply. At least a burst of
+    #: pipelined requests (recv_hwm), else replies to a client that does read get dropped.
+    send_hwm: int = 1024
+    #: requests ZeroMQ queues from one connection before it stops reading from it
+    recv_hwm: int = 1024
 
 
 @dataclass(frozen=True)
@@ -181,6 +197,7 @@ class _Claim:
     obj: Any
     expires: float
     owner: tuple[int, int] | None = None  # (pid, start time) of a same-host client
+    peer: bytes | None = None  # the connection that holds it (for the per-connection cap)
 
 
 def plan_result(store: KVStore, tokens: Any, profile: dict | None = None) -> dict:
@@ -265,16 +282,17 @@ class _StoreCollector:
             server.add_metric([name], value)
         for ns in self.server.namespaces():
             st = ns.store.stats()
+            label = self.server.metric_label(ns)
             for name, fam in counters.items():
-                fam.add_metric([ns.name], st[name])
+                fam.add_metric([label], st[name])
             for tier, t in st["tiers"].items():
-                used.add_metric([ns.name, tier], t["used_bytes"])
-                cap.add_metric([ns.name, tier], t["capacity_bytes"])
+                used.add_metric([label, tier], t["used_bytes"])
+                cap.add_metric([label, tier], t["capacity_bytes"])
             if "remote" in st:
                 for name, fam in remote.items():
-                    fam.add_metric([ns.name], st["remote"][name])
-                remote_queued.add_metric([ns.name], st["remote"]["queued_blocks"])
-                remote_degraded.add_metric([ns.name], int(st["remote"]["degraded"]))
+                    fam.add_metric([label], st["remote"][name])
+                remote_queued.add_metric([label], st["remote"]["queued_blocks"])
+                remote_degraded.add_metric([label], int(st["remote"]["degraded"]))
         claims.add_metric([], self.server.open_claims())
         yield from counters.values()
         yield used
@@ -308,7 +326,10 @@ class SidecarServer:
         self._stop = threading.Event()
         self._stopped = threading.Event()
         self._thread: threading.Thread | None = None
-        self._ns: dict[str, Namespace] = {}
+        # (CurveZMQ key name or None, namespace name) -> Namespace: each key has namespaces of
+        # its own, so no key can learn (by a ``forbidden`` or a layout error) that another
+        # key's name exists
+        self._ns: dict[tuple[str | None, str], Namespace] = {}
         self._ns_lock = threading.Lock()
         self._claims: dict[int, _Claim] = {}
         self._claims_lock = threading.Lock()
@@ -332,6 +353,13 @@ class SidecarServer:
         self.metrics_port: int | None = None
         self._handlers: dict[str, Callable[[dict, list], tuple[Any, list]]] = {
             op: getattr(self, f"_op_{op}") for op in OPS}
+        self._ipc_lock: limits.InstanceLock | None = None
+        self._shm_lock: limits.InstanceLock | None = None
+        self.shm_dir: str | None = None
+        self._claims_of: dict[bytes, int] = {}  # connection -> open claims (under _claims_lock)
+        self._reaper: threading.Thread | None = None
+        #: opaque per-server key: metrics label a CurveZMQ tenant's namespace by a digest, not its name
+        self._label_key = secrets.token_bytes(16)
 
     # -- lifecycle ---------------------------------------------------------------------
     def bind(self) -> str:
@@ -339,10 +367,12 @@ class SidecarServer:
         if self._router is not None:
             return self.endpoint
         opts = self.options
-        if bool(opts.curve_secret) != bool(opts.curve_allow):
-            raise ConfigError("CurveZMQ needs both the server's key (curve_secret) and an allow-list directory "
-                              "(curve_allow)")
+        problems = limits.option_problems(opts)
+        if problems:
+            raise ConfigError("; ".join(problems), problems)
         check_bind(self.requested_endpoint, self.curve, opts.insecure_allow_remote)
+        # One sidecar per ipc path: libzmq would unlink a live sidecar's socket and take over.
+        self._ipc_lock = limits.lock_ipc_endpoint(self.requested_endpoint)
         router = self._ctx.socket(zmq.ROUTER)
         router.setsockopt(zmq.LINGER, 2000)
         if self.curve:
@@ -351,25 +381,37 @@ class SidecarServer:
             except BaseException:
                 self._close_security()
                 router.close(0)
+                self._release_locks()
                 raise
-        router.setsockopt(zmq.SNDHWM, 0)
-        router.setsockopt(zmq.RCVHWM, 0)
-        # A hard cap far above the reply-with-an-error limit: beyond it the peer is dropped
-        # (protects memory); between the two the client gets a ``too_large`` reply.
-        router.setsockopt(zmq.MAXMSGSIZE, max(self.options.max_message_bytes * 4, 64 << 20))
+        # Bounded queues: replies a peer does not read are dropped past SNDHWM (the server
+        # does not grow by them); a peer that floods requests is no longer read past RCVHWM.
+        router.setsockopt(zmq.SNDHWM, max(1, opts.send_hwm))
+        router.setsockopt(zmq.RCVHWM, max(1, opts.recv_hwm))
+        # ZeroMQ checks a frame's announced size before buffering it: a frame over twice the
+        # limit drops the peer unread; between the two the client gets a ``too_large`` reply.
+        router.setsockopt(zmq.MAXMSGSIZE, opts.max_message_bytes * 2 + (64 << 10))
         try:
             router.bind(self.requested_endpoint)
         except zmq.ZMQError as exc:
             self._close_security()
             router.close(0)
+            self._release_locks()
             raise OSError(f"cannot bind {self.requested_endpoint}: {exc}") from None
         self.endpoint = router.getsockopt(zmq.LAST_ENDPOINT).decode()
         if self.endpoint.startswith("ipc://"):
             # Only this user may connect (the socket file's mode is the access control of ipc).
             # libzmq creates it with the umask's mode; tightened at once, before the loop serves.
             os.chmod(self.endpoint[len("ipc://"):], 0o600)
-        if self.options.shm:
-            sweep_stale_shm(self.options.shm_dir)
+        if opts.shm:
+            self.shm_dir = opts.shm_dir or limits.default_shm_dir(self.endpoint)
+            try:
+                self._shm_lock = limits.lock_shm_dir(self.shm_dir)
+            except BaseException:
+                self._close_security()
+                router.close(0)
+                self._release_locks()
+                raise
+            limits.sweep_dir(self.shm_dir)  # ours now: anything left is a dead sidecar's
         pull = self._ctx.socket(zmq.PULL)
         pull.setsockopt(zmq.LINGER, 0)
         pull.bind(self._inproc)
@@ -381,6 +423,13 @@ class SidecarServer:
         else:
             self.metrics = None
         return self.endpoint
+
+    def _release_locks(self) -> None:
+        for name in ("_shm_lock", "_ipc_lock"):
+            lock = getattr(self, name)
+            if lock is not None:
+                lock.release()
+                setattr(self, name, None)
 
     def start(self) -> "SidecarServer":
         self.bind()
@@ -457,13 +506,28 @@ class SidecarServer:
                 self._count("unauthorised")
                 self._refusal_log(event.get("endpoint", b"?").decode(errors="replace"), reason)
 
+    def metric_label(self, ns: Namespace) -> str:
+        """A namespace's name in metrics: as is without CurveZMQ (one tenant); with it an
+        opaque digest (keyed by this server's secret), so whoever scrapes the endpoint learns
+        no tenant's names. The server log maps digests to names."""
+        if not self.curve:
+            return ns.name
+        import hashlib
+
+        return "ns-" + hashlib.blake2b(f"{ns.owner}\x00{ns.name}".encode(), key=self._label_key,
+                                       digest_size=6).hexdigest()
+
     def namespaces(self) -> list[Namespace]:
         with self._ns_lock:
             return list(self._ns.values())
 
-    def open_claims(self) -> int:
+    def open_claims(self, kinds: tuple[str, ...] | None = None) -> int:
+        """Open claims (``kinds``: only those, e.g. ``("lease", "reservation")`` without the
+        clients' staged spare slots). O(claims) with ``kinds``, else O(1)."""
         with self._claims_lock:
-            return len(self._claims)
+            if kinds is None:
+                return len(self._claims)
+            return sum(1 for c in self._claims.values() if c.kind in kinds)
 
     # -- the loop ----------------------------------------------------------------------
     def _loop(self) -> None:
@@ -474,8 +538,8 @@ class SidecarServer:
         poller.register(pull, zmq.POLLIN)
         if self._monitor is not None:
             poller.register(self._monitor, zmq.POLLIN)
-        reap_every = max(0.05, min(1.0, self.options.lease_timeout_s / 4))
-        next_reap = time.monotonic() + reap_every
+        self._reaper = threading.Thread(target=self._reap_forever, name="kvs-reaper", daemon=True)
+        self._reaper.start()
         log.info("sidecar serving on %s (protocol v%d, %d workers)", self.endpoint, VERSION, self.options.workers)
         try:
             while not self._stop.is_set():
@@ -485,16 +549,16 @@ class SidecarServer:
                 if self._monitor is not None and self._monitor in events:
                     self._on_monitor()
                 if router in events:
-                    for _ in range(256):  # bounded batch, then look at replies again
+                    # Bounded batch, then look at replies again. ZMQ_EVENTS says whether another
+                    # message waits (cheaper than a receive that raises zmq.Again).
+                    for _ in range(256):
                         try:
                             frames = router.recv_multipart(zmq.NOBLOCK, copy=False)
                         except zmq.Again:
                             break
                         self._on_request(frames)
-                now = time.monotonic()
-                if now >= next_reap:
-                    self._reap(now)
-                    next_reap = now + reap_every
+                        if not router.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                            break
         finally:
             self._shutdown()
 
@@ -506,17 +570,23 @@ class SidecarServer:
             except zmq.Again:
                 return
             self._router.send_multipart(msg, copy=False)
+            if not self._pull.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                return
 
     def _shutdown(self) -> None:
         if self._stopped.is_set():
             return
         log.info("sidecar stopping: finishing in-flight requests")
+        self._stop.set()
+        if self._reaper is not None:
+            self._reaper.join(30)
         self._pool.shutdown(wait=True)
         if self._pull is not None:
             self._forward_replies()
         with self._claims_lock:
             claims = list(self._claims.values())
             self._claims.clear()
+            self._claims_of.clear()
         for c in claims:
             self._drop_claim(c)
         for ns in self.namespaces():
@@ -537,6 +607,9 @@ class SidecarServer:
             self.metrics.close()
         self._close_security()
         self._ctx.term()
+        if self._shm_lock is not None and self.options.shm_dir is None and self.shm_dir is not None:
+            self._shm_lock.remove_dir()  # our own default directory: nothing of it outlives us
+        self._release_locks()
         self._stopped.set()
         log.info("sidecar stopped")
 
@@ -577,7 +650,8 @@ class SidecarServer:
             args[PEER] = Peer(ident_bytes, user)
             if op == "lookup":
                 ns = self._namespace(args)
-                n = ns.store.lookup_nowait(self._tokens(args))
+                tokens = self._tokens(args)
+                n = ns.store.lookup_nowait(tokens) if len(tokens) <= self.options.loop_lookup_tokens else None
                 if n is not None:
                     self._no_payload(op, payload)
                     self._router.send_multipart([ident, *reply_ok(rid, n)], copy=False)
@@ -588,11 +662,11 @@ class SidecarServer:
                 return
             with self._queued_lock:
                 if self._queued >= self.options.max_queued:
-                    raise RemoteError(f"server busy: {self._queued} requests queued", "busy")
+                    raise BusyError(f"server busy: {self._queued} requests queued")
                 mine = self._inflight.get(ident_bytes, 0)
                 if mine >= self.options.max_inflight_per_client:
-                    raise RemoteError(f"this connection has {mine} requests in flight, the limit is "
-                                      f"{self.options.max_inflight_per_client}; wait for replies", "busy")
+                    raise BusyError(f"this connection has {mine} requests in flight, the limit is "
+                                    f"{self.options.max_inflight_per_client}; wait for replies")
                 self._queued += 1
                 self._inflight[ident_bytes] = mine + 1
             self._pool.submit(self._work, ident, op, args, payload, rid, received, deadline)
@@ -654,13 +728,38 @@ class SidecarServer:
 
     # -- claims (leases and reservations) ----------------------------------------------
     def _add_claim(self, kind: str, ns: Namespace, obj: Any, args: dict) -> int:
+        """Record a claim; past ``max_claims_per_client`` for its connection the claim is
+        dropped at once and the client gets ``busy``."""
         # Random, not sequential: a claim id is a capability (whoever names it may commit or
         # release it), so another client must not be able to guess one.
         cid = secrets.randbits(62) or 1
         owner = owner_from_wire(args.get("owner"), self._host)
+        peer = args.get(PEER)
+        ident = peer.ident if isinstance(peer, Peer) else None
+        claim = _Claim(kind, ns, obj, time.monotonic() + self.options.lease_timeout_s, owner, ident)
         with self._claims_lock:
-            self._claims[cid] = _Claim(kind, ns, obj, time.monotonic() + self.options.lease_timeout_s, owner)
-        return cid
+            if kind == "staging":  # bounded by the tier's spare slots, not by the per-connection cap
+                self._claims[cid] = claim
+                return cid
+            held = self._claims_of.get(ident, 0)
+            if held < self.options.max_claims_per_client:
+                self._claims[cid] = claim
+                self._claims_of[ident] = held + 1
+                return cid
+        self._drop_claim(claim)
+        raise BusyError(f"this connection holds {held} leases/reservations, the limit is "
+                        f"{self.options.max_claims_per_client}; release or commit them first")
+
+    def _forget_claim(self, cid: int) -> _Claim | None:
+        """Remove a claim from the books (caller holds ``_claims_lock``)."""
+        claim = self._claims.pop(cid, None)
+        if claim is not None and claim.kind != "staging":
+            left = self._claims_of.get(claim.peer, 1) - 1
+            if left > 0:
+                self._claims_of[claim.peer] = left
+            else:
+                self._claims_of.pop(claim.peer, None)
+        return claim
 
     def _take_claim(self, args: dict, kind: str | None = None) -> _Claim:
         cid = arg(args, "claim", int)
@@ -670,7 +769,7 @@ class SidecarServer:
                 raise UnknownLeaseError(f"no open {kind or 'lease or reservation'} {cid} (expired and reclaimed, "
                                         "or never granted)")
             self._check_owner(claim.ns, args)
-            del self._claims[cid]
+            self._forget_claim(cid)
         return claim
 
     @staticmethod
@@ -693,16 +792,33 @@ class SidecarServer:
             claim.expires = time.monotonic() + self.options.lease_timeout_s
             return claim
 
-    def _reap(self, now: float) -> None:
-        """Reclaim expired claims whose owner is dead or unknown; extend those of live owners.
+    def _reap_forever(self) -> None:
+        """The reaper thread: one pass every quarter lease timeout (at most 1 s), off the loop
+        thread, so /proc reads and unpinning never delay a request."""
+        every = max(0.05, min(1.0, self.options.lease_timeout_s / 4))
+        while not self._stop.wait(every):
+            try:
+                self._reap(time.monotonic())
+            except Exception:  # pragma: no cover - keep reaping whatever one pass hit
+                log.exception("claim reaper pass failed")
 
-        O(open claims) per pass plus one /proc read per expired claim with an owner.
+    def _reap(self, now: float) -> None:
+        """Reclaim expired claims, except reservations whose owner is alive and maps this
+        namespace's arenas (it may still be writing into its slots: they stay its own).
+
+        Leases expire on the timeout alone: a client that reads after its lease was reclaimed
+        learns it at ``release`` (``unknown_lease``) and fetches the bytes again, so a lease
+        orphaned by a retried or failed ``get`` never pins blocks for good. An owner that
+        names another process (pid 1...) does not map our arenas, so its claims expire too.
+        O(open claims) per pass plus one /proc read per distinct owner.
         """
         with self._claims_lock:
             expired = [(cid, c) for cid, c in self._claims.items() if c.expires <= now]
         dead, kept = [], 0
+        check = limits.OwnerCheck()
         for cid, c in expired:
-            if c.owner is not None and owner_alive(c.owner):
+            if (c.kind in ("reservation", "staging") and c.owner is not None
+                    and check.keeps(c.owner, {seg.get("path") for seg in c.ns.segments})):
                 c.expires = now + self.options.lease_timeout_s  # alive, just slow: its slots stay its own
                 kept += 1
             else:
@@ -711,7 +827,7 @@ class SidecarServer:
             self._count("kept_alive", kept)
             log.info("kept %d expired lease(s)/reservation(s) of clients that are alive but slow", kept)
         with self._claims_lock:
-            claims = [self._claims.pop(cid) for cid in dead if cid in self._claims]
+            claims = [c for c in map(self._forget_claim, dead) if c is not None]
         if not claims:
             return
         for c in claims:
@@ -719,15 +835,21 @@ class SidecarServer:
                 self._drop_claim(c)
             except Exception:
                 log.exception("could not reclaim a %s", c.kind)
-        self.counters["reclaimed"] += len(claims)
-        log.warning("reclaimed %d lease(s)/reservation(s) of clients that died (or cannot be checked) "
-                    "after %.1f s", len(claims), self.options.lease_timeout_s)
+        self._count("reclaimed", len(claims))
+        log.warning("reclaimed %d lease(s)/reservation(s) after %.1f s (leases on the timeout; reservations "
+                    "of clients that died, cannot be checked, or do not map the arenas)",
+                    len(claims), self.options.lease_timeout_s)
 
     # -- helpers -----------------------------------------------------------------------
+    @staticmethod
+    def _user(args: dict) -> str | None:
+        peer = args.get(PEER)
+        return peer.user if isinstance(peer, Peer) else None
+
     def _namespace(self, args: dict) -> Namespace:
         name = arg(args, "ns", str)
         with self._ns_lock:
-            ns = self._ns.get(name)
+            ns = self._ns.get((self._user(args), name))
         if ns is None:
             raise UnknownNamespaceError(f"namespace {name[:100]!r} is unknown to this sidecar (say hello first; "
                                         "it may have restarted)")
@@ -755,49 +877,64 @@ class SidecarServer:
                                     f"{self.options.max_tokens}")
         return tokens_from_wire(raw)
 
-    def _arena_factory(self, ns_name: str):
+    def _arena_factory(self, ns_name: str, made: list):
+        """Shared arenas for a namespace's memory tiers; each one made is appended to ``made``
+        so a namespace that fails to open can unlink them."""
         opts = self.options
+        shm_dir = self.shm_dir
         # CurveZMQ tenants never share mappable memory: ZeroMQ cannot pass a file descriptor
         # to the authenticated peer alone, and any process of our uid can open a file in
         # /dev/shm whatever its name -- so their tiers stay private memory (KV as frames).
-        shared = opts.shm and not self.curve
-        made: list[str] = []
+        shared = opts.shm and not self.curve and shm_dir is not None
 
         def factory(tier: str, num_slots: int, slot_bytes: int, device: torch.device):
             if not shared or device.type != "cpu" or num_slots == 0:
                 return None
             need = (num_slots + (shm_plane.spare_slots(num_slots) if not made else 0)) * slot_bytes
             try:
-                free = shm_free_bytes(opts.shm_dir)
+                free = shm_free_bytes(shm_dir)
             except OSError:
                 free = 0
             if free < need:
                 log.warning("namespace %s: %s tier (%d bytes) does not fit in %s (%d free); "
                             "it stays private memory (no shared-memory data plane for it)",
-                            ns_name, tier, need, opts.shm_dir, free)
+                            ns_name, tier, need, shm_dir, free)
                 return None
             # The first shared tier takes the puts: it gets spare slots beyond its capacity
             # that clients hold staged (shm_plane), so staging never shrinks the cache.
             spare = shm_plane.spare_slots(num_slots) if not made else 0
-            made.append(tier)
-            return ShmArena(num_slots + spare, slot_bytes, directory=opts.shm_dir, prefix="kvstore")
+            arena = ShmArena(num_slots + spare, slot_bytes, directory=shm_dir, prefix="kvstore")
+            made.append(arena)
+            return arena
 
         return factory
 
     def _create_namespace(self, name: str, layout: ModelLayout, block_tokens: int,
                           owner: str | None = None) -> Namespace:
         cfg = dataclasses.replace(self.config, layout=layout, block_tokens=block_tokens, namespace=name)
-        store = KVStore(cfg, arena_factory=self._arena_factory(name), owner=owner)
+        limits.check_slots(name, {t: getattr(cfg, f"{t}_bytes") for t in ("device", "host", "disk")},
+                           layout.kv_block_bytes(block_tokens), self.options.max_slots_per_namespace)
+        made: list = []
+        try:
+            store = KVStore(cfg, arena_factory=self._arena_factory(name, made), owner=owner)
+        except BaseException:
+            for arena in made:  # a namespace that fails to open leaves no shared memory behind
+                try:
+                    arena.close()
+                except Exception:  # pragma: no cover - best effort, keep the first error
+                    log.exception("could not unlink a shared arena of a failed namespace")
+            raise
         segments, seg_of_tier = [], {}
         for t, (tier, arena) in enumerate(store.tier_arenas()):
             if isinstance(arena, ShmArena):
                 seg_of_tier[t] = len(segments)
                 segments.append({"tier": tier, **arena.describe()})
         put_tier = min(seg_of_tier) if seg_of_tier else None
+        created = Namespace(name, store, layout, block_tokens, segments, seg_of_tier, put_tier, owner)
         log.info("namespace %r created: layout %s, block_tokens=%d, block %d bytes, tiers %s, shared %s",
                  name, layout.to_dict(), block_tokens, store.block_bytes,
                  [t for t, _ in store.tier_arenas()], [s["tier"] for s in segments])
-        return Namespace(name, store, layout, block_tokens, segments, seg_of_tier, put_tier, owner)
+        return created
 
     # -- ops: each returns (result, payload frames) --------------------------------------
     def _op_hello(self, args: dict, payload: list) -> tuple[Any, list]:
@@ -809,18 +946,23 @@ class SidecarServer:
         bt = arg(args, "block_tokens", int)
         if bt <= 0:
             raise InvalidInputError(f"block_tokens must be a positive int, got {bt}")
+        user = self._user(args)
         with self._ns_lock:
-            ns = self._ns.get(name)
+            ns = self._ns.get((user, name))
             if ns is None:
                 if len(self._ns) >= self.options.max_namespaces:
                     raise CapacityError(f"this sidecar serves at most {self.options.max_namespaces} namespaces")
-                peer = args.get(PEER)
-                owner = peer.user if isinstance(peer, Peer) else None
+                mine = sum(1 for owner, _ in self._ns if owner == user)
+                if self.curve and mine >= self.options.max_namespaces_per_key:
+                    raise CapacityError(f"this client key has {mine} namespaces, the limit per key is "
+                                        f"{self.options.max_namespaces_per_key}")
                 try:
-                    ns = self._create_namespace(name, layout, bt, owner)
-                except NamespaceOwnerError as exc:  # persisted for another key: ownership survives restarts
+                    ns = self._create_namespace(name, layout, bt, user)
+                except NamespaceOwnerError as exc:  # a slab on disk recorded for another key
                     raise ForbiddenError(str(exc)) from None
-                self._ns[name] = ns
+                self._ns[(user, name)] = ns
+                if self.curve:
+                    log.info("namespace %r of key %r is %s in metrics", name, user, self.metric_label(ns))
             self._check_owner(ns, args)
             if ns.layout != layout or ns.block_tokens != bt:
                 log.warning("client pid=%s refused from namespace %r: layout/block_tokens disagree",
@@ -842,9 +984,20 @@ class SidecarServer:
 
     def _op_health(self, args: dict, payload: list) -> tuple[Any, list]:
         self._no_payload("health", payload)
+        mine = self._visible(args)
         return {"status": "ok", "version": VERSION, "endpoint": self.endpoint,
-                "uptime_s": time.monotonic() - self._started, "namespaces": len(self._ns),
-                "open_claims": self.open_claims(), "queued": self._queued}, []
+                "uptime_s": time.monotonic() - self._started, "namespaces": len(mine),
+                "open_claims": self._open_claims_in(mine), "queued": self._queued if not self.curve else None}, []
+
+    def _visible(self, args: dict) -> list[Namespace]:
+        """The namespaces the caller may see: with CurveZMQ its key's own, else all."""
+        user = self._user(args)
+        return [ns for ns in self.namespaces() if ns.owner == user]
+
+    def _open_claims_in(self, namespaces: list[Namespace]) -> int:
+        ids = {id(ns) for ns in namespaces}
+        with self._claims_lock:
+            return sum(1 for c in self._claims.values() if id(c.ns) in ids)
 
     def _op_lookup(self, args: dict, payload: list) -> tuple[Any, list]:
         self._no_payload("lookup", payload)
@@ -960,13 +1113,14 @@ class SidecarServer:
 
     def _op_stats(self, args: dict, payload: list) -> tuple[Any, list]:
         self._no_payload("stats", payload)
+        visible = self._visible(args)
         server = {"endpoint": self.endpoint, "version": VERSION, "uptime_s": time.monotonic() - self._started,
-                  "open_claims": self.open_claims(), **self.counters}
+                  "open_claims": self._open_claims_in(visible)}
+        if not self.curve:  # one tenant: the server-wide counters are its own
+            with self._counters_lock:
+                server.update(self.counters)
         if args.get("ns") is not None:
             return {"server": server, "namespace": self._namespace(args).store.stats()}, []
-        peer = args.get(PEER)
-        user = peer.user if isinstance(peer, Peer) else None
-        visible = [ns for ns in self.namespaces() if ns.owner is None or ns.owner == user]
         return {"server": server, "namespaces": {ns.name: ns.store.stats() for ns in visible}}, []
 
     def _op_clear(self, args: dict, payload: list) -> tuple[Any, list]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -73,9 +74,17 @@ def test_owner_is_recorded_in_the_slab_and_survives_restart(layout, tmp_path):
     toks = prompt(1)
     with store(layout, tmp_path, "shared-name", owner="alice") as s:
         s.put(toks, kv_for(layout, 12, 1))
-    for intruder in ("bob", None):
-        with pytest.raises(NamespaceOwnerError, match="another owner"):
-            store(layout, tmp_path, "shared-name", owner=intruder)
+    for intruder in ("bob", None):  # each key's namespace of this name is its own slab: nothing of alice's
+        with store(layout, tmp_path, "shared-name", owner=intruder) as s:
+            assert s.lookup(toks) == 0
+    # alice's slab planted under bob's file name: the slab records its owner and refuses bob
+    alice_file = tmp_path / slab_filename("shared-name", "kv", "alice")
+    bob_file = tmp_path / slab_filename("shared-name", "kv", "bob")
+    os.replace(bob_file, tmp_path / "bob-own.slab")
+    shutil.copyfile(alice_file, bob_file)
+    with pytest.raises(NamespaceOwnerError, match="another owner"):
+        store(layout, tmp_path, "shared-name", owner="bob")
+    os.replace(tmp_path / "bob-own.slab", bob_file)
     with store(layout, tmp_path, "shared-name", owner="alice") as s:
         assert torch.equal(s.get(toks), kv_for(layout, 12, 1))
 

@@ -126,8 +126,9 @@ def test_curve_admits_allowed_keys_and_refuses_others(curve_server, keys, caplog
                           load_keys(keys / "mallory.key").public)]
         for s in refused:
             assert call(s, "health", {}, timeout_ms=700) is None  # never answered
+        assert srv.counters["unauthorised"] >= 3, srv.counters
         st = call(alice, "stats", {})["result"]["server"]
-        assert st["unauthorised"] >= 3, st
+        assert "unauthorised" not in st and "requests" not in st, st  # server-wide counts are no tenant's
         messages = [r.getMessage() for r in caplog.records]
         assert any("unknown client key" in m for m in messages), messages
         assert any("handshake failed" in m for m in messages), messages
@@ -140,6 +141,8 @@ def test_curve_admits_allowed_keys_and_refuses_others(curve_server, keys, caplog
 
 
 def test_namespaces_are_bound_to_the_key_that_made_them(curve_server, keys):
+    """Each key has namespaces of its own: bob naming alice's namespace reaches nothing of hers
+    and learns nothing (not even that the name exists: no ``forbidden``, no layout error)."""
     srv, ctx = curve_server, zmq.Context()
     server_key = load_keys(keys / "server.key").public
     try:
@@ -147,19 +150,54 @@ def test_namespaces_are_bound_to_the_key_that_made_them(curve_server, keys):
         bob = dealer(ctx, srv.endpoint, load_keys(keys / "allow" / "bob.key_secret"), server_key)
         assert call(alice, "hello", hello_args("alice-ns"))["ok"]
         assert call(bob, "hello", hello_args("bob-ns"))["ok"]
+        kv = torch.randn(LAYOUT.kv_shape(8)).to(LAYOUT.dtype)
         tokens = torch.arange(8, dtype=torch.int32).numpy().tobytes()
-        for op, args in [("hello", hello_args("alice-ns")), ("lookup", {"ns": "alice-ns", "tokens": tokens}),
+        put = call(alice, "put", {"ns": "alice-ns", "tokens": tokens, "kv": {"dtype": "float16", "shape": list(kv.shape)}},
+                   payload=[kv.numpy().tobytes()])
+        assert put["ok"] and put["result"] == 8, put
+        never = call(bob, "lookup", {"ns": "no-such-ns", "tokens": tokens})["error"]
+        for op, args in [("lookup", {"ns": "alice-ns", "tokens": tokens}),
                          ("get", {"ns": "alice-ns", "tokens": tokens}), ("clear", {"ns": "alice-ns"}),
                          ("stats", {"ns": "alice-ns"}),
                          ("lookup", {"ns": "alice-ns", "tokens": tokens, "@peer": "alice"})]:  # no forging
             h = call(bob, op, args)
-            assert not h["ok"] and h["error"]["code"] == "forbidden", (op, h)
-        assert set(call(bob, "stats", {})["result"]["namespaces"]) == {"bob-ns"}
+            assert not h["ok"] and h["error"]["code"] == "unknown_namespace", (op, h)
+            assert h["error"]["message"].replace("alice-ns", "no-such-ns") == never["message"], (op, h)
+        other = {**hello_args("alice-ns"), "block_tokens": BT * 2}
+        assert call(bob, "hello", other)["ok"]  # bob's own "alice-ns": no layout_mismatch reveals hers
+        assert call(bob, "lookup", {"ns": "alice-ns", "tokens": tokens})["result"] == 0
+        assert call(alice, "lookup", {"ns": "alice-ns", "tokens": tokens})["result"] == 8
+        assert set(call(bob, "stats", {})["result"]["namespaces"]) == {"bob-ns", "alice-ns"}
         assert set(call(alice, "stats", {})["result"]["namespaces"]) == {"alice-ns"}
+        assert call(alice, "health", {})["result"]["namespaces"] == 1
+        assert call(bob, "health", {})["result"]["namespaces"] == 2
+        metrics = urllib.request.urlopen(f"http://127.0.0.1:{srv.metrics_port}/metrics", timeout=10).read().decode()
+        assert "alice-ns" not in metrics and "bob-ns" not in metrics
         alice.close(0)
         bob.close(0)
     finally:
         ctx.destroy(0)
+
+
+def test_one_key_cannot_take_every_namespace(keys):
+    srv = SidecarServer("tcp://127.0.0.1:*", CFG,
+                        ServerOptions(workers=1, curve_secret=str(keys / "server.key_secret"),
+                                      curve_allow=str(keys / "allow"), max_namespaces_per_key=2)).start()
+    ctx = zmq.Context()
+    try:
+        server_key = load_keys(keys / "server.key").public
+        alice = dealer(ctx, srv.endpoint, load_keys(keys / "allow" / "alice.key_secret"), server_key)
+        bob = dealer(ctx, srv.endpoint, load_keys(keys / "allow" / "bob.key_secret"), server_key)
+        assert call(alice, "hello", hello_args("a1"))["ok"] and call(alice, "hello", hello_args("a2"))["ok"]
+        h = call(alice, "hello", hello_args("a3"))
+        assert not h["ok"] and h["error"]["code"] == "capacity" and "per key" in h["error"]["message"], h
+        assert call(alice, "hello", hello_args("a1"))["ok"]  # joining its own is fine
+        assert call(bob, "hello", hello_args("b1"))["ok"]  # another key still has room
+        alice.close(0)
+        bob.close(0)
+    finally:
+        ctx.destroy(0)
+        srv.stop(timeout=10)
 
 
 def test_curve_needs_both_key_options(keys):
