@@ -1032,7 +1032,6 @@ class KVStore:
         """
         self._check_open()
         arr, keys = self._whole_block_keys(tokens)
-        bt = self.block_tokens
         allowed = set(tiers)
         with self._lock:
             self._check_open()

@@ -128,8 +128,7 @@ def test_sidecar_section_runs_end_to_end(tmp_path):
     lines = [shlex.split(_substitute(line, tmp_path)) for line in _command_lines(sidecar_block)]
     serve = next(a for a in lines if a[:2] == ["kvstore", "serve"])
     serve = [str(tmp_path / a) if a == "store.toml" else a for a in serve]
-    proc = subprocess.Popen(_kvstore(serve[1:]), cwd=tmp_path, env=_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = _serve(serve, tmp_path)
     try:
         _wait_for_socket(tmp_path / "kvstore.sock", proc)
         for argv in lines:
@@ -148,12 +147,7 @@ def test_sidecar_section_runs_end_to_end(tmp_path):
                                env=_env(), capture_output=True, text=True, timeout=60)
         assert stats.returncode == 0 and "model-a" in stats.stdout, stats.stderr[-2000:]
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            assert proc.wait(timeout=30) == 0, proc.stderr.read()[-2000:]
-        finally:
-            if proc.poll() is None:
-                proc.kill()
+        _stop(proc)
 
 
 def test_simulate_example_runs(tmp_path):

@@ -48,7 +48,6 @@ from dataclasses import dataclass
 import importlib
 import logging
 import os
-import re
 import secrets
 import socket
 import threading
@@ -84,42 +83,6 @@ def host_id() -> str:
     except OSError:
         boot = ""
     return f"{socket.gethostname()}/{boot}"
-
-
-_SHM_NAME = re.compile(r"^kvstore-(?:.*-)?(\d+)-[0-9a-f]{16,32}\.shm$")
-
-
-def sweep_stale_shm(directory: str) -> int:
-    """Unlink shared arenas left by sidecars that were killed (SIGKILL skips cleanup): files
-    named by :class:`ShmArena` whose creating pid no longer exists. O(files in directory).
-
-    Not used by the server any more: a pid is only meaningful in its own pid namespace (a
-    sidecar in a container took a live one's arenas for stale). The server sweeps only the
-    directory whose lock it holds (:func:`kvstore.sidecar.limits.sweep_dir`)."""
-    removed = 0
-    try:
-        names = os.listdir(directory)
-    except OSError:
-        return 0
-    for name in names:
-        m = _SHM_NAME.match(name)
-        if not m:
-            continue
-        try:
-            os.kill(int(m.group(1)), 0)
-            continue  # alive
-        except ProcessLookupError:
-            pass
-        except (PermissionError, OverflowError):
-            continue
-        try:
-            os.unlink(os.path.join(directory, name))
-            removed += 1
-        except OSError:
-            pass
-    if removed:
-        log.warning("removed %d shared arena file(s) of dead sidecars from %s", removed, directory)
-    return removed
 
 
 @dataclass

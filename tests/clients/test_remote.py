@@ -298,17 +298,3 @@ def test_serve_command_sigterm_exits_zero_and_cleans_up(tmp_path, layout):
         if p.poll() is None:
             p.kill()
             p.wait(10)
-
-
-def test_stale_shared_arenas_of_dead_sidecars_are_swept(tmp_path):
-    from kvstore.sidecar.server import sweep_stale_shm
-
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait(30)
-    stale = tmp_path / f"kvstore-ns-host-{dead.pid}-{'a' * 16}.shm"
-    live = tmp_path / f"kvstore-ns-host-{os.getpid()}-{'b' * 16}.shm"
-    other = tmp_path / "unrelated.shm"
-    for f in (stale, live, other):
-        f.write_bytes(b"x")
-    assert sweep_stale_shm(str(tmp_path)) == 1
-    assert not stale.exists() and live.exists() and other.exists()
