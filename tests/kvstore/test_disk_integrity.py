@@ -21,6 +21,7 @@ from allocator.disk import slab_file_bytes
 from kvstore import ConfigError, KVStore, ModelLayout, StoreConfig
 from kvstore.errors import NamespaceOwnerError
 from kvstore.store import slab_filename
+from tests.helpers import same
 
 BT = 4
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -51,11 +52,11 @@ def test_colliding_names_get_their_own_slabs_across_restarts(layout, tmp_path, a
         assert sa.put(toks, kv_for(layout, 12, 1)) == 12
         assert sb.put(toks, kv_for(layout, 12, 2)) == 12
     with store(layout, tmp_path, b) as sb:
-        assert torch.equal(sb.get(toks), kv_for(layout, 12, 2))
+        assert same(sb.get(toks), kv_for(layout, 12, 2))
         sb.clear()  # the second tenant's clear must not touch the first's blocks
     with store(layout, tmp_path, a) as sa, store(layout, tmp_path, b) as sb:
         assert sa.recovered_blocks == 3 and sb.recovered_blocks == 0
-        assert torch.equal(sa.get(toks), kv_for(layout, 12, 1))
+        assert same(sa.get(toks), kv_for(layout, 12, 1))
         assert sb.lookup(toks) == 0
 
 
@@ -86,7 +87,7 @@ def test_owner_is_recorded_in_the_slab_and_survives_restart(layout, tmp_path):
         store(layout, tmp_path, "shared-name", owner="bob")
     os.replace(tmp_path / "bob-own.slab", bob_file)
     with store(layout, tmp_path, "shared-name", owner="alice") as s:
-        assert torch.equal(s.get(toks), kv_for(layout, 12, 1))
+        assert same(s.get(toks), kv_for(layout, 12, 1))
 
 
 def test_owner_salts_the_block_keys(layout, tmp_path):
@@ -107,7 +108,7 @@ def test_disk_only_clear_and_eviction_never_come_back(layout, tmp_path):
         assert {p: s.lookup(prompt(p)) for p in range(4)} == live == {0: 0, 1: 0, 2: 12, 3: 12}
         assert s.recovered_blocks == 6
         for p in (2, 3):
-            assert torch.equal(s.get(prompt(p)), kv_for(layout, 12, p))
+            assert same(s.get(prompt(p)), kv_for(layout, 12, p))
         s._check()
 
 
@@ -171,7 +172,7 @@ def test_fsynced_puts_larger_than_the_disk_say_what_survives_sigkill(layout, tmp
         for p in range(6):
             if after[str(p)]:
                 n = after[str(p)]
-                assert torch.equal(s.get(prompt(p)[:n]), kv_for(layout, 12, p)[:, :, :n])
+                assert same(s.get(prompt(p)[:n]), kv_for(layout, 12, p)[:, :, :n])
         s._check()
 
 
@@ -179,7 +180,7 @@ def test_put_result_counts_only_durable_tokens(layout, tmp_path):
     with store(layout, tmp_path, device=16, host=16, disk=8) as s:
         n = s.put(prompt(5, 160), kv_for(layout, 160, 5))
         assert n == s.lookup(prompt(5, 160)) <= 8 * BT
-        assert torch.equal(s.get(prompt(5, 160)[:n]), kv_for(layout, 160, 5)[:, :, :n])
+        assert same(s.get(prompt(5, 160)[:n]), kv_for(layout, 160, 5)[:, :, :n])
         s._check()
 
 

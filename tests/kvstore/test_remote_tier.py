@@ -39,6 +39,7 @@ def sequence(seed: int, blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
+    b = b.to(a.device)  # compared where the store returned it (CUDA when present)
     return a.shape == b.shape and torch.equal(a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8))
 
 
