@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 import hashlib
+import itertools
 
 import numpy as np
 import torch
@@ -87,8 +88,9 @@ def iter_block_keys(tokens: np.ndarray, block_tokens: int, salt: bytes):
     it does not know (``lookup``) hashes O(known prefix) blocks, not O(tokens)."""
     n = len(tokens) // block_tokens
     step = block_tokens * 4
-    data = memoryview(tokens[: n * block_tokens]).cast("B")
+    data = memoryview(np.ascontiguousarray(tokens[: n * block_tokens])).cast("B")
     prev = b""
+    # Keying BLAKE2b costs a compression of the key block; do it once and copy the state.
     base = hashlib.blake2b(digest_size=KEY_BYTES, key=salt)
     for i in range(n):
         h = base.copy()
@@ -99,23 +101,10 @@ def iter_block_keys(tokens: np.ndarray, block_tokens: int, salt: bytes):
 
 
 def block_keys(tokens: np.ndarray, block_tokens: int, salt: bytes, max_blocks: int | None = None) -> list[bytes]:
-    """Keys of the full blocks of ``tokens`` (an int32 LE array). O(len(tokens))."""
-    n = len(tokens) // block_tokens
-    if max_blocks is not None:
-        n = min(n, max_blocks)
-    data = tokens[: n * block_tokens].tobytes()
-    step = block_tokens * 4
-    keys: list[bytes] = []
-    prev = b""
-    # Keying BLAKE2b costs a compression of the key block; do it once and copy the state.
-    base = hashlib.blake2b(digest_size=KEY_BYTES, key=salt)
-    for i in range(n):
-        h = base.copy()
-        h.update(prev)
-        h.update(data[i * step:(i + 1) * step])
-        prev = h.digest()
-        keys.append(prev)
-    return keys
+    """Keys of the full blocks of ``tokens`` (an int32 LE array), at most ``max_blocks``.
+    O(len(tokens))."""
+    keys = iter_block_keys(tokens, block_tokens, salt)
+    return list(keys if max_blocks is None else itertools.islice(keys, max_blocks))
 
 
 class KeyMemo:
