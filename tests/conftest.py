@@ -55,3 +55,25 @@ def device() -> torch.device:
     """Where results are compared: CUDA when present, else the CPU. Tests that move data
     through the store use it so the same assertions run on both (comparisons on one device)."""
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def redis_server_proc():
+    """A real ``redis-server`` on a free loopback port, one per test module (tests/redisserver.py)."""
+    from tests.redisserver import RedisServer, require_redis
+
+    require_redis()
+    s = RedisServer()
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def redis_cluster_procs():
+    """A real 3-master Redis Cluster on loopback, one per test module."""
+    from tests.redisserver import RedisClusterProcs, require_redis
+
+    require_redis()
+    c = RedisClusterProcs(3)
+    yield c
+    c.stop()

@@ -60,28 +60,13 @@ def test_value_round_trip_and_every_mismatch_is_a_miss(rng):
 
 
 # -- real servers -------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def server():
-    require_redis()
-    s = RedisServer()
-    yield s
-    s.stop()
-
-
-@pytest.fixture(scope="module")
-def cluster():
-    require_redis()
-    c = RedisClusterProcs(3)
-    yield c
-    c.stop()
-
-
 def _kv(n: int, size: int, rng) -> tuple[list[bytes], list[bytes]]:
     keys = [b"t:" + bytes(rng.getrandbits(8) for _ in range(8)) for _ in range(n)]
     return keys, [os.urandom(size) for _ in range(n)]
 
 
-def test_single_node_batches_are_one_round_trip(server, rng):
+def test_single_node_batches_are_one_round_trip(redis_server_proc, rng):
+    server = redis_server_proc
     b = RemoteBackend(server.url)
     b.connect()
     keys, values = _kv(50, 4096, rng)
@@ -93,7 +78,8 @@ def test_single_node_batches_are_one_round_trip(server, rng):
     b.close()
 
 
-def test_cluster_batches_are_one_round_trip_per_shard(cluster, rng):
+def test_cluster_batches_are_one_round_trip_per_shard(redis_cluster_procs, rng):
+    cluster = redis_cluster_procs
     b = RemoteBackend(cluster.url)
     b.connect()
     assert len(b.shards()) == 3

@@ -43,34 +43,18 @@ def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.shape == b.shape and torch.equal(a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8))
 
 
-@pytest.fixture(scope="module")
-def server_proc():
-    require_redis()
-    s = RedisServer()
-    yield s
-    s.stop()
-
-
-@pytest.fixture(scope="module")
-def cluster_procs():
-    require_redis()
-    c = RedisClusterProcs(3)
-    yield c
-    c.stop()
-
-
 @pytest.fixture
-def server(server_proc):
+def server(redis_server_proc):
     """The module's server, emptied: tests share the process, never each other's blocks."""
-    server_proc.client().flushall()
-    return server_proc
+    redis_server_proc.client().flushall()
+    return redis_server_proc
 
 
 @pytest.fixture
-def cluster(cluster_procs):
-    for n in cluster_procs.nodes:
+def cluster(redis_cluster_procs):
+    for n in redis_cluster_procs.nodes:
         n.client().flushall()
-    return cluster_procs
+    return redis_cluster_procs
 
 
 # -- configuration -----------------------------------------------------------------------------
