@@ -154,6 +154,10 @@ def test_fast_request_path_equals_generic_path(name):
     if name in ("arc", "lirs", "s3fifo", "gdsf"):
         pytest.skip(f"{name}: request() follows libCacheSim's order (ghost hit before eviction, "
                     "or insert-then-evict), which the store's evict-then-insert path cannot see")
+    if name == "kv":
+        pytest.skip("kv: request() lets its experts see the missed key before the cache evicts "
+                    "(the victim is one the followed expert dropped for it); the store's "
+                    "evict-then-insert path evicts first (tests/eviction/test_kv.py compares them)")
     rng = random.Random(7)
     a, b = make_policy(name, 25), make_policy(name, 25)
     for _ in range(4000):
