@@ -320,11 +320,13 @@ class KVPolicy(EvictionPolicy):
             cnt[i] = 0
 
     def _follow(self, i: int) -> None:
-        """Follow expert ``i`` from now on: what it does not hold goes first. O(n)."""
+        """Follow expert ``i`` from now on: what it does not hold goes first, newest first
+        (a child is inserted after its parent, so leaves come before the blocks they hang
+        off and the victim search does not step over whole chains). O(n)."""
         self.expert = i
         self.switches += 1
         held = self.shadows[i]._sizes
-        self._surplus = OrderedDict.fromkeys(k for k in self._sizes if k not in held)
+        self._surplus = OrderedDict.fromkeys(k for k in reversed(self._sizes) if k not in held)
 
     def _surplus_victim(self) -> Key | None:
         """The unpinned resident leaf the followed expert dropped first; entries it holds
