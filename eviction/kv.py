@@ -84,7 +84,7 @@ Known gaps (the issue note has the table; strict xfails in
 has shaped the cache, so where the classic leader is within a few hundredths of a point
 the switch costs more than the lead: the test settles about 20k accesses after the
 cache first fills, at the largest capacities of the Mooncake-format traces (agentic 10k
-blocks: 0.06 points behind LRU; conversation 60k: 0.14 behind LRU; synthetic 20k: 0.96
+blocks: 0.06 points behind LRU; conversation 60k: 0.14 behind LRU; synthetic 20k: 0.57
 behind ARC, where ``kv-quick`` alone is 0.16 ahead) and at 20% of the working set of
 the generated agent and mixed families and of one conversation window; on one cold
 synthetic window LIRS is ahead of every expert. Sized block-I/O traces (cloudPhysics)
