@@ -4,7 +4,6 @@ generated chat-like prefix workloads."""
 from __future__ import annotations
 
 import json
-import random
 
 import pytest
 
