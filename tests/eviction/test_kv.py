@@ -158,6 +158,37 @@ def test_experts_follow_the_workload(tmp_path):
         assert hits >= 0.99 * _prefix_hits(alone, reqs), seed
 
 
+def test_a_half_size_probe_chooses_the_start(tmp_path):
+    """A probe ensemble of half the capacity fills first and races the same experts; when
+    the cache first evicts it starts on the expert the probe follows then, at no cost
+    (until then it holds what every expert holds), and the probe is dropped. On the
+    agentic slice at 20% of the working set the probe has left ``kv-lirs`` for chain-LRU
+    by then, and that start scores more prefix hits than racing from ``kv-lirs``."""
+    from .slices import shipped
+
+    tr = read_mooncake(shipped("agentic", tmp_path))
+    cap = int(tr.working_set()[0] * 0.2)
+    p = make_policy("kv", cap)
+    probe = p._probe
+    assert probe is not None and probe.capacity == cap // 2 and probe._probe is None
+    started = None
+    hits = 0
+    for r in range(len(tr.starts) - 1):
+        run = True
+        for i in range(tr.starts[r], tr.starts[r + 1]):
+            run = p.request(tr.keys[i], 1, None, tr.parents[i]) and run
+            hits += run
+            if started is None and p._full:
+                started = p.names[p.expert]
+                assert p._probe is None and p.expert == probe.expert
+                assert set(p._sizes) == set(p.shadows[p.expert]._sizes) and not p._surplus
+                p._check()
+    assert started == "chain-lru" and probe.switches >= 1, (started, probe.score)
+    assert make_policy("kv", cap, probe=0.0)._probe is None
+    cold = simulate(tr, "kv", cap, "prefix", probe=0.0)["hit_ratio"]
+    assert hits / len(tr.keys) > cold, (hits / len(tr.keys), cold)
+
+
 def test_experts_off_is_one_rule_alone():
     """``experts=False`` keeps no shadows; it evicts exactly as the ``kv`` expert inside an
     ensemble does on the same stream (the shadow is that policy)."""
@@ -181,6 +212,9 @@ def test_unknown_expert_and_start_are_refused():
         make_policy("kv", 10, expert_names=("kv", "nope"))
     with pytest.raises(ValueError, match="start must be one of"):
         make_policy("kv", 10, expert_names=("kv", "chain-lru"), start="kv-lirs")
+    for bad in (-0.1, 1.0, 2):
+        with pytest.raises(ValueError, match="probe is a fraction"):
+            make_policy("kv", 10, probe=bad)
 
 
 @pytest.mark.parametrize("seed", seeds())
