@@ -90,9 +90,11 @@ plus the cache's own O(log n) bookkeeping, and O(experts^2) when a request ends 
 experts' prefix hits differing; an eviction is amortised O(log n) (stale heap and
 surplus entries are skipped; heaps are rebuilt when they grow past a small multiple of
 the live entries); a switch is O(n) once. Until the first eviction the probe (a
-half-size copy of all this) adds about half as much again. In the simulator that is 5-17 us per access
-(about 6x one rule); memory is about 3 KB of metadata per resident block (one rule
-alone: 0.54 KB), which is why ``lru`` stays the store's default. The every-leaf-pinned
+half-size copy of all this) adds about half as much again. In the simulator that is
+5-17 us per access (about 6x one rule); metadata, ghosts included, is about 6.3 KB per
+resident block once the cache has turned over (one rule alone: 1.1 KB; ``tracemalloc``,
+10^5 blocks; the probe peaks at 6.0 KB before the first eviction and is then freed),
+which is why ``lru`` stays the store's default. The every-leaf-pinned
 fallback is O(n) and only reached when the store pins every leaf. ``experts=False`` is
 one rule alone (each shadow is one).
 
