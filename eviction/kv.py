@@ -497,7 +497,7 @@ class KVPolicy(EvictionPolicy):
         return found
 
     def _evict_one(self) -> Key:
-        if not self._full and self._probe is not None:
+        if self._probe is not None:  # the first eviction: start where the probe stands
             pe = self._probe.expert
             if pe != self.expert:
                 self._follow(pe)
