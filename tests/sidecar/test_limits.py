@@ -26,20 +26,21 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 MiB = 1 << 20
 
 
-def rss() -> int:
+def _status_bytes(field: str) -> int:
+    """One ``kB`` field of ``/proc/self/status``, in bytes."""
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
-    raise AssertionError("no VmRSS")
+    raise AssertionError(f"no {field}")
+
+
+def rss() -> int:
+    return _status_bytes("VmRSS")
 
 
 def peak_rss() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    raise AssertionError("no VmHWM")
+    return _status_bytes("VmHWM")
 
 
 def reset_peak() -> bool:
