@@ -284,7 +284,11 @@ def test_full_redis_is_a_counted_fault_and_puts_still_land_locally(seed, caplog)
             r = st.stats()["remote"]
             assert r["full_errors"] >= 1 and r["degraded"] and r["write_failed_blocks"] > 0
             assert 0 < r["written_blocks"] < 4 * len(seqs)
-            assert sum(1 for x in caplog.records if "degraded" in x.getMessage()) == 1
+            # logged once per degraded episode, not per block: under load a backoff retry can
+            # land while Redis dips under maxmemory (recovered), then the next write is refused
+            logged = sum(1 for x in caplog.records if "degraded" in x.getMessage())
+            assert logged == r["degraded_episodes"] >= 1, (logged, r)
+            assert r["write_failed_blocks"] > r["degraded_episodes"], r
             for tokens, kv in seqs:  # served locally, exact
                 assert same_bytes(st.get(tokens), kv)
     finally:
