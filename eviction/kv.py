@@ -53,7 +53,9 @@ is summed, and expert ``o`` replaces the followed ``c`` once ``sum(d) > z *
 sqrt(sum(d^2))`` (the paired test of a zero mean difference; McNemar's when every ``d``
 is +-1). ``z`` = 2, the conventional 95% bound; 1, 1.5, 2.5 and 3 were each behind the
 best classic policy at more of the points measured (the issue note's table and
-``tests/eviction/test_kv_families.py``).
+``tests/eviction/test_kv_families.py``). A sign test on the same per-request differences
+(each request one vote, so long chains weigh no more than short ones) switched on many
+small wins against a few large losses: behind at 6 of the 40 test slices instead of 4.
 
 **Where the race starts.** By default on ``kv-lirs``: which blocks the first evictions
 keep is the one decision that cannot be revisited later, and on cold windows of chat
@@ -74,6 +76,9 @@ alternatives: a quarter decides from too small a cache (agentic 10k behind LRU a
 though the generated agent family at 20% came out ahead); three quarters scored as a
 half; a chain of probes (half of half...) changed nothing measurable; taking the probe's
 leader without the test, or carrying its scores over, put 2-3 more points behind.
+Starting on ``kv-quick`` when the probe has no leader: the generated families' means
+(8 seeds) are then ahead but for RAG at 5%, yet 8 of the 40 slices fall behind, the cold
+windows that ``kv-lirs`` is the start for.
 
 Why shadows and not sampled miniature caches (SHARDS) or learned mixing: a 1/8-sampled
 miniature errs by more than the experts differ on thousands of distinct blocks and needs
@@ -107,6 +112,13 @@ more than the lead: synthetic trace at 20k blocks (0.57 points behind ARC, where
 mixed families and of one conversation window; on one cold synthetic window LIRS is
 ahead of every expert. Sized block-I/O traces (cloudPhysics) change phase faster than the
 test settles and object size is ignored: behind GDSF at 20 MB and LIRS at 50 and 500 MB.
+There a switch costs up to the number of blocks the new expert holds and the cache does
+not (each can miss once), and at 500 MB a short ``kv-warm`` lead of 109 hits was taken
+against about 7,500 such blocks. A rent-or-buy rule (switch only once the lead also
+exceeds that count) recovers it (500 MB: 0.309 -> 0.365, 50 MB ahead) but the count is far
+above what a switch really costs on stationary traces, where it delays the switch that
+matters (synthetic 20k blocks 0.587 -> 0.567, generated chat at 20% 0.405 -> 0.368);
+counting only blocks already hit changed nothing.
 """
 
 from __future__ import annotations

@@ -8,7 +8,12 @@ behind the best of them. Traces:
   says how they were cut): conversation and synthetic as request windows, agentic as a
   session sample with 4096-token blocks;
 * a second slice of each, cut from ``../shared/traces`` (skipped when it is absent);
-* the four generated families of ``eviction.kv_tracegen`` (seeded).
+* the four generated families of ``eviction.kv_tracegen``: eight seeded traces each, and
+  ``kv`` is compared with the best classic policy *on the family's mean* over them. A family
+  is a distribution, not one draw: on a single trace the best of nine policies picked after
+  the fact is ahead by noise alone (per trace, ``kv`` is behind that hindsight pick in about
+  a quarter of the 128 trace x capacity pairs, mostly by a few hundredths of a point and in
+  both directions), while a user deploys one policy for the family.
 
 Cases where ``kv`` is known to be behind are strict xfails naming the gap (see the issue
 note): they fail the suite the day ``kv`` catches up, so the list stays true.
@@ -30,7 +35,7 @@ from .slices import SLICES, shipped, slice_requests, write_jsonl
 
 CLASSICS = tuple(n for n in CLASSIC if n != "belady")
 FRACTIONS = (0.02, 0.05, 0.1, 0.2)
-GEN_SEED = 7
+GEN_SEEDS = tuple(range(1, 9))
 GEN_SECONDS = 600.0
 
 _LATE = ("a switch late in a short trace: the race is won by another expert only after the "
@@ -39,8 +44,8 @@ _LATE = ("a switch late in a short trace: the race is won by another expert only
 KNOWN_GAPS: dict[tuple[str, float], str] = {
     ("synthetic-shipped", 0.1): "cold window: LIRS ahead of every expert (kv-lirs 0.0287 vs 0.0325)",
     ("conversation-shared", 0.2): _LATE,
-    ("gen-agent", 0.2): _LATE,
-    ("gen-mixed", 0.2): _LATE,
+    ("gen-agent", 0.2): _LATE + " (mean of 8 seeds 0.8972 vs LRU 0.8984)",
+    ("gen-mixed", 0.2): _LATE + " (mean of 8 seeds 0.2410 vs ARC 0.2432)",
 }
 
 
@@ -102,9 +107,34 @@ def _gen_cases() -> list:
     return out
 
 
+@pytest.fixture(scope="module")
+def family_traces(tmp_path_factory):
+    """The generated traces of each family, one per seed, written once per module."""
+    root = tmp_path_factory.mktemp("families")
+    cache: dict[str, list] = {}
+
+    def get(family: str) -> list:
+        if family not in cache:
+            cache[family] = []
+            for seed in GEN_SEEDS:
+                path = root / f"{family}-{seed}.jsonl"
+                write(str(path), generate(replace(PRESETS[family], duration_s=GEN_SECONDS), seed))
+                cache[family].append(read_mooncake(path))
+        return cache[family]
+    return get
+
+
 @pytest.mark.parametrize(("family", "frac"), _gen_cases())
-def test_kv_not_behind_on_generated_families(tmp_path, family, frac, seed_note):
-    seed_note(GEN_SEED)
-    path = tmp_path / f"{family}.jsonl"
-    write(str(path), generate(replace(PRESETS[family], duration_s=GEN_SECONDS), GEN_SEED))
-    _assert_not_behind(path, frac, f"generated {family} (seed {GEN_SEED})")
+def test_kv_not_behind_on_generated_families(family_traces, family, frac):
+    traces = family_traces(family)
+    totals = dict.fromkeys(("kv",) + CLASSICS, 0.0)
+    for tr in traces:
+        cap = max(8, int(tr.working_set()[0] * frac))
+        for p in totals:
+            totals[p] += simulate(tr, p, cap, "prefix")["hit_ratio"]
+    mean = {p: t / len(traces) for p, t in totals.items()}
+    kv = mean.pop("kv")
+    best = max(mean, key=mean.get)
+    assert kv >= mean[best], (f"generated {family} (seeds {GEN_SEEDS[0]}..{GEN_SEEDS[-1]}), "
+                              f"{frac:g} of the working set: kv mean {kv:.4f} behind {best} "
+                              f"mean {mean[best]:.4f}")
