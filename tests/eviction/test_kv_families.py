@@ -11,9 +11,9 @@ behind the best of them. Traces:
 * the four generated families of ``eviction.kv_tracegen``: eight seeded traces each, and
   ``kv`` is compared with the best classic policy *on the family's mean* over them. A family
   is a distribution, not one draw: on a single trace the best of nine policies picked after
-  the fact is ahead by noise alone (per trace, ``kv`` is behind that hindsight pick in about
-  a quarter of the 128 trace x capacity pairs, mostly by a few hundredths of a point and in
-  both directions), while a user deploys one policy for the family.
+  the fact is ahead by noise alone (per trace, ``kv`` is behind that hindsight pick at 33
+  of the 128 trace x capacity pairs, by 0.01 to 1 percentage point of hit ratio), while a
+  user deploys one policy for the whole family.
 
 Cases where ``kv`` is known to be behind are strict xfails naming the gap (see the issue
 note): they fail the suite the day ``kv`` catches up, so the list stays true.
