@@ -144,15 +144,13 @@ class KVPolicy(EvictionPolicy):
     name = "kv"
 
     def __init__(self, capacity: int, *, freq_bonus: float = 50.0, tail_age: float = 1e9,
-                 depth_weight: float = 0.0, adaptive: bool = True, ghost_factor: float = 2.0,
-                 min_new: float = 0.0, p0: float = 0.4, rel_bonus: bool = False,
+                 adaptive: bool = True, ghost_factor: float = 2.0, p0: float = 0.4,
                  two_seg: bool = True, warm: bool = False, experts: bool = True,
                  expert_names: tuple[str, ...] = tuple(EXPERTS), start: str = "kv-lirs",
                  z: float = 2.0, quick: float = 0.1, probe: float = 0.5, **kwargs) -> None:
         super().__init__(capacity, **kwargs)
-        tree = dict(freq_bonus=freq_bonus, tail_age=tail_age, depth_weight=depth_weight,
-                    adaptive=adaptive, ghost_factor=ghost_factor, min_new=min_new, p0=p0,
-                    rel_bonus=rel_bonus, two_seg=two_seg)
+        tree = dict(freq_bonus=freq_bonus, tail_age=tail_age, adaptive=adaptive,
+                    ghost_factor=ghost_factor, p0=p0, two_seg=two_seg)
         #: the experts: full-size shadow caches that see every access (empty: one expert)
         self.shadows: list[EvictionPolicy] = []
         self.names: list[str] = []
@@ -194,9 +192,8 @@ class KVPolicy(EvictionPolicy):
         #: resident keys the followed expert no longer holds, in the order it dropped them
         self._surplus: OrderedDict = OrderedDict()
         self._ghost_factor = ghost_factor
-        self._min_new = min_new * self.capacity
         self._adaptive = adaptive
-        self.p = max(self._min_new, p0 * self.capacity)  # target size of the "new" segment (ARC's p)
+        self.p = p0 * self.capacity  # target size of the "new" segment (ARC's p)
         self._seg_size = [0, 0]        # resident size of segment 0 (new) and 1 (reused)
         self._ghost: list[OrderedDict] = [OrderedDict(), OrderedDict()]
         self._ghost_size = [0, 0]
@@ -205,13 +202,10 @@ class KVPolicy(EvictionPolicy):
         self._two_seg = two_seg
         self._freq_bonus = freq_bonus
         self._tail_age = tail_age
-        self._depth_weight = depth_weight
         self._tick = 0
         self._broken: set = set()
         self._cost_mean = 0.0
         self._cost_n = 0
-        self._acc = 0
-        self._rel = rel_bonus
         self._stamp = 0
         self._detached_size = 0
         self._last: Key | None = None
@@ -231,14 +225,9 @@ class KVPolicy(EvictionPolicy):
         s = self._tickof[key]
         h = self._hits[key]
         if h and self._freq_bonus:
-            # in units of "requests the cache holds" (capacity / mean blocks per request)
-            scale = self.capacity * self._tick / max(self._acc, 1) if self._rel else 1.0
             c = self._cost[key]
-            if c is not None and self._cost_mean > 0:
-                scale *= c / self._cost_mean
+            scale = c / self._cost_mean if c is not None and self._cost_mean > 0 else 1.0
             s += self._freq_bonus * scale * math.log2(1 + h)
-        if self._depth_weight:
-            s += self._depth_weight * self._depth[key]
         if self._tail[key] and self._tail_age:
             s -= self._tail_age
         if key in self._broken:
@@ -276,7 +265,7 @@ class KVPolicy(EvictionPolicy):
                     if seg == 0:
                         self.p = min(self.p + max(g1 / max(g0, 1), 1) * size, self.capacity)
                     else:
-                        self.p = max(self.p - max(g0 / max(g1, 1), 1) * size, self._min_new)
+                        self.p = max(self.p - max(g0 / max(g1, 1), 1) * size, 0.0)
                 return True
         return False
 
@@ -293,7 +282,6 @@ class KVPolicy(EvictionPolicy):
 
     def _touch_chain(self, key: Key, parent: Key | None) -> None:
         """Advance the request tick when ``key`` does not continue the previous chain."""
-        self._acc += 1
         if parent is None or parent != self._last:
             last = self._last
             if last is not None and last in self._sizes and not self._tail[last]:
