@@ -109,9 +109,14 @@ the one at half of it, the race is still won only after the followed expert has 
 the cache, and where the classic leader is within a few tenths of a point that costs
 more than the lead: synthetic trace at 20k blocks (0.57 points behind ARC, where
 ``kv-quick`` alone is 0.16 ahead), 20% of the working set of the generated agent and
-mixed families and of one conversation window; on one cold synthetic window LIRS is
-ahead of every expert. Sized block-I/O traces (cloudPhysics) change phase faster than the
-test settles and object size is ignored: behind GDSF at 20 MB and LIRS at 50 and 500 MB.
+mixed families (means of 8 seeds) and of one conversation window; on one cold synthetic
+window LIRS is ahead of every expert. Of the 40 slices and single-seed traces measured,
+with the best of the five starts picked in hindsight only that cold window stays
+behind: the rest is the start alone. Nothing measured at the first eviction predicted
+it (the probe's best-supported expert rather than the one it follows; the trend from a
+quarter-size to the half-size probe): each moved the figures by less than they vary from
+seed to seed. Sized block-I/O traces (cloudPhysics) change phase faster than the test
+settles and object size is ignored: behind GDSF at 20 MB and LIRS at 50 and 500 MB.
 There a switch costs up to the number of blocks the new expert holds and the cache does
 not (each can miss once), and at 500 MB a short ``kv-warm`` lead of 109 hits was taken
 against about 7,500 such blocks. A rent-or-buy rule (switch only once the lead also
