@@ -43,6 +43,12 @@ class EmbeddedClient:
     def get(self, tokens: Any, device: torch.device | str | None = None) -> torch.Tensor:
         return self._check().get(tokens, device=device)
 
+    def load_into(self, tokens: Any, pool: torch.Tensor | list[torch.Tensor], block_ids: Any) -> int:
+        return self._check().load_into(tokens, pool, block_ids)
+
+    def save_from(self, tokens: Any, pool: torch.Tensor | list[torch.Tensor], block_ids: Any) -> int:
+        return self._check().save_from(tokens, pool, block_ids)
+
     def stats(self) -> dict:
         return self._check().stats()
 

@@ -55,9 +55,11 @@ import zmq
 from allocator.checksum import digests, digests_beside, from_wire, to_wire
 from allocator.memory import default_device
 from allocator.shm import map_shared
+from kvstore import paged
 from kvstore.errors import BlockNotFoundError, ConfigError, StoreClosedError
 from kvstore.hashing import tokens_to_array
 from kvstore.layout import ModelLayout
+from kvstore.validate import check_whole_blocks
 from kvstore.sidecar.procinfo import self_identity
 from kvstore.errors import SidecarUnavailableError
 from kvstore.sidecar.protocol import (IDEMPOTENT, MAGIC, VERSION, MessageTooLargeError, ProtocolError,
@@ -356,11 +358,24 @@ class RemoteClient:
         nb = len(arr) // self.block_tokens
         if nb == 0:
             return 0
-        if self._rows and activations is None:  # the shared arenas hold KV only
-            done = self._put_shm(args, kv, nb)
+        if activations is not None:  # the shared arenas hold KV only
+            return self._put_frames(args, kv, activations)
+        return self._put_rows(args, self._block_rows(kv, nb), lambda: kv)
+
+    def _block_rows(self, kv: torch.Tensor, nb: int) -> torch.Tensor:
+        """The first ``nb`` blocks of ``kv`` (``[layers, 2, T, kv_heads, head_dim]``) as
+        ``[nb, layers, 2, block_tokens, kv_heads, head_dim]`` rows: a strided view, no copy."""
+        bt = self.block_tokens
+        return kv.detach()[:, :, :nb * bt].unflatten(2, (nb, bt)).permute(2, 0, 1, 3, 4, 5)
+
+    def _put_rows(self, args: dict, kv6: torch.Tensor, whole: Callable[[], torch.Tensor]) -> int:
+        """Put the blocks ``kv6`` (rows as from :meth:`_block_rows`): into staged shared slots
+        when we can, else as frames of ``whole()`` (the ``[layers, 2, T, ...]`` tensor)."""
+        if self._rows:
+            done = self._put_shm(args, kv6)
             if done is not None:
                 return done
-        return self._put_frames(args, kv, activations)
+        return self._put_frames(args, whole())
 
     def _put_frames(self, args: dict, kv: torch.Tensor, activations: torch.Tensor | None = None) -> int:
         tensors = {"kv": kv} if activations is None else {"kv": kv, "act": activations}
@@ -394,8 +409,10 @@ class RemoteClient:
         self._staged = list(slots)
         self._staged_at = time.monotonic()
 
-    def _put_shm(self, args: dict, kv: torch.Tensor, nb: int) -> int | None:
-        """Write into staged slots, then one ``put_shm``; None: send frames instead."""
+    def _put_shm(self, args: dict, kv6: torch.Tensor) -> int | None:
+        """Write the rows ``kv6`` into staged slots, then one ``put_shm``; None: send frames
+        instead."""
+        nb = kv6.shape[0]
         with self._lock:
             # A sidecar that cannot check our liveness reclaims staged slots on the timeout
             # alone: slots staged that long ago may be another block's now, so stage anew.
@@ -406,8 +423,6 @@ class RemoteClient:
                 if len(self._staged) < nb or not self._rows:
                     return None
             slots = self._staged[:nb]
-            bt = self.block_tokens
-            kv6 = kv.detach()[:, :, :nb * bt].unflatten(2, (nb, bt)).permute(2, 0, 1, 3, 4, 5)
             rows = self._rows[self._stage_seg]
 
             def copy() -> None:
@@ -464,6 +479,52 @@ class RemoteClient:
             raise ProtocolError(f"get reply carries {len(frames)} payload frames, expected 1")
         kv = tensor_from_frame(frames[0], result["kv"])
         return kv.to(out_device)
+
+    @_with_deadline
+    def load_into(self, tokens: Any, pool: torch.Tensor | list[torch.Tensor],
+                  block_ids: Any) -> int:
+        """``KVStore.load_into`` over the sidecar: block ``i`` of ``tokens``' (whole, fully
+        cached) prefix lands in pool block ``block_ids[i]``; the pool layouts and errors are
+        the store's. The pool and ids are checked before anything is sent. The blocks are
+        first read into a private host buffer (from shared memory, verified against the
+        put's checksums as they are copied), so a missing or changed block raises
+        ``BlockNotFoundError`` with the pool untouched; then one copy puts them in place (on a
+        GPU pool, whole blocks cross by DMA and are laid out on the device). O(bytes): the
+        ``get`` plus one copy into the pool."""
+        self._check_open()
+        arr = tokens_to_array(tokens)
+        bt = self.block_tokens
+        check_whole_blocks(len(arr), bt)
+        nb = len(arr) // bt
+        rows, num_blocks = paged.pool_rows(self.layout, bt, pool)
+        ids = paged.block_ids(block_ids, nb, num_blocks)
+        kv = self.get(arr, device="cpu")  # verified where it is hashed: no round trip to a GPU
+        paged.place(self._block_rows(kv, nb), range(nb), rows, ids)
+        return len(arr)
+
+    @_with_deadline
+    def save_from(self, tokens: Any, pool: torch.Tensor | list[torch.Tensor], block_ids: Any) -> int:
+        """``KVStore.save_from`` over the sidecar: ``put`` of the full blocks of ``tokens``
+        whose KV sits in pool blocks ``block_ids`` (one more id, for a partial trailing
+        block, is accepted and ignored). Returns the cached prefix length in tokens. The
+        blocks are gathered on the pool's device into one buffer (the pool may be reused
+        once this returns), which then crosses as ``put`` does: into staged shared slots,
+        or as one frame. O(bytes): one gather plus the put's copy."""
+        self._check_open()
+        arr = tokens_to_array(tokens)
+        bt = self.block_tokens
+        nb = len(arr) // bt
+        rows, num_blocks = paged.pool_rows(self.layout, bt, pool)
+        ids = paged.block_ids(block_ids, nb, num_blocks, spare=1 if len(arr) % bt else 0)
+        if not nb:
+            return 0
+        kv6 = paged.take(rows, ids)
+        if kv6.device.type != "cpu":
+            kv6 = kv6.cpu()
+        _, args = self._ns_args(arr[:nb * bt])
+        lay = self.layout
+        return self._put_rows(args, kv6, lambda: kv6.permute(1, 2, 0, 3, 4, 5).reshape(
+            lay.num_layers, 2, nb * bt, lay.num_kv_heads, lay.head_dim))
 
     def _copy_verified(self, result: dict, device: torch.device) -> torch.Tensor:
         """Copy a lease's blocks out, verify our copy against the reply's checksums, release.

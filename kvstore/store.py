@@ -36,7 +36,7 @@ from kvstore.errors import (BlockNotFoundError, ConfigError, InvalidInputError, 
 from kvstore.restore.executor import Executor, Recomputer, Source, Timings
 from kvstore.hashing import KeyMemo, iter_block_keys, namespace_salt, tokens_to_array
 from kvstore.layout import ModelLayout
-from kvstore.validate import check_act, check_kv
+from kvstore.validate import check_act, check_kv, check_whole_blocks
 from kvstore.remote_tier import RemoteTier
 from kvstore.restore.planner import BlockForms, Plan, plan_restore
 from kvstore.tiers import BlockEntry, Tier, TierManager
@@ -249,9 +249,7 @@ class KVStore:
 
     def _whole_block_keys(self, tokens: TokensLike) -> tuple[np.ndarray, list[bytes]]:
         arr, keys = self._keys(tokens)
-        if len(arr) % self.block_tokens:
-            raise InvalidInputError(f"get needs whole blocks: {len(arr)} tokens is not a multiple of "
-                                    f"block_tokens={self.block_tokens} (use lookup() for the cached length)")
+        check_whole_blocks(len(arr), self.block_tokens)
         return arr, keys
 
     def _check_kv(self, kv: Any, num_tokens: int) -> None:

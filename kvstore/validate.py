@@ -28,3 +28,10 @@ def check_kv(layout: ModelLayout, kv: Any, num_tokens: int) -> None:
 def check_act(layout: ModelLayout, act: Any, num_tokens: int) -> None:
     """``act`` must be ``[layers, num_tokens, hidden]`` of the layout's dtype."""
     _check("activations", act, layout, layout.act_shape(num_tokens), "layers, len(tokens), hidden")
+
+
+def check_whole_blocks(num_tokens: int, block_tokens: int) -> None:
+    """Reads (``get``, ``load_into``) take whole blocks only: a partial one is refused."""
+    if num_tokens % block_tokens:
+        raise InvalidInputError(f"get needs whole blocks: {num_tokens} tokens is not a multiple of "
+                                f"block_tokens={block_tokens} (use lookup() for the cached length)")

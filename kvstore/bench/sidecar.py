@@ -12,6 +12,11 @@ Results (DESIGN.md bench shape), each with the machine limit measured in the sam
   memory for put) (target >= 0.8); a put is one copy into staged slots with the xxh3 of the
   source hashed beside it and one ``put_shm`` message, a get one copy out, one hash of the
   private copy (verified against the writer's checksums) and a release not waited for;
+* ``shm_load_into_gbps`` / ``shm_save_from_gbps``: the same KV between the sidecar and an
+  engine's cross-layer paged pool at shuffled block ids, vs one memcpy (``copy_``) of the
+  same bytes (no target: ``load_into`` is the verified copy out plus one copy into the
+  pool, ``save_from`` one gather out of the pool plus the put, two passes each, so 0.5 is
+  their bound here);
 * ``tcp_get_gbps`` / ``tcp_put_gbps``: the same KV as ZeroMQ frames vs a bare zmq transfer
   of the same bytes (target >= 0.7);
 * ``lookup_ops_per_s_8_clients``: 8 client processes doing lookups vs 8 processes echoing.

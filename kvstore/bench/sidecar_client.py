@@ -204,9 +204,20 @@ def main(argv: list[str] | None = None) -> int:
         assert c.lookup(tokens) == ntok
         get_s = _timed(lambda: c.get(tokens), reps)
         assert torch.equal(c.get(tokens), kv)
+        # the engine's own paged pool (cross-layer blocks at scattered ids)
+        nb = ntok // BT
+        blocks = kv.view(lay.num_layers, 2, nb, BT, lay.num_kv_heads, lay.head_dim).permute(2, 0, 1, 3, 4, 5)
+        pool = torch.zeros_like(blocks.contiguous())
+        ids = torch.randperm(nb, generator=torch.Generator().manual_seed(0))
+        load_s = _timed(lambda: c.load_into(tokens, pool, ids), reps)
+        assert torch.equal(pool[ids], blocks)
+        save_s = _timed(lambda: c.save_from(tokens, pool, ids), reps, before=c.clear)
+        assert torch.equal(c.get(tokens), kv)
         c.clear()
     add("shm_get_gbps", gbps(get_s), "GB/s", gbps(clone_s), 0.8, "higher")
     add("shm_put_gbps", gbps(put_s), "GB/s", gbps(copy_s), 0.8, "higher")
+    add("shm_load_into_gbps", gbps(load_s), "GB/s", gbps(copy_s), None, "higher")
+    add("shm_save_from_gbps", gbps(save_s), "GB/s", gbps(copy_s), None, "higher")
 
     # -- 64 MiB as zmq frames vs a bare zmq transfer
     bare_get_s, bare_put_s = _bulk(args.echo, nbytes, reps)

@@ -1,0 +1,145 @@
+"""An engine's paged pool through every client kind (DESIGN.md: the clients have the store's
+methods): ``load_into`` / ``save_from`` over embedded, TCP frames, TCP and ipc with shared
+memory. The same bytes, the same errors, the pool untouched on any failure, checks made
+before anything is sent, and nothing of another tenant's. Device-agnostic: the pools live
+on the ``device`` fixture (CUDA when present)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from clients import connect
+from kvstore import BlockNotFoundError, InvalidInputError
+from tests.clients.conftest import BT
+from tests.clients.test_shm_integrity import _scribble, _server, _slots_of
+from tests.kvstore.test_datapath import blocks_of, make_kv, pool_blocks, pools
+
+POOL_KINDS = ["xlayer", "layers"]
+
+
+def _untouched(pool) -> bool:
+    return not any(p.any() for p in ([pool] if isinstance(pool, torch.Tensor) else pool))
+
+
+@pytest.mark.parametrize("pool_kind", POOL_KINDS)
+def test_load_into_is_byte_exact_and_touches_only_named_blocks(client, layout, pool_kind, rng, device):
+    tokens = list(range(12))
+    kv = make_kv(layout, 12, 1, device)
+    assert client.put(tokens, kv) == 12
+    pool = pools(layout, 8, device)[pool_kind]
+    ids = rng.sample(range(8), 3)
+    assert client.load_into(tokens, pool, ids) == 12
+    assert torch.equal(pool_blocks(pool, ids), blocks_of(kv))
+    others = [b for b in range(8) if b not in ids]
+    assert not pool_blocks(pool, others).any()
+    assert client.load_into(tokens[:4], pool, torch.tensor(others[:1])) == 4  # ids as a tensor
+    assert torch.equal(pool_blocks(pool, others[:1]), blocks_of(kv[:, :, :4]))
+
+
+@pytest.mark.parametrize("pool_kind", POOL_KINDS)
+def test_save_from_round_trips_and_dedups(client, layout, pool_kind, rng, device):
+    kv = make_kv(layout, 12, 2, device)
+    pool = pools(layout, 8, device)[pool_kind]
+    ids = rng.sample(range(8), 4)  # 3 full blocks + the partial tail's block (ignored)
+    blocks = blocks_of(kv)
+    for i, b in enumerate(ids[:3]):
+        if isinstance(pool, torch.Tensor):
+            pool[b] = blocks[i]
+        else:
+            for layer, p in enumerate(pool):
+                p[:, b] = blocks[i, layer]
+    snapshot = pool_blocks(pool, range(8)).clone()
+    assert client.save_from(list(range(14)), pool, ids) == 12
+    assert torch.equal(pool_blocks(pool, range(8)), snapshot)  # a save only reads the pool
+    assert torch.equal(client.get(list(range(12)), device=device), kv)
+    assert client.save_from(list(range(4)), pool, ids[:1]) == 4
+    st = client.stats()
+    assert st["put_blocks"] == 3 and st["dedup_blocks"] == 1
+
+
+def test_a_missing_block_or_a_partial_one_leaves_the_pool_untouched(client, layout, device):
+    client.put(list(range(8)), make_kv(layout, 8, 3, device))
+    pool = pools(layout, 8, device)["xlayer"]
+    with pytest.raises(BlockNotFoundError, match="only 8 of 12"):
+        client.load_into(list(range(12)), pool, [0, 1, 2])
+    with pytest.raises(InvalidInputError, match="not a multiple of block_tokens=4"):
+        client.load_into(list(range(6)), pool, [0, 1])
+    with pytest.raises(BlockNotFoundError):
+        client.load_into([7, 7, 7, 7], pool, [5])
+    assert _untouched(pool)
+
+
+@pytest.mark.parametrize("op", ["load_into", "save_from"])
+def test_a_bad_pool_or_bad_ids_is_refused_before_anything_is_sent(make_client, layout, op, device):
+    """The same errors as the store, raised here: a remote client sends nothing at all."""
+    for kind in ("embedded", "tcp-frames", "tcp-shm"):
+        c = make_client(kind)
+        tokens = list(range(8))
+        c.put(tokens, make_kv(layout, 8, 4, device))
+        if kind != "embedded":
+            def refuse(*a, **k):
+                raise AssertionError("a request was sent for input that fails the local checks")
+            c._request = refuse
+        p = pools(layout, 4, device)
+        cases = [
+            (p["xlayer"].float(), [0, 1], "dtype"),
+            (p["xlayer"][:, :1], [0, 1], "cross-layer pool must be"),
+            (p["layers"][:1], [0, 1], "one tensor per layer"),
+            ([t[:, :, :2] for t in p["layers"]], [0, 1], r"pool\[0\] must be"),
+            ("pool", [0, 1], "pool must be a tensor"),
+            (p["xlayer"], [0], "1 block ids for 2"),
+            (p["xlayer"], [0, 0], "repeat"),
+            (p["xlayer"], [0, 4], "out of range"),
+            (p["xlayer"], [0.5, 1], "sequence of ints"),
+            (p["xlayer"], torch.tensor([0.0, 1.0]), "integer tensor"),
+        ]
+        for pool, ids, msg in cases:
+            with pytest.raises(InvalidInputError, match=msg):
+                getattr(c, op)(tokens, pool, ids)
+        with pytest.raises(InvalidInputError, match="must not be empty"):
+            getattr(c, op)([], p["xlayer"], [])
+        assert _untouched(p["xlayer"]) and _untouched(p["layers"]), kind
+
+
+def test_another_tenants_blocks_cannot_be_loaded(make_client, layout, device):
+    for kind in ("embedded", "tcp-frames", "ipc-shm"):
+        a, b = make_client(kind), make_client(kind)
+        tokens = list(range(8))
+        assert a.put(tokens, make_kv(layout, 8, 5, device)) == 8
+        pool = pools(layout, 4, device)["layers"]
+        with pytest.raises(BlockNotFoundError):
+            b.load_into(tokens, pool, [0, 1])
+        assert _untouched(pool), kind
+        assert b.lookup(tokens) == 0
+
+
+def test_a_block_changed_in_shared_memory_never_reaches_the_pool(tmp_path, layout, device):
+    """A process that maps the arena scribbles over a slot after the put: ``load_into``
+    reads a private copy, finds the block changed and raises, and the pool stays as it was."""
+    shm_dir = tmp_path / "shm"
+    shm_dir.mkdir()
+    srv = _server("tcp://127.0.0.1:*", tmp_path, shm_dir)
+    try:
+        with connect(srv.endpoint, layout=layout, namespace="pool", block_tokens=BT) as c:
+            assert c.uses_shm
+            tokens = list(range(16))
+            kv = make_kv(layout, 16, 6, device)
+            assert c.save_from(tokens, _filled(layout, kv, device), [3, 0, 2, 1]) == 16
+            _scribble(*_slots_of(srv, "pool", tokens)[1], 0)
+            pool = pools(layout, 4, device)["xlayer"]
+            with pytest.raises(BlockNotFoundError, match="changed"):
+                c.load_into(tokens, pool, [0, 1, 2, 3])
+            assert _untouched(pool)
+            assert c.lookup(tokens) == 4  # the changed block and what hangs off it are gone
+            assert c.load_into(tokens[:4], pool, [2]) == 4
+            assert torch.equal(pool_blocks(pool, [2]), blocks_of(kv[:, :, :4]))
+    finally:
+        srv.stop(timeout=10)
+
+
+def _filled(layout, kv: torch.Tensor, device) -> torch.Tensor:
+    """A cross-layer pool whose blocks 3, 0, 2, 1 hold ``kv``'s blocks 0..3."""
+    pool = pools(layout, 4, device)["xlayer"]
+    pool[torch.tensor([3, 0, 2, 1], device=device)] = blocks_of(kv)
+    return pool
