@@ -124,6 +124,19 @@ exceeds that count) recovers it (500 MB: 0.309 -> 0.365, 50 MB ahead) but the co
 above what a switch really costs on stationary traces, where it delays the switch that
 matters (synthetic 20k blocks 0.587 -> 0.567, generated chat at 20% 0.405 -> 0.368);
 counting only blocks already hit changed nothing.
+
+Why the remaining gaps are not closed by more of the same (measured too): the four strict
+xfails are 14-95 prefix hits behind on caches of 857-5,302 blocks, less than one switch
+can cost (up to the blocks the new expert holds and the cache does not); an online choice
+among experts cannot be guaranteed within less than that of the best (experts with
+switching costs, as in metrical task systems). Where the best expert and the best
+classic policy tie (agent family at 20%: chain-LRU equals LRU to 1e-4 on 6 of 8 seeds)
+only a better expert would do. Not adopted: an anytime-valid switching bound (Robbins'
+normal mixture, for a test repeated after every request) delays the real switches more
+than it saves on false ones (behind at 7-8 of the 40 slices instead of 4); chain-LRU
+with hits inherited from the parent (long sessions continue more often) matches plain
+chain-LRU at best; LIRS itself as a sixth shadow matches LIRS on the cold synthetic
+window, but its lead there (about 90 hits) never becomes significant, and nothing changed.
 """
 
 from __future__ import annotations
