@@ -143,3 +143,35 @@ def _filled(layout, kv: torch.Tensor, device) -> torch.Tensor:
     pool = pools(layout, 4, device)["xlayer"]
     pool[torch.tensor([3, 0, 2, 1], device=device)] = blocks_of(kv)
     return pool
+
+
+def test_a_sidecar_restart_under_a_live_pool_client(tmp_path, layout, device):
+    """The sidecar restarts (same endpoint, new arenas) while a client holds a stale mapping:
+    ``save_from`` is acknowledged only once readable by everyone, exactly, and ``load_into``
+    remaps and reads exact bytes, never the unlinked arena's."""
+    shm_dir = tmp_path / "shm"
+    shm_dir.mkdir()
+    ep = f"ipc://{tmp_path}/kvs.sock"
+    srv = _server(ep, tmp_path, shm_dir)
+    a = connect(ep, layout=layout, namespace="live", block_tokens=BT, timeout=10)
+    b = connect(ep, layout=layout, namespace="live", block_tokens=BT, timeout=10)
+    try:
+        kv0, kv1, kv2 = (make_kv(layout, 16, s, device) for s in (7, 8, 9))
+        assert a.save_from(list(range(16)), _filled(layout, kv0, device), [3, 0, 2, 1]) == 16
+        stale = list(a._idents)
+        srv.stop(timeout=10)
+        srv = _server(ep, tmp_path, shm_dir)
+        t1, t2 = list(range(100, 116)), list(range(200, 216))
+        assert b.put(t1, kv1) == 16
+        pool = pools(layout, 4, device)["layers"]
+        assert a.load_into(t1, pool, [1, 3, 0, 2]) == 16  # a's lease names new arenas: it remaps
+        assert a._idents != stale
+        assert torch.equal(pool_blocks(pool, [1, 3, 0, 2]), blocks_of(kv1))
+        assert a.save_from(t2, _filled(layout, kv2, device), [3, 0, 2, 1]) == 16
+        assert torch.equal(b.get(t2, device=device), kv2)
+        with pytest.raises(BlockNotFoundError):  # the sidecar kept nothing across the restart
+            b.load_into(list(range(16)), pools(layout, 4, device)["xlayer"], [0, 1, 2, 3])
+    finally:
+        a.close()
+        b.close()
+        srv.stop(timeout=10)
