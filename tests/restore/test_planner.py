@@ -104,15 +104,21 @@ def test_planner_matches_brute_force(case: int) -> None:
     _check_schedule(plan, blocks, profile)
 
 
-def test_bounded_search_is_valid_and_close() -> None:
-    seed = random.randrange(2**32)
+def test_bounded_search_is_valid_and_close(seed) -> None:
     rng = random.Random(seed)
     for _ in range(8):
         blocks = _random_blocks(rng, 7)
         profile = _random_profile(rng, direct=False)
         exact = plan_restore(blocks, MHA, 16, profile)
         bounded = plan_restore(blocks, MHA, 16, profile, max_evals=1)
-        assert exact.exact and not bounded.exact
+        assert exact.exact, f"seed={seed}"
+        # A block on disk leaves assignments to search one by one: one evaluation cannot be
+        # exact. With nothing on disk the planner may solve them all in closed form at once,
+        # and an exact answer must then be the optimum.
+        if any("disk" in (b.kv, b.act) for b in blocks):
+            assert not bounded.exact, f"seed={seed}"
+        if bounded.exact:
+            assert bounded.predicted_s == pytest.approx(exact.predicted_s, rel=1e-12), f"seed={seed}"
         actions = [s.action for s in bounded.steps]
         assert simulate(blocks, actions, MHA, 16, profile)[0] == pytest.approx(bounded.predicted_s, rel=1e-12)
         assert bounded.predicted_s >= exact.predicted_s * (1 - 1e-12), f"seed={seed}"
