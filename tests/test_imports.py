@@ -1,4 +1,4 @@
-"""The import direction of DESIGN.md, room by room.
+"""The import direction of docs/architecture.md, room by room.
 
 Rooms (a module belongs to the deepest listed package that contains it):
 
@@ -132,7 +132,7 @@ def test_every_import_follows_the_design_direction():
     files = list(our_files())
     assert len(files) > 40
     bad = violations_in(files)
-    assert not bad, "imports against DESIGN.md's direction:\n" + "\n".join(bad)
+    assert not bad, "imports against the direction of docs/architecture.md:\n" + "\n".join(bad)
 
 
 def test_every_top_level_kvstore_module_is_in_a_room():

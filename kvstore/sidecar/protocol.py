@@ -1,4 +1,4 @@
-"""The sidecar's wire protocol (DESIGN.md): msgpack over ZeroMQ ROUTER/DEALER.
+"""The sidecar's wire protocol (docs/architecture.md): msgpack over ZeroMQ ROUTER/DEALER.
 
 A request is the frames ``[MAGIC, header, *payload]`` with ``header`` a msgpack map
 ``{v, id, op, args, deadline_ms}``; a reply is ``[MAGIC, header, *payload]`` with

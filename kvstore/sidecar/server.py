@@ -1,4 +1,4 @@
-"""The sidecar: one process owns the tiers; engines talk to it over ZeroMQ (DESIGN.md).
+"""The sidecar: one process owns the tiers; engines talk to it over ZeroMQ (docs/architecture.md).
 
 Threads and sockets
 -------------------
