@@ -1,4 +1,4 @@
-"""One client interface for engines, embedded or remote (DESIGN.md).
+"""One client interface for engines, embedded or remote (docs/architecture.md).
 
 ``from clients import connect``::
 
@@ -7,10 +7,40 @@
 
 ``embedded://`` gives an in-process :class:`~kvstore.KVStore`; ``tcp://`` and ``ipc://`` a
 :class:`RemoteClient` talking to ``kvstore serve``. Both raise the same exception classes.
+
+Names are resolved lazily (PEP 562), as in :mod:`kvstore`: a process that only talks to a
+sidecar (``clients.remote``) does not import the store core that the embedded client needs.
 """
 
-from clients.base import KVClient, connect
-from clients.embedded import EmbeddedClient
-from clients.remote import CurveConfig, RemoteClient
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+_EXPORTS = {
+    "KVClient": "clients.base",
+    "connect": "clients.base",
+    "EmbeddedClient": "clients.embedded",
+    "CurveConfig": "clients.remote",
+    "RemoteClient": "clients.remote",
+}
 
 __all__ = ["KVClient", "CurveConfig", "EmbeddedClient", "RemoteClient", "connect"]
+
+if TYPE_CHECKING:  # pragma: no cover
+    from clients.base import KVClient, connect
+    from clients.embedded import EmbeddedClient
+    from clients.remote import CurveConfig, RemoteClient
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'clients' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + __all__)

@@ -12,7 +12,7 @@ from kvstore.layout import ModelLayout
 
 @runtime_checkable
 class KVClient(Protocol):
-    """What an engine calls: the :class:`~kvstore.KVStore` methods (DESIGN.md)."""
+    """What an engine calls: the :class:`~kvstore.KVStore` methods (docs/architecture.md)."""
 
     def put(self, tokens: Any, kv: torch.Tensor, activations: torch.Tensor | None = None) -> int: ...
 

@@ -56,7 +56,7 @@ class EmbeddedClient:
         return self._check().clear()
 
     def plan(self, tokens: Any, profile: dict | None = None) -> dict:
-        from kvstore.sidecar.server import plan_result
+        from kvstore.restore.summary import plan_result
 
         return plan_result(self._check(), tokens, profile)
 

@@ -68,7 +68,7 @@ from kvstore.sidecar.protocol import (IDEMPOTENT, MAGIC, VERSION, MessageTooLarg
                               unpack)
 from kvstore.sidecar.protocol import RemoteError, StaleArenaError
 from kvstore.sidecar.security import CurveKeys, apply_client_curve, load_keys
-from kvstore.sidecar.server import host_id
+from kvstore.sidecar.procinfo import host_id
 
 #: seconds a call may take by default, retries included
 DEFAULT_TIMEOUT_S = 5.0

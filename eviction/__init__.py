@@ -1,6 +1,6 @@
 """Eviction policies over opaque keys, a trace simulator and the Belady bound.
 
-Imports nothing else of this project (see DESIGN.md).
+Imports nothing else of this project (see docs/architecture.md).
 """
 
 from eviction.base import EvictionPolicy, NoVictimError

@@ -7,6 +7,7 @@ libCacheSim does, so with unit sizes this is the published algorithm.
 from __future__ import annotations
 
 from collections import OrderedDict
+from itertools import chain
 
 from eviction.base import EvictionPolicy, Key
 
@@ -163,15 +164,13 @@ class ARCPolicy(EvictionPolicy):
         else:
             self._s_t2 -= self._t2.pop(key)
 
-    def _evict_one(self) -> Key:
-        pins = self._pins
-        first = self._replace_from_t1()
-        for from_t1 in (first, not first):
-            for key in (self._t1 if from_t1 else self._t2):
-                if key not in pins:
-                    self._to_ghost(from_t1, key)
-                    return key
-        raise AssertionError("unreachable: base checked for an unpinned key")
+    def _victims(self):
+        """REPLACE's list first, then the other (when all of the first is pinned)."""
+        first, second = (self._t1, self._t2) if self._replace_from_t1() else (self._t2, self._t1)
+        return chain(first, second)
+
+    def _on_evict(self, key) -> None:
+        self._to_ghost(key in self._t1, key)
 
     def _check(self) -> None:
         super()._check()

@@ -30,13 +30,8 @@ class FIFOPolicy(EvictionPolicy):
     def _on_remove(self, key) -> None:
         del self._q[key]
 
-    def _evict_one(self) -> Key:
-        pins = self._pins
-        for key in self._q:
-            if key not in pins:
-                del self._q[key]
-                return key
-        raise AssertionError("unreachable: base checked for an unpinned key")
+    def _victims(self):
+        return iter(self._q)
 
     def request(self, key, size=1, cost=None, parent=None, next_access=None) -> bool:
         sizes = self._sizes

@@ -4,23 +4,22 @@ from __future__ import annotations
 
 import heapq
 
-from eviction.base import EvictionPolicy, Key
+from eviction.base import Key, PriorityPolicy
 
 #: libCacheSim's numerator for an object of unknown cost.
 DEFAULT_COST = 1.0e6
 
 
-class GDSFPolicy(EvictionPolicy):
+class GDSFPolicy(PriorityPolicy):
     """Priority ``H = L + freq * cost / size``; evicts the lowest H and sets L to it (aging).
 
     ``cost`` defaults to 1e6 per object (libCacheSim); a cost passed to ``insert`` is used
     instead, so recompute-expensive blocks live longer. Ties go to the key whose priority
     was set earliest (libCacheSim orders equal priorities by request time).
 
-    Structure: a binary heap of ``(H, stamp, key)`` with lazy deletion (an entry is live
-    only if it equals ``_pri[key]``); rebuilt when stale entries outnumber live ones.
-    Complexity: insert/access O(log n); evict amortised O(log n) (+ p log n for pinned
-    keys popped and pushed back); remove O(1) (lazy).
+    Structure and complexity: :class:`~eviction.base.PriorityPolicy` (a lazy heap):
+    insert/access O(log n); evict amortised O(log n) (+ p log n for pinned keys popped and
+    pushed back); remove O(1) (lazy).
     """
 
     name = "gdsf"
@@ -28,52 +27,27 @@ class GDSFPolicy(EvictionPolicy):
     def __init__(self, capacity: int, **kwargs) -> None:
         super().__init__(capacity, **kwargs)
         self._L = 0.0
-        self._stamp = 0
         self._freq: dict[Key, int] = {}
         self._cost: dict[Key, float] = {}
-        self._pri: dict[Key, tuple[float, int]] = {}
-        self._heap: list[tuple[float, int, Key]] = []
-
-    def _push(self, key: Key, pri: float) -> None:
-        self._stamp += 1
-        self._pri[key] = (pri, self._stamp)
-        heapq.heappush(self._heap, (pri, self._stamp, key))
-        if len(self._heap) > 2 * len(self._pri) + 64:
-            self._heap = [(p, s, k) for k, (p, s) in self._pri.items()]
-            heapq.heapify(self._heap)
 
     def _on_insert(self, key, size, cost, parent) -> None:
         c = DEFAULT_COST if cost is None else float(cost)
         self._freq[key] = 1
         self._cost[key] = c
-        self._push(key, self._L + c / size)
+        self._set_priority(key, self._L + c / size)
 
     def _on_access(self, key) -> None:
         f = self._freq[key] + 1
         self._freq[key] = f
-        self._push(key, self._L + f * self._cost[key] / self._sizes[key])
+        self._set_priority(key, self._L + f * self._cost[key] / self._sizes[key])
 
     def _on_remove(self, key) -> None:
-        del self._pri[key], self._freq[key], self._cost[key]
+        self._forget(key)
+        del self._freq[key], self._cost[key]
 
-    def _evict_one(self) -> Key:
-        heap, pri, pins = self._heap, self._pri, self._pins
-        held = []
-        try:
-            while True:
-                p, s, key = heapq.heappop(heap)
-                cur = pri.get(key)
-                if cur is None or cur[1] != s:
-                    continue  # stale
-                if key in pins:
-                    held.append((p, s, key))
-                    continue
-                self._L = p
-                del pri[key], self._freq[key], self._cost[key]
-                return key
-        finally:
-            for e in held:
-                heapq.heappush(heap, e)
+    def _on_evict(self, key) -> None:
+        self._L = self._prio[key][0]
+        self._on_remove(key)
 
     def request(self, key, size=1, cost=None, parent=None, next_access=None) -> bool:
         """libCacheSim's GDSF order: insert first, then evict lowest priorities until the
@@ -86,7 +60,7 @@ class GDSFPolicy(EvictionPolicy):
         cap = self.capacity
         if size > cap:
             return False
-        sizes, heap, pri = self._sizes, self._heap, self._pri
+        sizes, heap, pri = self._sizes, self._heap, self._prio
         sizes[key] = size
         used = self.used + size
         self._on_insert(key, size, cost, parent)
@@ -103,7 +77,5 @@ class GDSFPolicy(EvictionPolicy):
 
     def _check(self) -> None:
         super()._check()
-        assert set(self._pri) == set(self._sizes) == set(self._freq)
-        live = {(p, s, k) for k, (p, s) in self._pri.items()}
-        assert live <= set(self._heap)
-        assert all(p >= 0 for p, _ in self._pri.values())
+        assert set(self._prio) == set(self._freq)
+        assert all(p >= 0 for p, _ in self._prio.values())

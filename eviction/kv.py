@@ -1,144 +1,32 @@
 """``kv``: a prefix-tree-aware policy for chained KV blocks (also registered as ``kvtree``).
 
-What it knows that the classic policies do not:
+Rules (one "rule set" is one kv score):
 
-* **Blocks form chains.** A block is useless without its parent, so only *leaves* (no
-  resident child) are eviction candidates: a conversation's tail goes before the shared
-  prefix it hangs off, and a prefix is never broken in the middle. The resident set stays
-  prefix-closed, so (almost) every block hit is also a prefix hit.
-* **Broken blocks go first.** A block inserted while its parent is not resident (or is
-  itself broken) cannot be served as part of a prefix; it is the first victim instead of
-  occupying space as an unservable fragment.
-* **A request touches its chain root-first.** All blocks one request touches get the same
-  request tick (recency is per request, not per block); within a tick deeper blocks go
-  first, so a cut always shortens a chain from its end.
-* **The tail of a finished request is rarely reused as is** (the next turn of a chat
-  re-sends that prefix minus its partial last block, plus more tokens): when the next
-  request starts, the previous request's last block is demoted by ``tail_age`` ticks.
-* **Reused chains are protected (ARC-style, on the tree).** Leaves live in two segments,
-  *new* (not hit since insertion) and *reused*, each ordered by request tick; a victim is
-  taken from *new* while it is over its target ``p``, which adapts on ghost hits as in
-  ARC (``ghost_factor`` x capacity of ghosts) from ``p0`` (40%: a large cache sees too few
-  ghost hits in a trace a few capacities long to climb from ARC's 0).
-* **Shared prefixes are worth more.** A block reused by several requests earns
-  ``freq_bonus * log2(1 + hits)`` request ticks (scaled by its ``cost`` relative to the
-  mean when the store passes one), so a popular system prompt outlives one conversation's
-  tail once it becomes a leaf.
+* only leaves (no resident child) are victims, so the resident set stays prefix-closed;
+  a block whose parent is not resident (*broken*) goes first;
+* the blocks one request touches share its request tick; within a tick deeper goes first;
+* a finished request's last block is demoted by ``tail_age`` ticks (a next turn re-sends
+  that prefix minus its partial last block);
+* leaves live in a *new* and a *reused* segment; the victim comes from *new* while it is
+  over its target ``p``, which adapts on ghost hits as in ARC (``ghost_factor`` x capacity
+  of ghosts), starting from ``p0`` x capacity;
+* a block hit by ``h`` requests earns ``freq_bonus * log2(1 + h)`` ticks, scaled by its
+  ``cost`` over the mean cost when the store passes one.
 
-**Five experts, raced on the real stream.** No single setting of these rules wins
-everywhere: the kv score wins where chains are shared and one-off requests pollute (chat,
-RAG); on agentic sessions that re-read a whole, growing context every turn the recency of
-the whole chain is what predicts the next use; a cold cache is best kept as first filled
-(LIRS's insight: a block must prove a short reuse distance before it displaces one that
-is already there). So ``kv`` runs each as a *shadow*: a full-size, metadata-only cache of
-that rule that sees every access (``EXPERTS``):
+Experts: with ``experts=True`` five rule sets (:data:`EXPERTS`: ``kv``, ``chain-lru``,
+``kv-quick`` with ``p0 = quick``, ``kv-lirs``, ``kv-warm``) each run as a metadata-only
+shadow cache of full size that sees every access. The cache evicts what the followed
+expert has already dropped (falling back to its own kv order) and switches to expert
+``o`` once ``o``'s per-request lead in prefix hits passes the paired test
+``sum(d) > z * sqrt(sum(d^2))``. The race starts on ``start`` (``kv-lirs``), or on the
+leader of a ``probe``-size copy of the race when this cache first evicts.
 
-* ``kv``: the rules above;
-* ``chain-lru``: tree-LRU (request tick only, deepest first, broken first);
-* ``kv-quick``: the kv score with S3-FIFO's quick demotion (``p0`` = ``quick`` = 10%, the
-  small queue of Yang et al., SOSP'23);
-* ``kv-lirs``: the kv score with a fixed 1% new segment (LIRS's HIR share, Jiang & Zhang,
-  SIGMETRICS'02) and the blocks that filled the cold cache counted as reused (``warm``);
-* ``kv-warm``: the kv score with ``warm`` alone (the conversation trace at 10k blocks:
-  0.227 against 0.224 for the best other expert and 0.222 for ARC).
-
-The cache itself follows one expert: its victim is the oldest resident leaf that expert
-has already dropped (so after a switch it converges to the expert's contents within one
-turnover of misses, and then evicts exactly what the expert evicts); when there is none
-(the store evicts before it inserts, the leaf is pinned, the expert did not admit a
-block), it falls back to its own kv-score order. It switches when another expert's lead
-in prefix hits is significant: per request (the blocks of a chain hit or miss together,
-so the request is the independent unit) the difference ``d`` in prefix hits of each pair
-is summed, and expert ``o`` replaces the followed ``c`` once ``sum(d) > z *
-sqrt(sum(d^2))`` (the paired test of a zero mean difference; McNemar's when every ``d``
-is +-1). ``z`` = 2, the conventional 95% bound; 1, 1.5, 2.5 and 3 were each behind the
-best classic policy at more of the points measured (the issue note's table and
-``tests/eviction/test_kv_families.py``). A sign test on the same per-request differences
-(each request one vote, so long chains weigh no more than short ones) switched on many
-small wins against a few large losses: behind at 6 of the 40 test slices instead of 4.
-
-**Where the race starts.** By default on ``kv-lirs``: which blocks the first evictions
-keep is the one decision that cannot be revisited later, and on cold windows of chat
-traces keeping the first-filled blocks is worth up to 4 points. But on large caches,
-where ``kv-lirs`` is poor and the classic leader (LRU) is within hundredths of a point
-of the best expert, the evidence to leave it comes too late (about 20k accesses after
-the first fill on the agentic trace at 10k blocks) and the detour costs more than the
-lead. So the same race is also run on a *probe*: an ensemble of ``probe`` = half the
-capacity that sees every access. It fills first, so by the time this cache first evicts
-the probe has had a stretch of evictions to race on; this cache starts on whatever
-expert the probe then follows (``kv-lirs`` if nothing led it significantly) and the
-probe is dropped. Starting there costs nothing (until its first eviction the cache holds
-exactly what every expert holds), and the probe's cost ends at the first fill. Why
-half: the probe must fill strictly earlier, and close to this size the experts' ranking
-is usually the same (agentic: chain-LRU wins at 5k and 10k blocks); where it is not, a
-smaller cache favours ``kv-lirs``, so the probe errs towards the default start. Measured
-alternatives: a quarter decides from too small a cache (agentic 10k behind LRU again,
-though the generated agent family at 20% came out ahead); three quarters scored as a
-half; a chain of probes (half of half...) changed nothing measurable; taking the probe's
-leader without the test, or carrying its scores over, put 2-3 more points behind.
-Starting on ``kv-quick`` when the probe has no leader: the generated families' means
-(8 seeds) are then ahead but for RAG at 5%, yet 8 of the 40 slices fall behind, the cold
-windows that ``kv-lirs`` is the start for.
-
-Why shadows and not sampled miniature caches (SHARDS) or learned mixing: a 1/8-sampled
-miniature errs by more than the experts differ on thousands of distinct blocks and needs
-8x the accesses to reach significance, so it switched late or wrongly on short traces
-(15 strict xfails before); LeCaR/CACHEUS-style regret weights credit only the expert
-followed (the others leave no victims to regret) and swung between experts in chain
-bursts. Following classic policies (LIRS, ARC, S3-FIFO, GDSF) as further experts was
-tried too: they break chains, so the cache cannot converge to their contents without
-breaking its own, and with seven experts and per-block counts the test switched on noise
-(cloudPhysics at 200 MB: 5 switches, 0.226 against 0.268 for the kv score alone).
-
-Complexity: each access costs one request on each of the five shadows (O(log n) each)
-plus the cache's own O(log n) bookkeeping, and O(experts^2) when a request ends with the
-experts' prefix hits differing; an eviction is amortised O(log n) (stale heap and
-surplus entries are skipped; heaps are rebuilt when they grow past a small multiple of
-the live entries); a switch is O(n) once. Until the first eviction the probe (a
-half-size copy of all this) adds about half as much again. In the simulator that is
-5-17 us per access (about 6x one rule); metadata, ghosts included, is about 6.3 KB per
-resident block once the cache has turned over (one rule alone: 1.1 KB; ``tracemalloc``,
-10^5 blocks; the probe peaks at 6.0 KB before the first eviction and is then freed),
-which is why ``lru`` stays the store's default. The every-leaf-pinned
-fallback is O(n) and only reached when the store pins every leaf. ``experts=False`` is
-one rule alone (each shadow is one).
-
-Known gaps (the issue note has the table; strict xfails in
-``tests/eviction/test_kv_families.py``): where the winning expert at a capacity is not
-the one at half of it, the race is still won only after the followed expert has shaped
-the cache, and where the classic leader is within a few tenths of a point that costs
-more than the lead: synthetic trace at 20k blocks (0.57 points behind ARC, where
-``kv-quick`` alone is 0.16 ahead), 20% of the working set of the generated agent and
-mixed families (means of 8 seeds) and of one conversation window; on one cold synthetic
-window LIRS is ahead of every expert. Of the 40 slices and single-seed traces measured,
-with the best of the five starts picked in hindsight only that cold window stays
-behind: the rest is the start alone. Nothing measured at the first eviction predicted
-it (the probe's best-supported expert rather than the one it follows; the trend from a
-quarter-size to the half-size probe): each moved the figures by less than they vary from
-seed to seed. Sized block-I/O traces (cloudPhysics) change phase faster than the test
-settles and object size is ignored: behind GDSF at 20 MB and LIRS at 50 and 500 MB.
-There a switch costs up to the number of blocks the new expert holds and the cache does
-not (each can miss once), and at 500 MB a short ``kv-warm`` lead of 109 hits was taken
-against about 7,500 such blocks. A rent-or-buy rule (switch only once the lead also
-exceeds that count) recovers it (500 MB: 0.309 -> 0.365, 50 MB ahead) but the count is far
-above what a switch really costs on stationary traces, where it delays the switch that
-matters (synthetic 20k blocks 0.587 -> 0.567, generated chat at 20% 0.405 -> 0.368);
-counting only blocks already hit changed nothing.
-
-Why the remaining gaps are not closed by more of the same (measured too): the four strict
-xfails are 14-95 prefix hits behind on caches of 857-5,302 blocks, less than one switch
-can cost (up to the blocks the new expert holds and the cache does not); an online choice
-among experts cannot be guaranteed within less than that of the best (experts with
-switching costs, as in metrical task systems). Where the best expert and the best
-classic policy tie (agent family at 20%: chain-LRU equals LRU to 1e-4 on 6 of 8 seeds)
-only a better expert would do. Not adopted: an anytime-valid switching bound (Robbins'
-normal mixture, for a test repeated after every request) delays the real switches more
-than it saves on false ones (behind at 7-8 of the 40 slices instead of 4); chain-LRU
-with hits inherited from the parent (long sessions continue more often) matches plain
-chain-LRU at best; LIRS itself as a sixth shadow matches LIRS on the cold synthetic
-window, but its lead there (about 90 hits) never becomes significant, and nothing changed.
+The tree is kept here, not taken from the tier manager's index: the shadows and the probe
+need trees over resident sets the store does not hold, and the simulator runs this policy
+with no store at all; parents arrive through ``insert(parent=...)`` and pins through the
+base class, the interface every policy gets. Why these rules, the measurements behind the
+defaults and the known gaps: ``docs/decisions.md`` ("The ``kv`` policy and its race").
 """
-
 from __future__ import annotations
 
 import heapq
@@ -159,6 +47,20 @@ EXPERTS: dict[str, dict] = {
 
 
 class KVPolicy(EvictionPolicy):
+    """The kv rules over a prefix tree of resident blocks, following the best of the
+    :data:`EXPERTS` raced on the access stream (module docstring).
+
+    Knobs: ``freq_bonus``, ``tail_age``, ``adaptive``, ``ghost_factor``, ``p0``,
+    ``two_seg`` and ``warm`` set one rule set; ``experts`` (False: that rule set alone),
+    ``expert_names``, ``start``, ``z``, ``quick`` and ``probe`` set the race.
+
+    Complexity: an access costs one request on each shadow (O(log n) each) plus this
+    cache's own O(log n), and O(experts^2) when a request ends with the experts' prefix
+    hits differing; an eviction is amortised O(log n); a switch is O(n) once; the
+    every-leaf-pinned fallback is O(n). Memory is about 6.3 KB a resident block with the
+    experts, 1.1 KB for one rule set, which is why ``lru`` stays the store's default.
+    """
+
     name = "kv"
 
     def __init__(self, capacity: int, *, freq_bonus: float = 50.0, tail_age: float = 1e9,

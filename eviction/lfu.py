@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import OrderedDict
+from itertools import chain
 
 from sortedcontainers import SortedDict
 
@@ -55,17 +56,8 @@ class LFUPolicy(EvictionPolicy):
         if not b:
             del self._buckets[f]
 
-    def _evict_one(self) -> Key:
-        pins = self._pins
-        for f, b in self._buckets.items():
-            for key in b:
-                if key not in pins:
-                    del b[key]
-                    if not b:
-                        del self._buckets[f]
-                    del self._freq[key]
-                    return key
-        raise AssertionError("unreachable: base checked for an unpinned key")
+    def _victims(self):
+        return chain.from_iterable(self._buckets.values())
 
     def request(self, key, size=1, cost=None, parent=None, next_access=None) -> bool:
         if key in self._sizes:

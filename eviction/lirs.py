@@ -281,11 +281,11 @@ class LIRSPolicy(EvictionPolicy):
             self._prune()
 
     def _evict_one(self) -> Key:
-        pins = self._pins
+        """The first unpinned key of Q; while Q is all pinned, LIR keys are demoted into it."""
         while True:
-            for k in self._Q:
-                if k not in pins:
-                    return self._evict_hir(k, account=False)  # base.evict drops the size
+            k = self._first_unpinned(self._Q)
+            if k is not None:
+                return self._evict_hir(k, account=False)  # base.evict drops the size
             if not any(e[_LIR] for e in self._S.values()):
                 raise AssertionError("unreachable: base checked for an unpinned key")
             self._evict_lir(evict_hir=False)

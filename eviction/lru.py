@@ -30,12 +30,8 @@ class LRUPolicy(EvictionPolicy):
     def _on_remove(self, key) -> None:
         del self._order[key]
 
-    def _evict_one(self) -> Key:
-        for key in self._order:
-            if key not in self._pins:
-                del self._order[key]
-                return key
-        raise AssertionError("unreachable: base checked for an unpinned key")
+    def _victims(self):
+        return iter(self._order)
 
     def request(self, key, size=1, cost=None, parent=None, next_access=None) -> bool:
         sizes = self._sizes

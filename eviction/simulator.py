@@ -31,7 +31,7 @@ _WEIGHT = {"lirs": 3.0, "arc": 2.0, "s3fifo": 2.0, "kv": 3.0, "belady": 2.5, "gd
 
 def simulate(trace: Trace, policy: str, capacity: int, metric: str = "block",
              **policy_kwargs) -> dict:
-    """Run one policy at one capacity over ``trace``; returns a DESIGN.md result row.
+    """Run one policy at one capacity over ``trace``; returns a result row (docs/decisions.md).
 
     O(n) requests, each O(1)/O(log n) in the policy.
     """

@@ -1,4 +1,4 @@
-"""A paged, tiered KV-cache store for LLM inference (see DESIGN.md).
+"""A paged, tiered KV-cache store for LLM inference (see docs/architecture.md).
 
 ``from kvstore import KVStore, StoreConfig, ModelLayout``
 

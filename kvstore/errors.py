@@ -41,8 +41,8 @@ class StoreClosedError(KVStoreError):
 
 
 # -- errors of the sidecar, raised by its clients -----------------------------------------
-# They live here (not only in kvstore.sidecar.protocol, which re-exports them) so an engine
-# catches every error of the store by meaning from one module, embedded or remote.
+# Declared here only (kvstore.sidecar.protocol re-exports them and maps wire codes to them)
+# so an engine catches every error of the store by meaning from one module, embedded or remote.
 class RemoteError(KVStoreError):
     """An error reply whose code has no more specific class; ``code`` says which."""
 
@@ -76,3 +76,54 @@ class BusyError(RemoteError):
     """The sidecar refused the request for now (too many queued or in flight): retry later."""
 
     code = "busy"
+
+
+class ProtocolError(RemoteError):
+    """A frame or header the peer cannot understand (bad magic, not msgpack, wrong type...)."""
+
+    code = "bad_frame"
+
+
+class VersionMismatchError(RemoteError):
+    """The peer speaks another protocol version."""
+
+    code = "bad_version"
+
+
+class UnknownOpError(RemoteError):
+    code = "unknown_op"
+
+
+class MessageTooLargeError(RemoteError):
+    code = "too_large"
+
+
+class UnsupportedError(RemoteError):
+    """The op exists but this server cannot do it (e.g. ``plan`` without the planner)."""
+
+    code = "unsupported"
+
+
+class DeadlineExceededError(RemoteError, TimeoutError):
+    """The request's deadline passed before the server got to it."""
+
+    code = "deadline_exceeded"
+
+
+class UnknownNamespaceError(RemoteError):
+    """The sidecar has no such namespace (it restarted): say ``hello`` again."""
+
+    code = "unknown_namespace"
+
+
+class UnknownLeaseError(RemoteError):
+    """A lease or reservation that expired (reclaimed) or never existed."""
+
+    code = "unknown_lease"
+
+
+class StaleArenaError(RemoteError):
+    """The request names slots of shared arenas the namespace no longer has (the sidecar
+    restarted): the client maps the current arenas again and retries."""
+
+    code = "stale_arena"

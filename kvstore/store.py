@@ -1,4 +1,4 @@
-"""``KVStore``: the embedded API (DESIGN.md) over the tier manager.
+"""``KVStore``: the embedded API (docs/architecture.md) over the tier manager.
 
 Thread safety: one re-entrant lock guards the index and the tiers. ``get`` pins its blocks
 under the lock, copies them out *without* holding it (disk reads and large copies do not
@@ -75,7 +75,7 @@ class LoadResult(NamedTuple):
 
 
 class KVStore:
-    """A paged, tiered store of KV blocks keyed by token prefix. See DESIGN.md.
+    """A paged, tiered store of KV blocks keyed by token prefix. See docs/architecture.md.
 
     ``put``/``lookup``/``get`` cost O(tokens) for hashing plus O(blocks) index work plus the
     bytes moved; none depends on how many blocks are stored.

@@ -1,4 +1,4 @@
-"""The import direction of DESIGN.md, room by room.
+"""The import direction of docs/architecture.md, room by room.
 
 Rooms (a module belongs to the deepest listed package that contains it):
 
@@ -7,7 +7,8 @@ Rooms (a module belongs to the deepest listed package that contains it):
   ``kvstore.restore``; ``kvstore.restore`` sits beside it and imports the core;
 - ``kvstore.models`` imports only the core's ``layout`` and ``errors``;
 - ``kvstore.sidecar`` sits above the store: core, restore, allocator, eviction;
-- ``clients`` sits above the sidecar (and the store);
+- ``clients`` sits above the sidecar (and the store), but never imports the sidecar's
+  server module: a client talks to the server over the wire (``FORBIDDEN``);
 - ``kvstore.cli`` and ``kvstore.bench`` are on top and may import anything.
 
 ``kvstore/hf.py`` is the public re-export ``from kvstore.hf import HFAdapter`` and
@@ -38,6 +39,12 @@ ALLOWED: dict[str, set[str]] = {
     "clients": {"allocator", "eviction", "kvstore.restore", "kvstore.sidecar"} | CORE,
     "kvstore.cli": EVERYTHING,
     "kvstore.bench": EVERYTHING,
+}
+#: back doors: modules a room must not import although its rule allows their room, and why
+FORBIDDEN: dict[str, set[str]] = {
+    # a client reaches the server over the wire only; importing the server module loaded the
+    # server and the store core into every client process (process identity is sidecar.procinfo)
+    "clients": {"kvstore.sidecar.server"},
 }
 #: modules allowed one extra arrow, and why
 EXCEPTIONS = {
@@ -89,6 +96,9 @@ def imported_modules(path: Path) -> set[str]:
 def allowed(importer: str, imported: str) -> bool:
     room = room_of(importer)
     rule = ALLOWED[room]
+    closed = FORBIDDEN.get(room, set())
+    if any(t == f or t.startswith(f + ".") for t in (imported, imported.rsplit(".", 1)[0]) for f in closed):
+        return False
     if rule is EVERYTHING or room_of(imported) == room:
         return True
     # "from kvstore.layout import X" names kvstore.layout.X too: judge it and its parent
@@ -122,7 +132,7 @@ def test_every_import_follows_the_design_direction():
     files = list(our_files())
     assert len(files) > 40
     bad = violations_in(files)
-    assert not bad, "imports against DESIGN.md's direction:\n" + "\n".join(bad)
+    assert not bad, "imports against the direction of docs/architecture.md:\n" + "\n".join(bad)
 
 
 def test_every_top_level_kvstore_module_is_in_a_room():
@@ -154,6 +164,8 @@ def test_the_checker_catches_violations(tmp_path, monkeypatch):
         "allocator/arena.py": "from kvstore.errors import ConfigError\n",               # allocator -> kvstore
         "clients/remote.py": "from kvstore.bench.report import Report\n",               # clients -> bench
         "eviction/lru.py": "import importlib\nimportlib.import_module('kvstore.store')\n",
+        "clients/embedded.py": "from kvstore.sidecar.server import host_id\n",          # clients -> server
+        "clients/base.py": "from kvstore.sidecar import server\n",
     }
     for rel, text in cases.items():
         p = _write(tmp_path, rel, text)
@@ -167,3 +179,13 @@ def test_the_checker_catches_violations(tmp_path, monkeypatch):
     for rel, text in fine.items():
         p = _write(tmp_path, rel, text)
         assert not violations_in([p]), f"{rel}: {text!r} should be allowed"
+
+
+def test_importing_the_sidecar_client_loads_neither_the_server_nor_the_store_core():
+    """What the FORBIDDEN rule is for, checked at run time in a fresh interpreter."""
+    import subprocess
+    code = ("import sys, clients.remote; print(sorted(m for m in ('kvstore.sidecar.server', "
+            "'kvstore.store', 'kvstore.tiers', 'eviction') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                         timeout=120, check=True).stdout.strip()
+    assert out == "[]", f"importing clients.remote loaded {out}"

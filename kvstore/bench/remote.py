@@ -1,6 +1,6 @@
 """``kvstore bench remote``: the shared remote tier beside bare redis-py on the same server.
 
-Results (DESIGN.md bench shape), each with its limit measured in the same run against the
+Results (the bench shape, docs/decisions.md), each with its limit measured in the same run against the
 same Redis:
 
 * ``put_gbps_<size>`` / ``get_gbps_<size>``: ``--blocks`` blocks (default 1000) of 64 KiB and

@@ -1,4 +1,4 @@
-"""The shape every benchmark reports (DESIGN.md), printed as a table or one JSON document.
+"""The shape every benchmark reports (docs/decisions.md), printed as a table or one JSON document.
 
 Every figure is measured beside the machine limit for the same work in the same run, so a
 noisy shared machine shows up in both and the ratio stays meaningful.

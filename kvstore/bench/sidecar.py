@@ -1,6 +1,6 @@
 """``kvstore bench sidecar``: the sidecar beside bare ZeroMQ and memcpy, in one run.
 
-Results (DESIGN.md bench shape), each with the machine limit measured in the same run:
+Results (the bench shape, docs/decisions.md), each with the machine limit measured in the same run:
 
 * ``lookup_p50_us`` / ``lookup_p99_us``: a ``lookup`` of a 32-block prefix over TCP vs a bare
   pyzmq DEALER/ROUTER echo of the same request bytes (target ratio <= 1.5); the prompt is

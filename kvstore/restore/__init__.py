@@ -3,8 +3,9 @@
 Owns: the cost model (``costmodel``: link and compute rates, predictions), the planner
 (``planner``: per block, read KV, read activations and recompute, or leave to prefill),
 the executor (``executor``: reads, copies and recompute overlapped, layer by layer), quick
-profiles measured at the shapes planned for (``profiles``), and the machine measurements
-behind ``kvstore calibrate`` (``calibrate``).
+profiles measured at the shapes planned for (``profiles``), the machine measurements
+behind ``kvstore calibrate`` (``calibrate``), and a plan as plain data for the sidecar's and
+the clients' ``plan`` (``summary``).
 
 Sits beside the store core: it may import the core (layout, errors, arenas through
 ``allocator``) and the core's ``KVStore`` calls into it; it never imports the sidecar, the

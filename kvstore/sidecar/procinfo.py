@@ -13,7 +13,19 @@ O(1) per check (one small /proc read).
 from __future__ import annotations
 
 import os
+import socket
 from typing import Any
+
+
+def host_id() -> str:
+    """Names this host (and boot): a client maps shared memory only when its own id matches.
+    O(1) (one small /proc read)."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+    except OSError:
+        boot = ""
+    return f"{socket.gethostname()}/{boot}"
 
 
 def process_start_time(pid: int) -> int | None:

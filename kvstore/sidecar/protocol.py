@@ -1,4 +1,4 @@
-"""The sidecar's wire protocol (DESIGN.md): msgpack over ZeroMQ ROUTER/DEALER.
+"""The sidecar's wire protocol (docs/architecture.md): msgpack over ZeroMQ ROUTER/DEALER.
 
 A request is the frames ``[MAGIC, header, *payload]`` with ``header`` a msgpack map
 ``{v, id, op, args, deadline_ms}``; a reply is ``[MAGIC, header, *payload]`` with
@@ -23,9 +23,12 @@ import warnings
 import msgpack
 import torch
 
+# the sidecar's error classes are declared once, in kvstore.errors; re-exported here
 from kvstore.errors import (BlockNotFoundError, BusyError, CapacityError, ConfigError, ForbiddenError,  # noqa: F401
                             InvalidInputError, KVStoreError, LayoutMismatchError, RemoteError, SidecarUnavailableError,
-                            StoreClosedError)
+                            StoreClosedError, ProtocolError, VersionMismatchError, UnknownOpError, MessageTooLargeError,
+                            UnsupportedError, DeadlineExceededError, UnknownNamespaceError, UnknownLeaseError,
+                            StaleArenaError)
 from kvstore.layout import ModelLayout, dtype_from_name, dtype_name
 from kvstore.validate import check_act, check_kv  # noqa: F401 -- the client's checks
 
@@ -46,59 +49,6 @@ OPS = ("hello", "lookup", "put", "get", "release", "reserve", "commit", "plan", 
        "stage", "put_shm")
 #: ops a client may resend after a timeout (same effect when done twice)
 IDEMPOTENT = frozenset({"hello", "lookup", "get", "plan", "stats", "health"})
-
-
-# -- errors (the sidecar's own; RemoteError, SidecarUnavailableError, LayoutMismatchError,
-# ForbiddenError and BusyError live in kvstore.errors and are re-exported here) ------------------------------------------------------------------------------
-class ProtocolError(RemoteError):
-    """A frame or header the peer cannot understand (bad magic, not msgpack, wrong type...)."""
-
-    code = "bad_frame"
-
-
-class VersionMismatchError(RemoteError):
-    """The peer speaks another protocol version."""
-
-    code = "bad_version"
-
-
-class UnknownOpError(RemoteError):
-    code = "unknown_op"
-
-
-class MessageTooLargeError(RemoteError):
-    code = "too_large"
-
-
-class UnsupportedError(RemoteError):
-    """The op exists but this server cannot do it (e.g. ``plan`` without the planner)."""
-
-    code = "unsupported"
-
-
-class DeadlineExceededError(RemoteError, TimeoutError):
-    """The request's deadline passed before the server got to it."""
-
-    code = "deadline_exceeded"
-
-
-class UnknownNamespaceError(RemoteError):
-    """The sidecar has no such namespace (it restarted): say ``hello`` again."""
-
-    code = "unknown_namespace"
-
-
-class UnknownLeaseError(RemoteError):
-    """A lease or reservation that expired (reclaimed) or never existed."""
-
-    code = "unknown_lease"
-
-
-class StaleArenaError(RemoteError):
-    """The request names slots of shared arenas the namespace no longer has (the sidecar
-    restarted): the client maps the current arenas again and retries."""
-
-    code = "stale_arena"
 
 
 #: code -> exception class raised by clients; store errors keep their embedded classes

@@ -1,4 +1,4 @@
-"""The sidecar: one process owns the tiers; engines talk to it over ZeroMQ (DESIGN.md).
+"""The sidecar: one process owns the tiers; engines talk to it over ZeroMQ (docs/architecture.md).
 
 Threads and sockets
 -------------------
@@ -45,11 +45,9 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 import dataclasses
 from dataclasses import dataclass
-import importlib
 import logging
 import os
 import secrets
-import socket
 import threading
 import time
 from typing import Any
@@ -62,27 +60,18 @@ from allocator.shm import ShmArena, shm_free_bytes
 from kvstore.config import StoreConfig
 from kvstore.errors import BusyError, CapacityError, ConfigError, ForbiddenError, InvalidInputError, NamespaceOwnerError
 from kvstore.sidecar import limits
-from kvstore.sidecar.procinfo import owner_from_wire
+from kvstore.sidecar.procinfo import host_id, owner_from_wire  # host_id: re-exported for compatibility
 from kvstore.layout import ModelLayout
 from kvstore.sidecar.protocol import (MAGIC, OPS, VERSION, LayoutMismatchError, MessageTooLargeError, ProtocolError,
-                              RemoteError, UnknownLeaseError, UnknownNamespaceError, UnsupportedError, arg,
+                              RemoteError, UnknownLeaseError, UnknownNamespaceError, arg,
                               check_header, error_code, layout_from_wire, parse_request, reply_error, reply_ok,
                               tensor_desc, tensor_frame, tensor_from_frame, tokens_from_wire)
 from kvstore.sidecar.security import ZAP_DOMAIN, RefusalLog, ZapHandler, check_bind, handshake_failure, load_allow_dir, load_keys
+from kvstore.restore.summary import plan_result  # re-exported: the wire reply of ``plan``
 from kvstore.store import KVStore
 from kvstore.sidecar import shm_plane
 
 log = logging.getLogger(__name__)
-
-
-def host_id() -> str:
-    """Names this host (and boot): a client maps shared memory only when its own id matches."""
-    try:
-        with open("/proc/sys/kernel/random/boot_id") as f:
-            boot = f.read().strip()
-    except OSError:
-        boot = ""
-    return f"{socket.gethostname()}/{boot}"
 
 
 @dataclass
@@ -161,29 +150,6 @@ class _Claim:
     expires: float
     owner: tuple[int, int] | None = None  # (pid, start time) of a same-host client
     peer: bytes | None = None  # the connection that holds it (for the per-connection cap)
-
-
-def plan_result(store: KVStore, tokens: Any, profile: dict | None = None) -> dict:
-    """The transfer-or-recompute plan for ``tokens``' cached prefix, as plain data.
-
-    Raises :class:`UnsupportedError` when this build has no planner. O(planner).
-    """
-    try:
-        planner = importlib.import_module("kvstore.restore.planner")
-        costmodel = importlib.import_module("kvstore.restore.costmodel")
-    except ModuleNotFoundError as exc:
-        raise UnsupportedError(f"plan is not available in this build ({exc.name} is missing)") from None
-    try:
-        prof = costmodel.CostProfile.from_dict(profile) if profile is not None else costmodel.default_profile()
-    except (KeyError, TypeError, ValueError) as exc:
-        raise InvalidInputError(f"bad cost profile: {exc}") from None
-    tiers = store.locate(tokens)
-    blocks = [planner.BlockForms(kv=t) for t in tiers]
-    plan = planner.plan_restore(blocks, store.layout, store.block_tokens, prof)
-    return {"blocks": len(blocks), "cached_tokens": len(blocks) * store.block_tokens,
-            "steps": [[s.block, s.action, s.tier] for s in plan.steps],
-            "predicted_s": plan.predicted_s, "lower_bound_s": plan.lower_bound_s,
-            "restore_s": plan.restore_s, "prefill_tokens": plan.prefill_tokens, "exact": plan.exact}
 
 
 class _Metrics:

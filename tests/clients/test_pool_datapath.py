@@ -1,4 +1,4 @@
-"""An engine's paged pool through every client kind (DESIGN.md: the clients have the store's
+"""An engine's paged pool through every client kind (docs/architecture.md: the clients have the store's
 methods): ``load_into`` / ``save_from`` over embedded, TCP frames, TCP and ipc with shared
 memory. The same bytes, the same errors, the pool untouched on any failure, checks made
 before anything is sent, and nothing of another tenant's. Device-agnostic: the pools live
