@@ -24,6 +24,7 @@ import torch
 
 from allocator import CorruptSlotError, DiskArena, FileOps, MemoryArena, default_device, slots_for_bytes
 from allocator.disk import KIND_ACT, KIND_KV, SlabIdentityError, SlabInUseError, SlabMismatchError, slab_file_bytes
+from allocator.transfer import copier_of
 from allocator.fileops import UnsafePathError
 from kvstore import paged
 from kvstore.saves import AsyncSaver, PutHandle
@@ -634,7 +635,9 @@ class KVStore:
         with self._lock:
             ex = getattr(self, "_exec", None)
             if ex is None or ex.cost_model is not self.cost_model:
-                ex = self._exec = Executor(self.layout, self.block_tokens, cost_model=self.cost_model)
+                arenas = [t.arena for t in self._tiers.tiers + (self._acts.tiers if self._acts is not None else [])]
+                ex = self._exec = Executor(self.layout, self.block_tokens, cost_model=self.cost_model,
+                                           copier=copier_of(*arenas))
             return ex
 
     def _restore(self, keys: list[bytes], adapter: Recomputer | None, *, allow_prefill: bool, exact: bool,
