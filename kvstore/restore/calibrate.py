@@ -138,8 +138,10 @@ def measure_host_to_device(big: int, reps: int, device=None) -> tuple[float, flo
         src.fill_(1)
         sync = lambda: None  # noqa: E731
         kind = "cpu"
-    t_small = _median_time(lambda: dst[:small].copy_(src[:small], non_blocking=True), reps * 3, sync)
-    t_big = _median_time(lambda: dst.copy_(src, non_blocking=True), reps, sync)
+    from allocator.rowcopy import DEFAULT_COPIER as copier  # the data path's own copy primitive
+
+    t_small = _median_time(lambda: copier.copy(dst[:small], src[:small]), reps * 3, sync)
+    t_big = _median_time(lambda: copier.copy(dst, src), reps, sync)
     bw, lat = _fit(small, t_small, big, t_big)
     return bw, lat, kind
 
