@@ -21,6 +21,14 @@ How it moves the bytes (no Python step per byte, none per block when the rows ru
 Copies are queued on the current CUDA stream; a caller that hands pinned *source* rows back
 to others (unpins slots) must synchronise that stream first (:func:`sync`).
 
+**Every copy that crosses between host and a device goes through a** :class:`Copier`
+(``copier.copy`` / ``copier.to`` / ``copier.wait``): torch's ``non_blocking`` copies return
+before the bytes land (a pinned host destination of a device->host copy holds garbage until
+the copy stream is synchronised), so whoever *reads* such a destination on the host must call
+``copier.wait`` on the tensors' devices first. The one primitive makes that ordering testable
+without a GPU: a test double (``tests/delayed_copies.py``) models a device whose copies
+land only when ``wait`` names it, so any reader that runs before the wait sees poison.
+
 Complexity: O(bytes) moved plus O(runs) Python steps, capped at O(1) per call by the
 staging path when runs are short.
 """
@@ -71,6 +79,56 @@ def _flat(t: torch.Tensor) -> torch.Tensor | None:
     return rows
 
 
+class Copier:
+    """The one primitive for copies between host memory and a CUDA device (see module doc).
+
+    ``copy``/``to`` may return before the bytes land (torch ``non_blocking`` semantics);
+    ``wait(*tensors)`` blocks the host until every copy queued on the current stream of
+    each CUDA device among ``tensors`` has completed -- it names those devices, so it works
+    from any thread whatever its current device (``torch.cuda.synchronize()`` without a
+    device would wait on the thread's current device instead), and it waits on the streams
+    the copies used, not the whole device (an engine's kernels and NCCL on other streams
+    are not waited for). All O(bytes) on the link, O(1) Python steps per call.
+
+    Injectable: arenas, ``transfer``, the restore executor and the clients take a copier; a
+    test double that delays every crossing copy until ``wait`` proves the ordering on CPU.
+    """
+
+    def crosses(self, a: torch.Tensor, b: torch.Tensor) -> bool:
+        """True when a copy between ``a`` and ``b`` crosses between devices (may be async)."""
+        return a.device != b.device
+
+    def empty(self, shape: Sequence[int], dtype: torch.dtype, like: torch.Tensor,
+              pinned: bool = False) -> torch.Tensor:
+        """A new tensor where ``like`` lives; page-locked when it is host memory and ``pinned``
+        (so a device->host copy into it is a DMA and may run asynchronously)."""
+        pin = pinned and like.device.type == "cpu" and torch.cuda.is_available()
+        return torch.empty(tuple(shape), dtype=dtype, device=like.device, pin_memory=pin)
+
+    def copy(self, dst: torch.Tensor, src: torch.Tensor) -> None:
+        """``dst[...] = src``, queued (asynchronous across devices: read ``dst`` on the host, or
+        reuse ``src``, only after :meth:`wait`)."""
+        dst.copy_(src, non_blocking=True)
+
+    def to(self, src: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """``src``'s bytes where ``like`` lives (``src`` itself when already there); a host
+        result is pinned staging, in flight until :meth:`wait` names ``src``."""
+        if not self.crosses(src, like):
+            return src
+        out = self.empty(src.shape, src.dtype, like, pinned=True)
+        self.copy(out, src)
+        return out
+
+    def wait(self, *tensors: torch.Tensor) -> None:
+        """Block until the copies queued on the current stream of every CUDA device among
+        ``tensors`` are complete (see class doc). A no-op when none is on CUDA."""
+        sync(*tensors)
+
+
+#: the copier of every arena, executor and client unless one is injected
+DEFAULT_COPIER = Copier()
+
+
 def gather(src: torch.Tensor, idx: Sequence[int], device: torch.device | None = None) -> torch.Tensor:
     """``src[idx]`` as contiguous rows on ``device`` (default: ``src``'s); a view of ``src``
     (no copy) when ``idx`` is one run of contiguous rows on the same device.
@@ -94,7 +152,16 @@ def gather(src: torch.Tensor, idx: Sequence[int], device: torch.device | None = 
     staging = torch.empty((n, *src.shape[1:]), dtype=src.dtype, device=device)
     pinned = src.is_pinned()
     for i0, i1 in _runs(idx):
-        staging[i0:i1].copy_(src[idx[i0]:idx[i0] + (i1 - i0)], non_blocking=pinned)
+        run = src[idx[i0]:idx[i0] + (i1 - i0)]
+        if pinned and not run.is_contiguous() and run[0].is_contiguous():
+            # A strided pinned view (one layer of many slots) would be staged through pageable
+            # memory by torch, not DMA'd: copy each row (contiguous in pinned memory) by DMA.
+            for r in range(i1 - i0):
+                DEFAULT_COPIER.copy(staging[i0 + r], run[r])
+        elif pinned:
+            DEFAULT_COPIER.copy(staging[i0:i1], run)
+        else:
+            staging[i0:i1].copy_(run)
     return staging
 
 

@@ -35,6 +35,7 @@ import torch
 from allocator.arena import CorruptSlotError
 from allocator.checksum import digests, digests_beside
 from allocator.memory import MemoryArena
+from allocator.rowcopy import DEFAULT_COPIER
 
 
 class ShmArena(MemoryArena):
@@ -66,7 +67,8 @@ class ShmArena(MemoryArena):
             raise
         os.close(fd)
         self.data = map_shared(self.path, num_slots, slot_bytes)
-        self.pinned = False
+        # not page-locked unless the store's device is CUDA (``register_host``, undone at close)
+        self._registration, self._mapping, self.copier = None, None, DEFAULT_COPIER
         self._owner_pid = os.getpid()
 
     def describe(self) -> dict:

@@ -5,6 +5,9 @@ freshly allocated (hence consecutive) slots is a single pass over the bytes: an
 ``index_select`` straight into the destination rows for memory -> memory, one ``pwritev``
 per run from the source rows for memory -> disk, one ``preadv`` straight into the arena for
 disk -> memory. No per-block Python copy.
+
+Copies between devices go through the arenas' :class:`allocator.rowcopy.Copier` and are
+waited for on the arenas' own devices before any host-side read of a destination.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from allocator.arena import Arena, CorruptSlotError
 from allocator.checksum import digests
 from allocator.disk import DiskArena, _runs
 from allocator.memory import MemoryArena
+from allocator.rowcopy import DEFAULT_COPIER, Copier
 
 
 def _wide(t: torch.Tensor) -> torch.Tensor:
@@ -80,6 +84,20 @@ def _rows(arena: MemoryArena, slots: Sequence[int]) -> torch.Tensor:
     return arena.gather(slots)
 
 
+#: where host-bound copies go (``Copier.to``'s ``like``): an empty host tensor, never written
+_HOST = torch.empty(0, dtype=torch.uint8)
+
+
+def copier_of(*arenas: Arena) -> Copier:
+    """The copy primitive of the first of ``arenas`` that was given one other than the
+    default (a test double is injected into one arena of a pair), else the default."""
+    for arena in arenas:
+        c = getattr(arena, "copier", None)
+        if c is not None and c is not DEFAULT_COPIER:
+            return c
+    return DEFAULT_COPIER
+
+
 def transfer(src: Arena, src_slots: Sequence[int], dst: Arena, dst_slots: Sequence[int],
              keys: Sequence[bytes] | None = None, parents: Sequence[bytes | None] | None = None) -> None:
     """Copy ``src_slots[i]`` of ``src`` into ``dst_slots[i]`` of ``dst``. O(bytes).
@@ -100,49 +118,60 @@ def transfer(src: Arena, src_slots: Sequence[int], dst: Arena, dst_slots: Sequen
         return
     src_slots, dst_slots = list(src_slots), list(dst_slots)
     src_sums: np.ndarray | None = getattr(src, "checksums", None)
+    copier = copier_of(dst, src)
     if isinstance(dst, DiskArena):
         if isinstance(src, MemoryArena):
             rows = _rows(src, src_slots)
+            host = copier.to(rows, _HOST)
+            copier.wait(rows)  # a device->host copy lands before the disk write reads it
         else:
-            rows = torch.empty((len(src_slots), src.slot_bytes), dtype=torch.uint8)
-            src.read(src_slots, rows)
+            host = torch.empty((len(src_slots), src.slot_bytes), dtype=torch.uint8)
+            src.read(src_slots, host)
         expect = src_sums[src_slots] if src_sums is not None else None
         try:
             extra = {"expect": expect} if expect is not None else {}
-            dst.write(dst_slots, rows.to("cpu"), keys=keys, parents=parents, **extra)
+            dst.write(dst_slots, host, keys=keys, parents=parents, **extra)
         except CorruptSlotError as exc:
             src_of = dict(zip(dst_slots, src_slots))
             raise CorruptSlotError([src_of[s] for s in exc.slots], str(exc)) from None
         return
     if not isinstance(dst, MemoryArena):
         raise TypeError(f"unsupported destination arena {type(dst).__name__}")
+    src_data = src.data if isinstance(src, MemoryArena) else None
     dst_runs = _runs(dst_slots)
     if len(dst_runs) > max(1, len(dst_slots) // 8):
-        # Scattered destination: one gather (a view when the source is one run), one scatter.
-        if isinstance(src, MemoryArena):
+        # Scattered destination: one gather (a view when the source is one run), one copy
+        # across when the devices differ, one scatter on the destination's device.
+        if src_data is not None:
             rows = _rows(src, src_slots)
         else:
-            rows = torch.empty((len(src_slots), src.slot_bytes), dtype=torch.uint8)
+            rows = copier.empty((len(src_slots), src.slot_bytes), torch.uint8, _HOST, pinned=dst.device.type != "cpu")
             src.read(src_slots, rows)
-        _index_copy(_wide(dst.data), torch.as_tensor(dst_slots, device=dst.device),
-                    _wide(rows.to(dst.device, non_blocking=True)))
+        here = copier.to(rows, dst.data)
+        if here is not rows and dst.device.type == "cpu":
+            # device -> host: the scatter below reads the staging on the CPU, so the copy
+            # must have landed first (torch returns before a non_blocking D2H copy is done)
+            copier.wait(rows)
+        _index_copy(_wide(dst.data), torch.as_tensor(dst_slots, device=dst.device), _wide(here))
     else:
         for start, end in dst_runs:
             out = dst.data[dst_slots[start]:dst_slots[end - 1] + 1]
             part = src_slots[start:end]
-            if isinstance(src, MemoryArena):
-                if src.device == dst.device:
-                    _index_select(_wide(src.data), torch.as_tensor(part, device=src.device), _wide(out))
+            if src_data is not None:
+                if not copier.crosses(src_data, dst.data):
+                    _index_select(_wide(src_data), torch.as_tensor(part, device=src.device), _wide(out))
                 else:
-                    out.copy_(_rows(src, part), non_blocking=True)
+                    copier.copy(out, _rows(src, part))
             elif dst.device.type == "cpu":
                 src.read(part, out)
             else:
-                staging = torch.empty(out.shape, dtype=torch.uint8, pin_memory=torch.cuda.is_available())
+                staging = copier.empty(out.shape, torch.uint8, _HOST, pinned=True)
                 src.read(part, staging)
-                out.copy_(staging, non_blocking=True)
-    if dst.device.type == "cuda" or getattr(src, "device", torch.device("cpu")).type == "cuda":
-        torch.cuda.synchronize()
+                copier.copy(out, staging)
+    # Wait on the devices the arenas live on (the streams the copies used), whatever the
+    # calling thread's current device: the bytes are in before anyone reads them (the
+    # checksums below, a reader of the slots) and before the source slots are reused.
+    copier.wait(*(t for t in (src_data, dst.data) if t is not None))
     dst_sums: np.ndarray | None = getattr(dst, "checksums", None)
     if dst_sums is not None:
         if src_sums is not None:

@@ -54,6 +54,7 @@ import zmq
 
 from allocator.checksum import digests, digests_beside, from_wire, to_wire
 from allocator.memory import default_device
+from allocator.rowcopy import DEFAULT_COPIER, Copier
 from allocator.shm import map_shared
 from kvstore import paged
 from kvstore.errors import BlockNotFoundError, ConfigError, StoreClosedError
@@ -358,6 +359,7 @@ class RemoteClient:
         nb = len(arr) // self.block_tokens
         if nb == 0:
             return 0
+        kv = kv_on_host(kv, getattr(self, "copier", DEFAULT_COPIER))  # once, then hashed and copied from there
         if activations is not None:  # the shared arenas hold KV only
             return self._put_frames(args, kv, activations)
         return self._put_rows(args, self._block_rows(kv, nb), lambda: kv)
@@ -626,3 +628,29 @@ class RemoteClient:
             self.close()
         except Exception:
             pass
+
+
+#: per thread: the pinned buffer a put of device KV lands in (reused across puts)
+_put_staging = threading.local()
+_HOST = torch.empty(0, dtype=torch.uint8)
+
+
+def kv_on_host(kv: torch.Tensor, copier: Copier = DEFAULT_COPIER) -> torch.Tensor:
+    """``kv`` itself when it is in host memory; else its bytes copied once into this
+    thread's reusable pinned buffer, on the caller's current stream, and waited for.
+
+    Why: a put hashes its source on pool threads, whose current CUDA stream is the legacy
+    default stream, while the copy ran on the caller's stream -- KV produced on an engine
+    stream could hash differently from the bytes stored (every reader then drops the block),
+    and the bytes crossed PCIe twice. From host memory both read the same landed bytes.
+    The buffer is valid until this thread's next put. O(bytes) once."""
+    if not copier.crosses(kv, _HOST):
+        return kv
+    nbytes = kv.numel() * kv.element_size()
+    buf = getattr(_put_staging, "buf", None)
+    if buf is None or buf.numel() < nbytes or copier.crosses(buf, _HOST):
+        buf = _put_staging.buf = copier.empty((max(nbytes, 1),), torch.uint8, _HOST, pinned=True)
+    out = buf[:nbytes].view(kv.dtype).view(kv.shape)
+    copier.copy(out, kv)
+    copier.wait(kv)  # the caller's stream of kv's device: the bytes are in before anyone reads them
+    return out

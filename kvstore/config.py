@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from dataclasses import dataclass, field, fields
 import math
 import os
@@ -106,9 +108,8 @@ class StoreConfig:
         if isinstance(self.fsync_interval_s, bool) or not isinstance(self.fsync_interval_s, (int, float)) \
                 or not math.isfinite(self.fsync_interval_s) or self.fsync_interval_s <= 0:
             out.append(f"fsync_interval_s must be a positive number of seconds, got {self.fsync_interval_s!r}")
-        if self.device is not None and (not isinstance(self.device, str)
-                                        or self.device.split(":")[0] not in ("cpu", "cuda")):
-            out.append(f"device must be 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
+        if self.device is not None and not _is_device_name(self.device):
+            out.append(f"device must be 'cpu', 'cuda' or 'cuda:N' (N a device index), got {self.device!r}")
         if isinstance(self.act_share, bool) or not isinstance(self.act_share, (int, float)) \
                 or not 0.0 <= self.act_share < 1.0:
             out.append(f"act_share must be a number in [0, 1), got {self.act_share!r}")
@@ -252,9 +253,36 @@ def environment_problems(config: StoreConfig) -> list[str]:
                 if free < config.disk_bytes:
                     out.append(f"disk_path {directory} has {free} bytes free, below disk_bytes={config.disk_bytes} "
                                "(the disk tier of one namespace)")
-    if isinstance(config.device, str) and config.device.startswith("cuda") and config.device_bytes > 0:
+    if isinstance(config.device, str) and config.device.startswith("cuda"):
         import torch
 
         if not torch.cuda.is_available():
             out.append(f"device = {config.device!r} but this machine has no CUDA device")
+        else:
+            index = int(config.device.partition(":")[2] or 0)
+            count = torch.cuda.device_count()
+            if index >= count:
+                out.append(f"device = {config.device!r} but this machine has {count} CUDA device(s) "
+                           f"(cuda:0 .. cuda:{count - 1})")
     return out
+
+
+def _is_device_name(name: object) -> bool:
+    """``cpu``, ``cuda`` or ``cuda:N`` with N a non-negative integer."""
+    if not isinstance(name, str):
+        return False
+    kind, sep, index = name.partition(":")
+    if kind == "cpu":
+        return not sep
+    return kind == "cuda" and (not sep or (index.isdigit() and index.isascii()))
+
+
+def sidecar_config(config: StoreConfig) -> StoreConfig:
+    """A sidecar's namespace template: its device tier stays in host memory unless a CUDA
+    device is asked for (``device = "cuda[:N]"``). A sidecar is a separate process beside
+    the engine: GPU memory it held (``device_bytes`` per namespace) would be unusable by
+    other processes and compete with the engine's, and its clients copy through host
+    memory anyway. O(1)."""
+    if config.device is None:
+        return dataclasses.replace(config, device="cpu")
+    return config

@@ -24,6 +24,7 @@ import torch
 
 from allocator import CorruptSlotError, DiskArena, FileOps, MemoryArena, default_device, slots_for_bytes
 from allocator.disk import KIND_ACT, KIND_KV, SlabIdentityError, SlabInUseError, SlabMismatchError, slab_file_bytes
+from allocator.transfer import copier_of
 from allocator.fileops import UnsafePathError
 from kvstore import paged
 from kvstore.saves import AsyncSaver, PutHandle
@@ -168,7 +169,7 @@ class KVStore:
                 arena = self._make_disk_arena(capacity, form)
             elif form == "act":  # never shared with sidecar clients: a plain arena
                 dev = self.device if name == "device" else torch.device("cpu")
-                arena = MemoryArena(capacity // slot, slot, device=dev, pin=(name == "host"))
+                arena = MemoryArena(capacity // slot, slot, device=dev, pin=self._pins_host(name))
             else:
                 dev = self.device if name == "device" else torch.device("cpu")
                 arena = self._make_memory_arena(name, capacity // self.block_bytes, dev)
@@ -634,7 +635,9 @@ class KVStore:
         with self._lock:
             ex = getattr(self, "_exec", None)
             if ex is None or ex.cost_model is not self.cost_model:
-                ex = self._exec = Executor(self.layout, self.block_tokens, cost_model=self.cost_model)
+                arenas = [t.arena for t in self._tiers.tiers + (self._acts.tiers if self._acts is not None else [])]
+                ex = self._exec = Executor(self.layout, self.block_tokens, cost_model=self.cost_model,
+                                           copier=copier_of(*arenas))
             return ex
 
     def _restore(self, keys: list[bytes], adapter: Recomputer | None, *, allow_prefill: bool, exact: bool,
@@ -734,7 +737,8 @@ class KVStore:
                     if low and self.config.promote_on_hit and not self._closed:
                         L, H, D = self.layout.num_layers, self.layout.num_kv_heads, self.layout.head_dim
                         out6 = result.view(L, 2, result.shape[2] // bt, bt, H, D)
-                        rows = out6[:, :, low].permute(2, 0, 1, 3, 4, 5).cpu()
+                        # where the restore put them (a CUDA result feeds a CUDA top tier directly)
+                        rows = out6[:, :, low].permute(2, 0, 1, 3, 4, 5)
                         self._tiers.promote([kv_placed[b][0] for b in low], rows)
         if corrupt:
             first = min(b for b, _ in corrupt)
@@ -996,8 +1000,15 @@ class KVStore:
         if self._arena_factory is not None:
             arena = self._arena_factory(tier, num_slots, self.block_bytes, device)
             if arena is not None:
+                if self._pins_host(tier) and hasattr(arena, "register_host"):
+                    arena.register_host()  # a shared host arena: DMA to/from the GPU, as the planner assumes
                 return arena
-        return MemoryArena(num_slots, self.block_bytes, device=device, pin=(tier == "host"))
+        return MemoryArena(num_slots, self.block_bytes, device=device, pin=self._pins_host(tier))
+
+    def _pins_host(self, tier: str) -> bool:
+        """Whether ``tier``'s memory is page-locked: the host tier, and only when this store's
+        device is CUDA (a CPU store creates no CUDA context and pins nothing)."""
+        return tier == "host" and self.device.type == "cuda"
 
     def tier_arenas(self) -> list[tuple[str, Any]]:
         """``(tier name, arena)`` in tier order (the index a lease's blocks refer to)."""

@@ -21,6 +21,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--hidden", type=int, default=4096, help="hidden size for the GEMM shapes")
     parser.add_argument("--kv-dim", type=int, default=1024, help="num_kv_heads * head_dim for the GEMM shapes")
     parser.add_argument("--tokens", type=int, default=1024, help="tokens per recompute GEMM")
+    parser.add_argument("--device", default=None,
+                        help="device to measure: cpu, cuda or cuda:N (default: cuda when present); a store "
+                             "uses a profile only when it was measured on its kind of device")
     parser.add_argument("--remote-url", default=None,
                         help="also measure the remote tier's link (remote->host) on this Redis / Cluster")
 

@@ -39,7 +39,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--policy", default=None, help="eviction policy for every tier (registry name)")
     parser.add_argument("--fsync", choices=("always", "interval", "never"), default=None)
     parser.add_argument("--persist", action="store_true", default=None, help="keep disk blocks across restarts")
-    parser.add_argument("--device", default=None, help="device tier device: cuda or cpu (default: cuda if present)")
+    parser.add_argument("--device", default=None,
+                        help="device tier device: cpu, cuda or cuda:N (default: cpu -- a sidecar takes no GPU "
+                             "memory unless asked; cuda:N is checked against this machine's devices at start)")
     parser.add_argument("--remote-url", default=None,
                         help="shared remote tier: redis://HOST:PORT[/DB], rediss://..., or "
                              "redis+cluster://H1:P1,H2:P2 (password in the URL or KVSTORE_REDIS_PASSWORD)")
@@ -83,7 +85,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def build(args: argparse.Namespace):
     """The (endpoint, StoreConfig, ServerOptions) an invocation asks for."""
-    from kvstore.config import StoreConfig
+    from kvstore.config import StoreConfig, sidecar_config
     from kvstore.sidecar.server import ServerOptions
 
     overrides = {"device_bytes": args.device_bytes, "host_bytes": args.host_bytes, "disk_bytes": args.disk_bytes,
@@ -94,6 +96,7 @@ def build(args: argparse.Namespace):
         config = StoreConfig.from_toml(args.config, **overrides)
     else:
         config = StoreConfig(**{k: v for k, v in overrides.items() if v is not None})
+    config = sidecar_config(config)
     options = ServerOptions(workers=args.workers, lease_timeout_s=args.lease_timeout,
                             max_message_bytes=args.max_message_bytes, max_namespaces=args.max_namespaces,
                             shm=not args.no_shm, shm_dir=args.shm_dir, metrics_port=args.metrics_port,

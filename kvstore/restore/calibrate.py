@@ -100,35 +100,60 @@ def measure_disk(directory: Path | None, big: int, reps: int) -> tuple[float, fl
     return _fit(small, t_small, size, t_big)
 
 
-def measure_host_to_device(big: int, reps: int) -> tuple[float, float, str]:
+def probe_device(device=None):
+    """The device a measurement runs on: ``device`` when given (a store's own: a CPU store on
+    a GPU host is measured on the CPU), else CUDA when present."""
+    import torch
+
+    if device is not None:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def device_sync(device) -> Callable[[], None]:
+    """Wait for ``device``'s queued work, naming it (a bare ``torch.cuda.synchronize()``
+    waits on the calling thread's current device, which may be another one)."""
+    import torch
+
+    if device.type == "cuda":
+        return lambda: torch.cuda.synchronize(device)
+    return lambda: None
+
+
+def measure_host_to_device(big: int, reps: int, device=None) -> tuple[float, float, str]:
+    """(bandwidth, latency, device kind) of host -> ``device`` copies: pinned host -> CUDA by
+    DMA on a CUDA device, a host memcpy on the CPU (kind ``"cpu"``)."""
     import torch
 
     small = 4096
-    if torch.cuda.is_available():
-        dev = torch.device("cuda")
+    dev = probe_device(device)
+    if dev.type == "cuda":
         src = torch.empty(big, dtype=torch.uint8).pin_memory()
         dst = torch.empty(big, dtype=torch.uint8, device=dev)
-        sync = torch.cuda.synchronize
-        kind = torch.cuda.get_device_name()
+        sync = device_sync(dev)
+        kind = torch.cuda.get_device_name(dev)
     else:
         src = torch.empty(big, dtype=torch.uint8)
         dst = torch.empty(big, dtype=torch.uint8)
         src.fill_(1)
         sync = lambda: None  # noqa: E731
         kind = "cpu"
-    t_small = _median_time(lambda: dst[:small].copy_(src[:small], non_blocking=True), reps * 3, sync)
-    t_big = _median_time(lambda: dst.copy_(src, non_blocking=True), reps, sync)
+    from allocator.rowcopy import DEFAULT_COPIER as copier  # the data path's own copy primitive
+
+    t_small = _median_time(lambda: copier.copy(dst[:small], src[:small]), reps * 3, sync)
+    t_big = _median_time(lambda: copier.copy(dst, src), reps, sync)
     bw, lat = _fit(small, t_small, big, t_big)
     return bw, lat, kind
 
 
-def measure_gemm(tokens: int, hidden: int, out: int, reps: int, rope: bool) -> tuple[float, float]:
-    """(flops/s, per-call latency) of ``[tokens, hidden] @ [hidden, out]`` (+ RoPE on half)."""
+def measure_gemm(tokens: int, hidden: int, out: int, reps: int, rope: bool, device=None) -> tuple[float, float]:
+    """(flops/s, per-call latency) of ``[tokens, hidden] @ [hidden, out]`` (+ RoPE on half)
+    on ``device`` (default: CUDA when present)."""
     import torch
 
-    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = probe_device(device)
     dtype = torch.float16 if dev.type == "cuda" else torch.float32
-    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    sync = device_sync(dev)
     w = torch.randn(out, hidden, device=dev, dtype=dtype)
 
     def call(t: int) -> Callable[[], None]:
@@ -148,19 +173,32 @@ def measure_gemm(tokens: int, hidden: int, out: int, reps: int, rope: bool) -> t
     return believable_rate(flops / max(t_big, 1e-12), dev, dtype), t_small
 
 
-def peak_gemm_rate(device, dtype, n: int | None = None, reps: int = 3) -> float:
-    """FLOP/s of a square ``n x n x n`` GEMM (2048 on CUDA, 256 on CPU): the most this device
-    does in ``dtype``; no rate measured at a smaller shape may exceed it."""
+def peak_gemm_rate(device, dtype, n: int | None = None, reps: int = 3, inner: int | None = None) -> float:
+    """FLOP/s of a square ``n x n x n`` GEMM in ``dtype``: the most this device does; no rate
+    measured at a smaller shape may exceed it.
+
+    CUDA: ``n = 8192`` and ``inner = 8`` GEMMs queued between two syncs (a 2048^3 GEMM with a
+    sync after each measured launch and sync gaps as much as the math, and underestimated
+    an H100 by 1.5-2x; every rate the planner believes is capped by this one). CPU: 256, one
+    per sync (a CPU saturates early). O(inner * reps * n^3) FLOPs."""
     import torch
 
     from kvstore.restore.costmodel import MAX_FLOPS
 
-    n = n or (2048 if device.type == "cuda" else 256)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    n = n or (8192 if cuda else 256)
+    inner = inner or (8 if cuda else 1)
+    sync = device_sync(device)
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)
-    t = _median_time(lambda: torch.mm(a, b), reps, sync)
-    return min(2.0 * n ** 3 / max(t, 1e-12), MAX_FLOPS)
+    c = torch.empty(n, n, device=device, dtype=dtype)
+
+    def burst() -> None:
+        for _ in range(inner):
+            torch.mm(a, b, out=c)
+    t = _median_time(burst, reps, sync)
+    return min(2.0 * n ** 3 * inner / max(t, 1e-12), MAX_FLOPS)
 
 
 def believable_rate(rate: float, device, dtype, peak: float | None = None) -> float:
@@ -206,20 +244,21 @@ def measure(args: argparse.Namespace):
     big = (8 if quick else 128) << 20
     log.info("measuring disk->host")
     d_bw, d_lat = measure_disk(args.dir, big, reps)
+    device = probe_device(getattr(args, "device", None))
     log.info("measuring host->device")
-    h_bw, h_lat, kind = measure_host_to_device(big, reps)
+    h_bw, h_lat, kind = measure_host_to_device(big, reps, device)
     # The GEMMs are measured at the shapes the planner plans for: a GPU far from saturated by
     # tiny shapes would report a rate 100x off. Only a CPU (saturated early) gets smaller ones.
     import torch
 
-    small = quick and not torch.cuda.is_available()
+    small = quick and device.type != "cuda"
     tokens = min(args.tokens, 256) if small else args.tokens
     hidden = min(args.hidden, 1024) if small else args.hidden
     kvd = min(args.kv_dim, 512) if small else args.kv_dim
     log.info("measuring recompute GEMM")
-    r_rate, r_lat = measure_gemm(tokens, hidden, 2 * kvd, reps, rope=True)
+    r_rate, r_lat = measure_gemm(tokens, hidden, 2 * kvd, reps, rope=True, device=device)
     log.info("measuring prefill GEMM")
-    p_rate, p_lat = measure_gemm(tokens, hidden, hidden, reps, rope=False)
+    p_rate, p_lat = measure_gemm(tokens, hidden, hidden, reps, rope=False, device=device)
     links = {"disk->host": LinkCost(d_bw, d_lat), "host->device": LinkCost(h_bw, h_lat)}
     if getattr(args, "remote_url", None):
         log.info("measuring remote->host")

@@ -20,7 +20,12 @@ because every observed chunk time (contention included) refines it online
 a copy stream from pinned memory (whole runs of slots by DMA, re-layout on the device), the
 GEMMs on a compute stream that waits on a per-chunk event of the copy stream; both streams
 first wait for the caller's current stream (``out`` may still be in use there) and the run
-ends with a device synchronise (code path present, tested only where CUDA is).
+ends by waiting for those two streams only (never the whole device: an engine's own kernels
+and NCCL on other streams are not waited for). On CUDA every copy and recompute is timed by
+CUDA events recorded on the stream it ran on, read after the run (a host clock around an
+asynchronous copy measures its enqueue, which inflated the learned link speed).
+Activations in a CUDA tier restored into a CPU ``out`` cross through the copy primitive
+(:class:`allocator.rowcopy.Copier`) and are waited for before the CPU reads them.
 
 Layer by layer (``on_layer``): the last stage runs layer-major instead -- for layer ``l``,
 copy every KV block's layer ``l`` and recompute every activation block's layer ``l`` -- and
@@ -46,7 +51,7 @@ from typing import Any, Protocol
 import torch
 
 from allocator import Arena, CorruptSlotError, MemoryArena
-from allocator.rowcopy import copy_rows
+from allocator.rowcopy import DEFAULT_COPIER, Copier, copy_rows
 from kvstore.restore.costmodel import CostModel
 from kvstore.errors import InvalidInputError
 from kvstore.layout import ModelLayout
@@ -125,11 +130,14 @@ class Executor:
     ``run`` owns its workers and buffers; the cost model has its own lock.
 
     ``clock`` is injectable (tests); ``chunk_bytes`` trades pipelining (small chunks let
-    compute start early) against per-chunk overhead.
+    compute start early) against per-chunk overhead; ``copier`` is the cross-device copy
+    primitive (injectable: the delayed-copy test double).
     """
 
     def __init__(self, layout: ModelLayout, block_tokens: int, *, cost_model: CostModel | None = None,
-                 clock: Callable[[], float] = time.perf_counter, chunk_bytes: int = 4 << 20) -> None:
+                 clock: Callable[[], float] = time.perf_counter, chunk_bytes: int = 4 << 20,
+                 copier: Copier | None = None) -> None:
+        self.copier = copier or DEFAULT_COPIER
         self.layout = layout
         self.block_tokens = block_tokens
         self.cost_model = cost_model
@@ -233,6 +241,34 @@ class _RunState:
         self.act_left = 0
         self.layer_done: list[_Parts] = []
         self.next_callback = 0
+        # CUDA: (start event, end event, what to credit the seconds to), read after the run
+        self._spans: list[tuple[Any, Any, Callable[[float], None]]] = []
+        self._after_spans: list[Callable[[], None]] = []
+
+    # -- timing --------------------------------------------------------------------------
+    def _timed(self, stream: Any, fn: Callable[[], Any], credit: Callable[[float], None]) -> Any:
+        """``fn()``, its duration credited: by the executor's clock on CPU (the work is done
+        when ``fn`` returns), by CUDA events on ``stream`` around the work it queues on CUDA
+        (read after the run, when the streams are idle; the host never waits to time)."""
+        if not self.cuda:
+            t = self.ex.clock()
+            result = fn()
+            credit(self.ex.clock() - t)
+            return result
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record(stream)
+        result = fn()
+        end.record(stream)
+        with self.lock:
+            self._spans.append((start, end, credit))
+        return result
+
+    def _read_spans(self) -> None:
+        """Credit every CUDA span (the streams have been waited for), then the totals."""
+        for start, end, credit in self._spans:
+            credit(start.elapsed_time(end) / 1e3)
+        for fn in self._after_spans:
+            fn()
 
     # -- helpers -------------------------------------------------------------------------
     def _observe_link(self, link: str, nbytes: int, seconds: float) -> None:
@@ -281,18 +317,23 @@ class _RunState:
             r0, r1 = (ch.slots[i0], ch.slots[i1 - 1] + 1) if by_slot else (i0, i1)
             yield ch.blocks[i0], ch.blocks[i1 - 1] + 1, i0, i1, r0, r1
 
-    def _dev(self, t: torch.Tensor) -> torch.Tensor:
-        return t if t.device == self.out.device else t.to(self.out.device, non_blocking=True)
-
     def _act_layout(self, ch: _Chunk) -> torch.Tensor:
         """A chunk's activations as ``[L, c*bt, hidden]`` on the compute device (their
-        host->device hop: per layer, a run's tokens become one contiguous GEMM input)."""
+        host->device hop: per layer, a run's tokens become one contiguous GEMM input).
+
+        Each run crosses with the copy primitive; when the compute device is the host (a CPU
+        ``out``) and the activations sit on a device, the host waits for those copies before
+        it reads them (a non_blocking device->host copy returns before its bytes land)."""
         rows, by_slot = self._source(ch)
         L, bt, hid = self.ex.act_slot_shape
         act = torch.empty((L, len(ch.blocks) * bt, hid), dtype=self.ex.layout.dtype, device=self.out.device)
         act4 = act.view(L, len(ch.blocks), bt, hid)
-        for _, _, i0, i1, r0, r1 in self._pieces(ch, by_slot):
-            act4[:, i0:i1].copy_(self._dev(rows[r0:r1]).permute(1, 0, 2, 3))
+        copier = self.ex.copier
+        here = [(i0, i1, copier.to(rows[r0:r1], self.out)) for _, _, i0, i1, r0, r1 in self._pieces(ch, by_slot)]
+        if not self.cuda and copier.crosses(rows, self.out):
+            copier.wait(rows)  # device -> host: the copies below read the staging on the CPU
+        for i0, i1, src in here:
+            act4[:, i0:i1].copy_(src.permute(1, 0, 2, 3))
         return act
 
     def _place_kv(self, ch: _Chunk, layer: int | None = None) -> int:
@@ -305,6 +346,8 @@ class _RunState:
             copy_rows(rows, src_idx, dst, ch.blocks)
         else:
             copy_rows(rows[:, layer], src_idx, dst[:, layer], ch.blocks)
+        if not self.cuda and self.ex.copier.crosses(rows, self.out):
+            self.ex.copier.wait(rows)  # device -> host: in before ``out`` is handed back
         per_layer = 1 if layer is not None else self.ex.layout.num_layers
         return len(ch.blocks) * self.ex.layout.kv_block_bytes(self.ex.block_tokens) * per_layer \
             // self.ex.layout.num_layers
@@ -315,19 +358,20 @@ class _RunState:
         with torch.cuda.stream(self.copy_stream):
             return fn()
 
-    def _recompute(self, ch: _Chunk, act: torch.Tensor, layers: tuple[int, int] | None = None) -> float:
-        """Recompute a chunk's blocks (one call per run of consecutive blocks) into ``out``; seconds."""
+    def _recompute(self, ch: _Chunk, act: torch.Tensor, credit: Callable[[float], None],
+                   layers: tuple[int, int] | None = None) -> None:
+        """Recompute a chunk's blocks (one call per run of consecutive blocks) into ``out``;
+        its seconds go to ``credit`` (CUDA: events on the compute stream, see ``_timed``)."""
         bt = self.ex.block_tokens
         a, b = layers if layers is not None else (0, self.ex.layout.num_layers)
-        t = self.ex.clock()
         assert self.adapter is not None
-        for i0, i1 in _runs(ch.blocks):
-            b0, b1 = ch.blocks[i0], ch.blocks[i1 - 1] + 1
-            self.adapter.recompute_kv(act[:, i0 * bt:i1 * bt], start_pos=b0 * bt, layers=(a, b),
-                                      out=self.out[a:b, :, b0 * bt:b1 * bt])
-        if self.cuda:
-            torch.cuda.current_stream(self.out.device).synchronize()
-        return self.ex.clock() - t
+
+        def work() -> None:
+            for i0, i1 in _runs(ch.blocks):
+                b0, b1 = ch.blocks[i0], ch.blocks[i1 - 1] + 1
+                self.adapter.recompute_kv(act[:, i0 * bt:i1 * bt], start_pos=b0 * bt, layers=(a, b),
+                                          out=self.out[a:b, :, b0 * bt:b1 * bt])
+        self._timed(self.compute_stream, work, credit)
 
     def _observe_recompute(self, tokens: int, seconds: float) -> None:
         self.timings.add("compute", seconds)
@@ -384,46 +428,62 @@ class _RunState:
                 if ch.blocks:
                     if ev is not None:
                         wait(ev)
-                    self._observe_recompute(len(ch.blocks) * bt, self._recompute(ch, act))
+                    tokens = len(ch.blocks) * bt
+                    self._recompute(ch, act, lambda sec, tokens=tokens: self._observe_recompute(tokens, sec))
             return
         items = []  # layer-major: every activation chunk first (they are read first)
         while (item := self.compute_q.get()) is not None:
             items.append(item)
             if item[2] is not None:
                 wait(item[2])
-        total = 0.0
+        total = [0.0]
+
+        def add(sec: float) -> None:
+            total[0] += sec
         for layer in range(self.ex.layout.num_layers):
             for ch, act, _ in items:
                 if ch.blocks and not self.errors:
-                    total += self._recompute(ch, act, (layer, layer + 1))
+                    self._recompute(ch, act, add, (layer, layer + 1))
+            if self.cuda:
+                self.compute_stream.synchronize()  # layer complete before on_layer may fire
             self.layer_done[layer].set_part("compute")
-        self._observe_recompute(sum(len(ch.blocks) for ch, _, _ in items) * bt, total)
+        tokens = sum(len(ch.blocks) for ch, _, _ in items) * bt
+        finish = lambda: self._observe_recompute(tokens, total[0])  # noqa: E731
+        if self.cuda:
+            with self.lock:
+                self._after_spans.append(finish)
+        else:
+            finish()
 
     def _send_act(self, ch: _Chunk) -> None:
-        t = self.ex.clock()
         ev = None
-        act = self._on_copy_stream(lambda: self._act_layout(ch))
+        nbytes = len(ch.blocks) * self.ex.layout.act_block_bytes(self.ex.block_tokens)
+        link = "host->device" if ch.tier != "device" else "device"
+        act = self._timed(self.copy_stream, lambda: self._on_copy_stream(lambda: self._act_layout(ch)),
+                          lambda sec: self._observe_link(link, nbytes, sec))
         if self.cuda:
             ev = torch.cuda.Event()
             ev.record(self.copy_stream)
             act.record_stream(self.compute_stream)  # allocated on the copy stream, read by the GEMMs
-        nbytes = len(ch.blocks) * self.ex.layout.act_block_bytes(self.ex.block_tokens)
-        self._observe_link("host->device" if ch.tier != "device" else "device", nbytes, self.ex.clock() - t)
         self.compute_q.put((ch, act, ev))
         self.act_left -= 1
         if self.act_left == 0:
             self.compute_q.put(None)  # the compute worker has everything
 
     def _send_kv(self, ch: _Chunk, layer: int | None = None) -> int:
+        """Place a chunk's KV (all layers: timed and observed here; one layer: the caller
+        times the layer). Queued on the copy stream on CUDA (nothing waits for it here)."""
         if not ch.blocks:
             return 0
-        t = self.ex.clock()
-        nbytes = self._on_copy_stream(lambda: self._place_kv(ch, layer))
-        if self.cuda:
-            self.copy_stream.synchronize()
-        if layer is None:
-            self._observe_link("host->device" if ch.tier != "device" else "device", nbytes, self.ex.clock() - t)
-        return nbytes
+        if layer is not None:
+            return self._on_copy_stream(lambda: self._place_kv(ch, layer))
+        link = "host->device" if ch.tier != "device" else "device"
+        nb = [0]
+
+        def place() -> None:
+            nb[0] = self._on_copy_stream(lambda: self._place_kv(ch))
+        self._timed(self.copy_stream, place, lambda sec: self._observe_link(link, nb[0], sec))
+        return nb[0]
 
     def _fire_callbacks(self, block: bool) -> None:
         """Call ``on_layer`` for every complete layer, in order (waiting for all if ``block``)."""
@@ -470,9 +530,12 @@ class _RunState:
             for th in threads:
                 th.join()
             if self.cuda:
-                torch.cuda.synchronize(self.out.device)
+                # the two streams this restore used, not the device (see module doc)
+                self.copy_stream.synchronize()
+                self.compute_stream.synchronize()
         if self.errors:
             raise self.errors[0]
+        self._read_spans()
 
     def _mover(self, mem_chunks: list[_Chunk], arrived: queue.Queue) -> None:
         """host->device worker (calling thread): host activations, disk activations as they
@@ -518,10 +581,14 @@ class _RunState:
             return
         kv_chunks.sort(key=lambda c: c.blocks[0] if c.blocks else 0)
         for layer in range(self.ex.layout.num_layers):
-            t = self.ex.clock()
-            nbytes = sum(self._send_kv(ch, layer) for ch in kv_chunks)
-            if nbytes:
-                self._observe_link("host->device", nbytes, self.ex.clock() - t)
+            nb = [0]
+
+            def place(layer: int = layer) -> None:
+                nb[0] = sum(self._send_kv(ch, layer) for ch in kv_chunks)
+            self._timed(self.copy_stream, place,
+                        lambda sec, nb=nb: self._observe_link("host->device", nb[0], sec) if nb[0] else None)
+            if self.cuda:
+                self.copy_stream.synchronize()  # layer complete before on_layer fires
             self.layer_done[layer].set_part("copy")
             self._fire_callbacks(block=False)
 

@@ -33,7 +33,9 @@ def measure_recompute(layout: ModelLayout, tokens: int, device: torch.device, re
     launch-bound calls), capped at the device's square-GEMM ``peak``."""
     kvd = layout.num_kv_heads * layout.head_dim
     w = torch.randn(2 * kvd, layout.hidden_size, device=device).to(layout.dtype)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    from kvstore.restore.calibrate import device_sync
+
+    sync = device_sync(device)
 
     def timed(t: int) -> float:
         x = torch.randn(t, layout.hidden_size, device=device).to(layout.dtype)
@@ -57,11 +59,11 @@ def quick_profile(layout: ModelLayout, device: torch.device | None = None, token
     """A coarse profile measured now (about 0.1-0.3 s); see the module doc."""
     from kvstore.restore import calibrate
 
-    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = calibrate.probe_device(device)
     if device.type == "cuda":
         tokens = max(tokens, 4096)  # a restore's chunk; a GPU is launch-bound below that
     d_bw, d_lat = calibrate.measure_disk(None, 8 << 20, 3)
-    h_bw, h_lat, kind = calibrate.measure_host_to_device(16 << 20, 3)
+    h_bw, h_lat, kind = calibrate.measure_host_to_device(16 << 20, 3, device)
     peak = calibrate.peak_gemm_rate(device, layout.dtype)
     r_rate, r_lat = measure_recompute(layout, tokens, device, peak=peak)
     # A forward is mostly larger GEMMs than the K/V one: at least the same rate (already capped
@@ -75,14 +77,21 @@ def quick_profile(layout: ModelLayout, device: torch.device | None = None, token
 
 def store_profile(layout: ModelLayout, device: torch.device | None = None, path: Path | None = None
                   ) -> CostProfile:
-    """The calibrated profile at ``path`` (default: the user cache dir) if readable, else
-    :func:`quick_profile`."""
+    """The calibrated profile at ``path`` (default: the user cache dir) if readable and
+    measured on the same kind of device as ``device`` (a CPU store on a GPU host must not
+    plan with the GPU's rates, nor a CUDA store with a CPU's), else :func:`quick_profile`."""
     from kvstore.restore import calibrate
 
+    device = calibrate.probe_device(device)
     path = path or calibrate.default_profile_path()
     if path.exists():
         try:
-            return CostProfile.from_dict(json.loads(path.read_text()))
+            profile = CostProfile.from_dict(json.loads(path.read_text()))
         except (ValueError, KeyError, TypeError) as exc:
             log.warning("ignoring unreadable cost profile %s: %s", path, exc)
+        else:
+            if (profile.device == "cpu") == (device.type == "cpu"):
+                return profile
+            log.info("cost profile %s was measured on %s, not this store's %s: measuring now",
+                     path, profile.device, device)
     return quick_profile(layout, device)

@@ -57,7 +57,7 @@ import zmq
 
 from allocator.memory import MemoryArena
 from allocator.shm import ShmArena, shm_free_bytes
-from kvstore.config import StoreConfig
+from kvstore.config import StoreConfig, sidecar_config
 from kvstore.errors import BusyError, CapacityError, ConfigError, ForbiddenError, InvalidInputError, NamespaceOwnerError
 from kvstore.sidecar import limits
 from kvstore.sidecar.procinfo import host_id, owner_from_wire  # host_id: re-exported for compatibility
@@ -246,7 +246,7 @@ class SidecarServer:
                  options: ServerOptions | None = None) -> None:
         self.requested_endpoint = endpoint
         self.endpoint = endpoint
-        self.config = config or StoreConfig()
+        self.config = sidecar_config(config or StoreConfig())  # no GPU memory unless asked
         self.options = options or ServerOptions()
         self._ctx = zmq.Context()
         self._router: zmq.Socket | None = None
