@@ -9,8 +9,8 @@
 :class:`RemoteClient` talking to ``kvstore serve``. Both raise the same exception classes.
 """
 
-from clients.base import KVClient, connect
+from clients.base import BlockLoadError, KVClient, LoadResult, connect
 from clients.embedded import EmbeddedClient
 from clients.remote import CurveConfig, RemoteClient
 
-__all__ = ["KVClient", "CurveConfig", "EmbeddedClient", "RemoteClient", "connect"]
+__all__ = ["BlockLoadError", "LoadResult", "KVClient", "CurveConfig", "EmbeddedClient", "RemoteClient", "connect"]
