@@ -138,6 +138,12 @@ class _PerLayer:
         self.views = views
 
 
+def _pool_key(pool: Any) -> tuple:
+    """A pool's identity: its tensors' addresses, shapes and strides."""
+    tensors = [pool] if isinstance(pool, torch.Tensor) else list(pool)
+    return tuple((t.data_ptr(), tuple(t.shape), tuple(t.stride())) for t in tensors)
+
+
 def _pool_u8(rows: paged.Rows) -> "np.ndarray | _PerLayer | None":
     """A CPU pool's rows as uint8 numpy views (no copy), or None when a view is impossible."""
     if isinstance(rows, paged.LayerRows):
@@ -185,6 +191,7 @@ class RemoteClient:
         self._writing: set[int] = set()  # staged slots a put in progress is writing (not free)
         self._bounce: torch.Tensor | None = None  # reusable host rows, only where a bounce is unavoidable
         self._saver = AsyncSaver()  # put_async / save_from_async, in submission order
+        self._gpu_pools: dict[tuple, int] = {}  # registered CUDA pools (their tensors' identity) -> sidecar id
         self._idents: list[int] = []  # identity of each mapped segment (the server's generation)
         self._staged: list[int] = []  # free slots of segment ``_stage_seg`` held for our puts
         self._stage_seg = 0
@@ -613,7 +620,7 @@ class RemoteClient:
         if nb == 0:
             return LoadResult(0)
         try:
-            bad = self._load_blocks(arr, rows, ids)
+            bad = self._load_blocks(arr, rows, ids, pool)
         except BlockNotFoundError:
             if on_error == "raise":
                 raise
@@ -627,11 +634,73 @@ class RemoteClient:
                                   f"were dropped; pool blocks {list(res.failed_block_ids)[:8]} hold unusable "
                                   "bytes: recompute them")
 
-    def _load_blocks(self, arr: np.ndarray, rows: paged.Rows, ids: list[int]) -> list[int]:
+    # -- an engine's GPU pool by CUDA IPC -----------------------------------------------
+    def register_pool(self, pool: torch.Tensor | list[torch.Tensor]) -> bool:
+        """Let the sidecar reach this CUDA pool directly (once per pool): its memory is shared
+        with the sidecar by CUDA IPC (see :mod:`kvstore.sidecar.gpu_pool`), and from then on
+        ``load_into`` / ``save_from`` (and ``save_from_async``) of this pool move blocks by DMA
+        between the sidecar's host tier and the GPU, with no copy through this process's CPU
+        memory. Returns False, changing nothing, when that cannot be done here: a CPU pool,
+        a sidecar on another host or without shared memory or without CUDA (those calls then
+        go through the client's reusable pinned buffer). The pool must stay allocated (and
+        at the same address) until :meth:`unregister_pool` or ``close()``. O(pool tensors)."""
+        self._check_open()
+        rows, _ = paged.pool_rows(self.layout, self.block_tokens, pool)
+        if paged.device_of(rows).type != "cuda" or not self._rows:
+            return False
+        key = _pool_key(pool)
+        if key in self._gpu_pools:
+            return True
+        from kvstore.sidecar.gpu_pool import export_tensor
+
+        tensors = [pool] if isinstance(pool, torch.Tensor) else list(pool)
+        try:
+            res, _ = self._request("register_pool", {"ns": self.namespace, "owner": self._owner,
+                                                     "tensors": [export_tensor(t) for t in tensors]})
+        except RemoteError as exc:
+            if exc.code == "unsupported":
+                return False
+            raise
+        self._gpu_pools[key] = int(res["pool"])
+        return True
+
+    def unregister_pool(self, pool: torch.Tensor | list[torch.Tensor]) -> None:
+        """Forget a pool :meth:`register_pool` shared (the sidecar closes its mapping)."""
+        pid = self._gpu_pools.pop(_pool_key(pool), None)
+        if pid is not None and not self._closed:
+            try:
+                self._request("unregister_pool", {"ns": self.namespace, "pool": pid})
+            except (RemoteError, InvalidInputError):
+                pass  # the sidecar restarted or reaped it: nothing left to close
+
+    def _pool_op(self, op: str, arr: np.ndarray, pool: Any, rows: paged.Rows, ids: list[int]) -> int | None:
+        """``load_pool`` / ``save_pool`` on a registered GPU pool; None when ``pool`` is not
+        registered (or the sidecar forgot it: then it is registered no longer)."""
+        if not self._gpu_pools:
+            return None
+        key = _pool_key(pool)
+        pid = self._gpu_pools.get(key)
+        if pid is None:
+            return None
+        for t in (rows if isinstance(rows, paged.LayerRows) else [rows])[:1]:
+            torch.cuda.current_stream(t.device).synchronize()  # what a save reads is written; a load overwrites nothing in use
+        _, args = self._ns_args(arr)
+        try:
+            res, _ = self._request(op, {**args, "pool": pid, "block_ids": list(ids)})
+        except InvalidInputError as exc:
+            if "no GPU pool" not in str(exc):
+                raise
+            self._gpu_pools.pop(key, None)
+            return None
+        return int(res)
+
+    def _load_blocks(self, arr: np.ndarray, rows: paged.Rows, ids: list[int], pool: Any = None) -> list[int]:
         """Copy the blocks of ``arr`` into pool ``rows`` at ``ids``; returns the positions of
         blocks that failed verification (their rows named unusable). Raises
         ``BlockNotFoundError`` (pool untouched) when a block is not cached."""
         nb = len(ids)
+        if pool is not None and self._pool_op("load_pool", arr, pool, rows, ids) is not None:
+            return []  # verified by the sidecar before the DMA: any failure raised, pool untouched
         _, args = self._ns_args(arr)
         if self._rows:
             result, frames = self._lease(args)
@@ -687,7 +756,7 @@ class RemoteClient:
         arr, nb, rows, ids = self._save_args(tokens, pool, block_ids)
         if not nb:
             return 0
-        return self._save_rows(arr, nb, rows, ids)
+        return self._save_rows(arr, nb, rows, ids, pool)
 
     def save_from_async(self, tokens: Any, pool: torch.Tensor | list[torch.Tensor], block_ids: Any) -> PutHandle:
         """``save_from`` without stalling the caller (``put_async``'s semantics): the pool and
@@ -702,7 +771,7 @@ class RemoteClient:
         tensors = list(rows) if isinstance(rows, paged.LayerRows) else [rows]
 
         def job() -> int:
-            return self._save_rows(arr, nb, rows, ids, timeout=self.timeout) if nb else 0
+            return self._save_rows(arr, nb, rows, ids, pool, timeout=self.timeout) if nb else 0
         return self._saver.submit(job, *tensors)
 
     def _save_args(self, tokens: Any, pool: Any, block_ids: Any) -> tuple[np.ndarray, int, paged.Rows, list[int]]:
@@ -714,7 +783,11 @@ class RemoteClient:
         return arr[:nb * bt], nb, rows, ids
 
     @_with_deadline
-    def _save_rows(self, arr: np.ndarray, nb: int, rows: paged.Rows, ids: list[int]) -> int:
+    def _save_rows(self, arr: np.ndarray, nb: int, rows: paged.Rows, ids: list[int], pool: Any = None) -> int:
+        if pool is not None:
+            done = self._pool_op("save_pool", arr, pool, rows, ids)
+            if done is not None:
+                return done
         _, args = self._ns_args(arr)
         lay = self.layout
 
@@ -784,9 +857,16 @@ class RemoteClient:
             raise StoreClosedError("the client is closed")
 
     def close(self) -> None:
-        """Wait for the saves in flight (``put_async``/``save_from_async``), then disconnect."""
+        """Wait for the saves in flight (``put_async``/``save_from_async``), give back the
+        registered GPU pools, then disconnect."""
         if not self._closed:
             self._saver.close()
+            for pid in list(self._gpu_pools.values()):
+                try:
+                    self._request("unregister_pool", {"ns": self.namespace, "pool": pid}, timeout=1.0)
+                except Exception:  # noqa: BLE001 -- the sidecar reaps it when this process exits
+                    pass
+            self._gpu_pools.clear()
         with self._lock:
             if self._closed:
                 return

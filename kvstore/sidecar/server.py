@@ -70,7 +70,7 @@ from kvstore.sidecar.protocol import (MAGIC, OPS, VERSION, LayoutMismatchError, 
                               tensor_desc, tensor_frame, tensor_from_frame, tokens_from_wire)
 from kvstore.sidecar.security import ZAP_DOMAIN, RefusalLog, ZapHandler, check_bind, handshake_failure, load_allow_dir, load_keys
 from kvstore.store import KVStore
-from kvstore.sidecar import shm_plane
+from kvstore.sidecar import gpu_pool, shm_plane
 
 log = logging.getLogger(__name__)
 
@@ -314,6 +314,7 @@ class SidecarServer:
                          "unauthorised": 0, "busy": 0}
         self._counters_lock = threading.Lock()
         self._inflight: dict[bytes, int] = {}  # connection -> requests queued or running
+        self._gpu_pools = gpu_pool.GpuPools()  # engines' CUDA pools opened by CUDA IPC
         self._replies = limits.ReplyBudget(self.options.max_reply_bytes_per_peer, self.options.max_reply_bytes)
         self._zap: ZapHandler | None = None
         self._monitor: zmq.Socket | None = None
@@ -560,6 +561,7 @@ class SidecarServer:
             self._claims_of.clear()
         for c in claims:
             self._drop_claim(c)
+        self._gpu_pools.clear()
         for ns in self.namespaces():
             ns.store.close()
         with self._push_lock:
@@ -782,6 +784,8 @@ class SidecarServer:
         while not self._stop.wait(every):
             try:
                 self._reap(time.monotonic())
+                if len(self._gpu_pools):
+                    self._gpu_pools.reap()
             except Exception:  # pragma: no cover - keep reaping whatever one pass hit
                 log.exception("claim reaper pass failed")
 
@@ -1115,6 +1119,22 @@ class SidecarServer:
         if args.get("ns") is not None:
             return {"server": server, "namespace": self._namespace(args).store.stats()}, []
         return {"server": server, "namespaces": {ns.name: ns.store.stats() for ns in visible}}, []
+
+    def _op_register_pool(self, args: dict, payload: list) -> tuple[Any, list]:
+        self._no_payload("register_pool", payload)
+        return gpu_pool.op_register_pool(self, args), []
+
+    def _op_load_pool(self, args: dict, payload: list) -> tuple[Any, list]:
+        self._no_payload("load_pool", payload)
+        return gpu_pool.op_load_pool(self, args), []
+
+    def _op_save_pool(self, args: dict, payload: list) -> tuple[Any, list]:
+        self._no_payload("save_pool", payload)
+        return gpu_pool.op_save_pool(self, args), []
+
+    def _op_unregister_pool(self, args: dict, payload: list) -> tuple[Any, list]:
+        self._no_payload("unregister_pool", payload)
+        return gpu_pool.op_unregister_pool(self, args), []
 
     def _op_clear(self, args: dict, payload: list) -> tuple[Any, list]:
         self._no_payload("clear", payload)
