@@ -135,16 +135,13 @@ def _contiguous_runs(a: np.ndarray):
         yield a[idx].reshape(-1)
 
 
-def _copy_hash(jobs: list[list[tuple[np.ndarray, np.ndarray]]], hash_dst: bool) -> list[int]:
-    out = []
-    for pieces in jobs:
-        h = xxhash.xxh3_64()
-        for src, dst in pieces:
-            np.copyto(dst, src)
-            for run in _contiguous_runs(dst if hash_dst else src):
-                h.update(run)
-        out.append(h.intdigest())
-    return out
+def _copy_hash_row(pieces: list[tuple[np.ndarray, np.ndarray]], hash_dst: bool) -> int:
+    h = xxhash.xxh3_64()
+    for src, dst in pieces:
+        np.copyto(dst, src)
+        for run in _contiguous_runs(dst if hash_dst else src):
+            h.update(run)
+    return h.intdigest()
 
 
 def copy_digests(jobs: list[list[tuple[np.ndarray, np.ndarray]]], *, hash_dst: bool,
@@ -155,22 +152,34 @@ def copy_digests(jobs: list[list[tuple[np.ndarray, np.ndarray]]], *, hash_dst: b
     :func:`row_pieces`); every piece is copied (``dst[...] = src``) and then hashed from the
     cache -- the source's bytes (``hash_dst=False``: a writer records what it *meant* to
     store) or the destination's (``hash_dst=True``: a reader verifies its private copy).
-    Returns the xxh3-64 of each row, equal to :func:`digests` of the same bytes. The rows are
-    split in ``parts`` contiguous ranges, ``parts - 1`` of them on ``pool`` and one on the
-    calling thread (numpy's copy and xxh3 release the GIL). O(bytes) + O(pieces) Python steps.
+    Returns the xxh3-64 of each row, equal to :func:`digests` of the same bytes.
+
+    Up to ``parts`` threads (the caller and ``parts - 1`` of ``pool``'s) take rows one at a
+    time from a shared counter (numpy's copy and xxh3 release the GIL): on a machine whose
+    cores are busy with other work, a helper thread that is not scheduled holds up at most
+    the row it is copying, never a fixed share of the rows. O(bytes) + O(pieces) Python
+    steps.
     """
     n = len(jobs)
+    out = np.empty(n, dtype=np.uint64)
     if n == 0:
-        return np.empty(0, dtype=np.uint64)
-    parts = max(1, min(parts, n)) if pool is not None else 1
-    bounds = [n * i // parts for i in range(parts + 1)]
-    futs = [pool.submit(_copy_hash, jobs[bounds[i]:bounds[i + 1]], hash_dst) for i in range(1, parts)] \
-        if pool is not None else []
+        return out
+    taken = itertools.count()  # next() on it is atomic under the GIL
+
+    def run() -> None:
+        for i in taken:
+            if i >= n:
+                return
+            out[i] = _copy_hash_row(jobs[i], hash_dst)
+
+    helpers = max(0, min(parts, n) - 1) if pool is not None else 0
+    futs = [pool.submit(run) for _ in range(helpers)] if helpers else []
     try:
-        first = _copy_hash(jobs[:bounds[1]], hash_dst)
+        run()
     finally:
-        rest = [f.result() for f in futs]
-    return np.array(first + [d for r in rest for d in r], dtype=np.uint64)
+        for f in futs:
+            f.result()
+    return out
 
 
 def to_wire(sums: np.ndarray) -> bytes:
