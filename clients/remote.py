@@ -54,7 +54,7 @@ import zmq
 
 from allocator.checksum import as_u8, copy_digests, from_wire, row_pieces, to_wire
 from allocator.memory import default_device
-from allocator.shm import map_shared
+from allocator.shm import fresh_memory, map_shared
 from kvstore import paged
 from clients.base import BlockLoadError, LoadResult
 from kvstore.errors import BlockNotFoundError, ConfigError, InvalidInputError, StoreClosedError
@@ -811,7 +811,7 @@ class RemoteClient:
         block's bytes changed after they were written. O(bytes): one copy."""
         blocks = result["blocks"]
         nb, bt, lay = len(blocks), self.block_tokens, self.layout
-        out = torch.empty(lay.kv_shape(nb * bt), dtype=lay.dtype)
+        out = fresh_memory(nb * bt * lay.kv_bytes_per_token).view(lay.dtype).view(lay.kv_shape(nb * bt))
         out6 = self._block_rows(out, nb)
         want = from_wire(result["sums"], nb)
         got = self._copy(self._seg_jobs(blocks, as_u8(out6), range(nb)), hash_dst=True)

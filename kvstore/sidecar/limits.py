@@ -28,7 +28,6 @@ import errno
 import fcntl
 import hashlib
 import logging
-import mmap
 import os
 from pathlib import Path
 import threading
@@ -36,6 +35,7 @@ from typing import Any
 
 import torch
 
+from allocator.shm import fresh_memory
 from kvstore.errors import BusyError, CapacityError, ConfigError
 from kvstore.sidecar.procinfo import owner_alive
 
@@ -234,13 +234,11 @@ class ReplyBudget:
 
 def reply_buffer(nbytes: int) -> torch.Tensor:
     """``nbytes`` of fresh memory for one reply, as a uint8 tensor, in an anonymous mapping of
-    its own: unmapped (given back to the OS) as soon as the last reference goes -- when
-    ZeroMQ lets go of the frame. From malloc, a freed 16 MiB reply stays in a thread's arena
-    (glibc raises its mmap threshold after such frees), so RSS would keep what the budget
-    already released. O(1) plus the page faults of the first write."""
-    if nbytes <= 0:
-        return torch.empty(0, dtype=torch.uint8)
-    return torch.frombuffer(mmap.mmap(-1, nbytes), dtype=torch.uint8)
+    its own (:func:`allocator.shm.fresh_memory`): unmapped (given back to the OS) as soon as
+    the last reference goes -- when ZeroMQ lets go of the frame. From malloc, a freed 16 MiB
+    reply stays in a thread's arena (glibc raises its mmap threshold after such frees), so
+    RSS would keep what the budget already released. O(nbytes)."""
+    return fresh_memory(nbytes)
 
 
 def _mapped_paths(pid: int) -> set[str] | None:
