@@ -189,7 +189,9 @@ class RemoteClient:
         self._rows: list[torch.Tensor] = []  # mapped shared segments as [slots, L, 2, bt, H, D]
         self._rows_u8: list[np.ndarray] = []  # the same as uint8 numpy views (what the copies use)
         self._writing: set[int] = set()  # staged slots a put in progress is writing (not free)
-        self._bounce: torch.Tensor | None = None  # reusable host rows, only where a bounce is unavoidable
+        # reusable host rows, only where a bounce is unavoidable: one per thread that needs one
+        # (the save thread and the caller's may copy at once)
+        self._bounces: dict[int, torch.Tensor] = {}
         self._saver = AsyncSaver()  # put_async / save_from_async, in submission order
         self._gpu_pools: dict[tuple, int] = {}  # registered CUDA pools (their tensors' identity) -> sidecar id
         self._idents: list[int] = []  # identity of each mapped segment (the server's generation)
@@ -405,14 +407,16 @@ class RemoteClient:
     def _bounce_rows(self, nb: int) -> torch.Tensor:
         """``nb`` rows of this client's reusable host buffer (pinned on CUDA hosts): where
         blocks of a GPU tensor land before they are copied into shared memory, or after they
-        are read from it -- one buffer for the client's life, grown when a call needs more.
+        are read from it -- one buffer per calling thread for the client's life, grown when
+        a call needs more.
         Only used when a bounce is unavoidable (GPU memory or an odd layout)."""
         lay, bt = self.layout, self.block_tokens
-        if self._bounce is None or self._bounce.shape[0] < nb:
+        me = threading.get_ident()
+        buf = self._bounces.get(me)
+        if buf is None or buf.shape[0] < nb:
             shape = (nb, lay.num_layers, 2, bt, lay.num_kv_heads, lay.head_dim)
-            pin = torch.cuda.is_available()
-            self._bounce = torch.empty(shape, dtype=lay.dtype, pin_memory=pin)
-        return self._bounce[:nb]
+            buf = self._bounces[me] = torch.empty(shape, dtype=lay.dtype, pin_memory=torch.cuda.is_available())
+        return buf[:nb]
 
     def _host_rows(self, rows: torch.Tensor) -> np.ndarray:
         """``rows`` (blocks, any device) as uint8 numpy rows on the host: a view when they are
