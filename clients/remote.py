@@ -1,14 +1,20 @@
 """``RemoteClient``: the client interface over the sidecar (ZeroMQ DEALER, msgpack).
 
 Data plane: when the sidecar is on this host (its host id matches ours and its shared
-arenas can be mapped), ``get`` copies KV straight out of the shared host tier into the
-result (one copy) and ``put`` copies it straight in (one copy): the sidecar only moves slot
-numbers (see :mod:`kvstore.sidecar.shm_plane`). A put writes into slots this client holds
-staged ahead of time and sends one ``put_shm`` (one round trip; the reply tops the staged
-slots up), with the xxh3 of each block hashed from our own KV beside the copy. A get copies
-the leased slots out, verifies the copy against the checksums in the reply (a block that
-fails is reported and raises ``BlockNotFoundError``, never returns other bytes) and sends
-its ``release`` without waiting for the answer. Every reply that names slots names the
+arenas can be mapped), ``get``/``load_into`` copy KV straight out of the shared host tier
+into the result or the engine's pool rows (one copy) and ``put``/``save_from`` copy it
+straight in from the caller's KV or pool rows (one copy): the sidecar only moves slot
+numbers (see :mod:`kvstore.sidecar.shm_plane`). Every such copy is split over the cores in
+512 KiB pieces, each hashed (xxh3) right after its copy while it is in the cache
+(:func:`allocator.checksum.copy_digests`): a put records the hash of its own source, a read
+verifies its own copy. A put writes into slots this client holds staged ahead of time and
+sends one ``put_shm`` (one round trip; the reply tops the staged slots up); the copy runs
+outside the client's lock (``put_async``/``save_from_async`` on the save thread never hold
+up the caller's loads). A read checks its copy against the checksums in the reply (a block
+that fails is reported to the sidecar, which drops it, and is never returned as other
+bytes: ``get`` raises ``BlockNotFoundError``, ``load_into`` names its pool block) and sends
+its ``release`` without waiting for the answer. A CUDA pool registered with
+:meth:`RemoteClient.register_pool` is reached by the sidecar itself through CUDA IPC. Every reply that names slots names the
 arenas' identity; a mismatch with our mapping (the sidecar restarted) makes us map again
 and redo the call, never write into an arena nobody reads. Otherwise, or when the shared
 tier cannot serve a request (blocks on disk, no room), KV travels as raw ZeroMQ frames,
