@@ -85,6 +85,7 @@ def test_unread_large_replies_are_bounded_in_bytes(tmp_path):
             assert r["refused"] >= 50, r  # most were answered busy (without a budget: none)
             assert r["queued_bytes"] <= budget and r["peak_bytes"] <= budget, r
             assert grown < budget + 32 * MiB, f"{r} 100 unread 16 MiB replies grew the sidecar by {grown / MiB:.0f} MiB"
+            print(f"\nunread replies: the sidecar grew by {grown / MiB:.0f} MiB (bound {budget / MiB:.0f} MiB); {r}")
             # a peer that does read is served meanwhile (its own budget)
             assert call(s, "get", {"ns": "big", "tokens": tokens})["ok"]
         finally:
