@@ -78,6 +78,11 @@ from kvstore.sidecar.protocol import RemoteError, StaleArenaError
 from kvstore.sidecar.security import CurveKeys, apply_client_curve, load_keys
 from kvstore.sidecar.server import host_id
 
+#: results at least this large go into a populated mapping of their own (glibc's malloc maps
+#: fresh, unpopulated pages for them anyway: its mmap threshold tops out at 32 MiB); smaller
+#: ones come from malloc, which may reuse memory already faulted in
+_FRESH_MAPPING_BYTES = 32 << 20
+
 #: seconds a call may take by default, retries included
 DEFAULT_TIMEOUT_S = 5.0
 #: seconds the first ``hello`` may take by default (nothing listening fails this fast)
@@ -832,7 +837,11 @@ class RemoteClient:
         block's bytes changed after they were written. O(bytes): one copy."""
         blocks = result["blocks"]
         nb, bt, lay = len(blocks), self.block_tokens, self.layout
-        out = fresh_memory(nb * bt * lay.kv_bytes_per_token).view(lay.dtype).view(lay.kv_shape(nb * bt))
+        nbytes = nb * bt * lay.kv_bytes_per_token
+        if nbytes >= _FRESH_MAPPING_BYTES:  # malloc would map fresh pages too: populate them at once
+            out = fresh_memory(nbytes).view(lay.dtype).view(lay.kv_shape(nb * bt))
+        else:  # malloc may hand back warm memory a previous result freed
+            out = torch.empty(lay.kv_shape(nb * bt), dtype=lay.dtype)
         out6 = self._block_rows(out, nb)
         want = from_wire(result["sums"], nb)
         got = self._copy(self._seg_jobs(blocks, as_u8(out6), range(nb)), hash_dst=True)
