@@ -9,9 +9,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from clients import BlockLoadError, connect
+from clients import BlockLoadError, LoadResult, connect
 from kvstore import BlockNotFoundError, InvalidInputError
-from tests.clients.conftest import BT
+from tests.clients.conftest import BT, KINDS
 from tests.clients.test_shm_integrity import _scribble, _server, _slots_of
 from tests.kvstore.test_datapath import blocks_of, make_kv, pool_blocks, pools
 
@@ -197,3 +197,26 @@ def test_a_sidecar_restart_under_a_live_pool_client(tmp_path, layout, device):
         a.close()
         b.close()
         srv.stop(timeout=10)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_load_into_reports_alike_on_every_client_kind(make_client, layout, kind, device):
+    """``on_error`` has one meaning everywhere: a miss raises by default, and in "report" mode
+    returns a ``LoadResult`` of 0 tokens naming every pool block asked for (none written)."""
+    c = make_client(kind)
+    kv = make_kv(layout, 2 * BT, 4, device)
+    c.put(list(range(2 * BT)), kv)
+    pool = pools(layout, 5, device)["xlayer"]
+    ok = c.load_into(list(range(2 * BT)), pool, [4, 2], on_error="report")
+    assert isinstance(ok, LoadResult) and ok == 2 * BT and ok.ok and ok.failed_block_ids == ()
+    assert torch.equal(pool_blocks(pool, [4, 2]), blocks_of(kv))
+    fresh = pools(layout, 5, device)["xlayer"]
+    miss = list(range(3 * BT))
+    res = c.load_into(miss, fresh, [0, 3, 1], on_error="report")
+    assert int(res) == 0 and res.failed_block_ids == (0, 3, 1) and res.failed_positions == (0, 1, 2)
+    assert _untouched(fresh)
+    with pytest.raises(BlockNotFoundError):
+        c.load_into(miss, fresh, [0, 3, 1])
+    with pytest.raises(InvalidInputError, match="on_error"):
+        c.load_into(list(range(2 * BT)), fresh, [0, 1], on_error="ignore")
+    assert _untouched(fresh)

@@ -124,3 +124,14 @@ def test_reply_budgets_are_validated_at_start():
                                                                  max_reply_bytes_per_peer=2 * MiB)).bind()
     with pytest.raises(ConfigError, match="max_reply_bytes must be a positive int"):
         SidecarServer("tcp://127.0.0.1:*", options=ServerOptions(max_reply_bytes=0)).bind()
+
+
+def test_the_budgets_are_flags_checked_before_anything_starts(tmp_path):
+    bad = subprocess.run([sys.executable, "-m", "kvstore", "serve", "--check", "--endpoint", f"ipc://{tmp_path}/s.sock",
+                          "--max-reply-bytes", "1M", "--max-reply-bytes-per-peer", "2M"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "max_reply_bytes_per_peer" in bad.stderr, bad.stderr[-500:]
+    good = subprocess.run([sys.executable, "-m", "kvstore", "serve", "--check", "--endpoint", f"ipc://{tmp_path}/s.sock",
+                           "--max-reply-bytes", "64M", "--max-reply-bytes-per-peer", "16M"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert good.returncode == 0, good.stderr[-500:]
