@@ -72,6 +72,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port")
     parser.add_argument("--metrics-addr", default="127.0.0.1", help="address for the metrics endpoint")
     parser.add_argument("--max-tokens", type=int, default=1 << 20, help="tokens one request may name")
+    parser.add_argument("--max-reply-bytes", type=_size, default=1 << 30,
+                        help="bytes of replies not yet read by their peers the sidecar holds in all (beyond: busy)")
+    parser.add_argument("--max-reply-bytes-per-peer", type=_size, default=256 << 20,
+                        help="the same for one connection")
     parser.add_argument("--max-inflight", type=int, default=64,
                         help="requests one connection may have queued or running (more get a busy error)")
     parser.add_argument("--curve-secret", default=None,
@@ -104,7 +108,9 @@ def build(args: argparse.Namespace):
                             max_inflight_per_client=args.max_inflight, curve_secret=args.curve_secret,
                             curve_allow=args.curve_allow, insecure_allow_remote=args.insecure_allow_remote,
                             max_slots_per_namespace=args.max_slots_per_namespace,
-                            max_namespaces_per_key=args.max_namespaces_per_key, max_claims_per_client=args.max_claims)
+                            max_namespaces_per_key=args.max_namespaces_per_key, max_claims_per_client=args.max_claims,
+                            max_reply_bytes=args.max_reply_bytes,
+                            max_reply_bytes_per_peer=args.max_reply_bytes_per_peer)
     return args.endpoint, config, options
 
 

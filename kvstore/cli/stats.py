@@ -57,6 +57,10 @@ def _table(stats: dict) -> str:
         ("requests", "requests"), ("errors", "errors"), ("open_claims", "open leases"), ("reclaimed", "reclaimed"),
         ("unauthorised", "unauthorised"), ("busy", "busy")) if key in s)  # a CurveZMQ tenant sees fewer
     lines = [f"sidecar {s['endpoint']}  protocol v{s['version']}  up {s['uptime_s']:.0f} s{counters}"]
+    r = s.get("replies")
+    if r:
+        lines.append(f"unread replies {r['queued_bytes']} B (peak {r['peak_bytes']} B) of at most {r['max_bytes']} B, "
+                     f"{r['max_bytes_per_peer']} B per connection; refused {r['refused']}")
     if "namespace" in stats:
         namespaces = {stats["namespace"]["namespace"]: stats["namespace"]}
     else:
