@@ -139,7 +139,7 @@ class KVStore:
                     config.remote_url, layout_desc=repr(sorted(self.layout.to_dict().items())),
                     block_tokens=self.block_tokens, block_shape=self._block_shape, dtype=self.layout.dtype,
                     write=config.remote_write, ttl_s=config.remote_ttl_s, deadline_s=config.remote_deadline_s,
-                    queue_bytes=config.remote_queue_bytes, clock=clock)
+                    queue_bytes=config.remote_queue_bytes, drain_s=config.remote_drain_s, clock=clock)
             except BaseException:  # e.g. a wrong password: release the local tiers built so far
                 self.close()
                 raise

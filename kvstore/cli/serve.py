@@ -48,6 +48,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--remote-ttl", type=float, default=None, help="seconds remote blocks live (default: forever)")
     parser.add_argument("--remote-deadline", type=float, default=None,
                         help="seconds a remote call may take before its blocks count as misses")
+    parser.add_argument("--remote-queue-bytes", type=_size, default=None,
+                        help="write-behind queue bound (beyond it, puts' remote writes are dropped and counted)")
+    parser.add_argument("--remote-drain", type=float, default=None,
+                        help="seconds SIGTERM waits for the write-behind queue to reach Redis before exit "
+                             "(what is still queued then is dropped and counted)")
     parser.add_argument("--workers", type=int, default=4, help="threads serving blocking requests")
     parser.add_argument("--lease-timeout", type=float, default=30.0,
                         help="seconds after which a client's unreleased lease/reservation is reclaimed")
@@ -89,7 +94,8 @@ def build(args: argparse.Namespace):
     overrides = {"device_bytes": args.device_bytes, "host_bytes": args.host_bytes, "disk_bytes": args.disk_bytes,
                  "disk_path": args.disk_path, "policy": args.policy, "fsync": args.fsync, "persist": args.persist,
                  "device": args.device, "remote_url": args.remote_url, "remote_write": args.remote_write,
-                 "remote_ttl_s": args.remote_ttl, "remote_deadline_s": args.remote_deadline}
+                 "remote_ttl_s": args.remote_ttl, "remote_deadline_s": args.remote_deadline,
+                 "remote_queue_bytes": args.remote_queue_bytes, "remote_drain_s": args.remote_drain}
     if args.config:
         config = StoreConfig.from_toml(args.config, **overrides)
     else:

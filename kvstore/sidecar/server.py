@@ -234,7 +234,9 @@ class _StoreCollector:
         cap = GaugeMetricFamily("kvstore_tier_capacity_bytes", "capacity per tier", labels=["namespace", "tier"])
         claims = GaugeMetricFamily("kvstore_open_claims", "leases and reservations held by clients")
         remote = {name: CounterMetricFamily(f"kvstore_remote_{name}", f"remote tier: {name}", labels=["namespace"])
-                  for name in ("hit_blocks", "miss_blocks", "written_blocks", "errors", "timeouts")}
+                  for name in ("hit_blocks", "miss_blocks", "written_blocks", "errors", "timeouts",
+                               "dropped_unsent_blocks", "refilled_blocks", "wrong_type_blocks", "pool_timeouts",
+                               "denied")}
         remote_queued = GaugeMetricFamily("kvstore_remote_queued_blocks", "remote write-behind queue",
                                           labels=["namespace"])
         remote_degraded = GaugeMetricFamily("kvstore_remote_degraded", "1 while a remote shard is failing",
