@@ -356,7 +356,11 @@ class _Watchdog:
                     entry[2] = True
                     sock = getattr(entry[0], "_sock", None)  # redis-py's socket of this connection
                     if sock is not None:
-                        try:  # the plain socket's shutdown: an SSL wrapper's would drop its state under a reader
+                        try:
+                            # linger 0: the close that follows (redis-py disconnects) resets the
+                            # connection, discarding what the kernel still queues to send
+                            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                            # the plain socket's shutdown: an SSL wrapper's would drop its state under a reader
                             socket.socket.shutdown(sock, socket.SHUT_RDWR)
                         except OSError:
                             pass
@@ -675,6 +679,8 @@ class RemoteBackend:
         out: list[Any] = [_UNANSWERED] * len(keys)
         self._calls.abandoned = False
         self._calls.unanswered = ()
+        denied: list[int] = []
+        self._calls.denied = denied
         if not keys or self._closed:
             return out
         if deadline_at is None:
@@ -714,6 +720,7 @@ class RemoteBackend:
                 for r in mine:
                     if isinstance(r, redis.exceptions.NoPermissionError):
                         self._denied(name, str(r).split("'")[1] if "'" in str(r) else "command", r)
+                        denied.append(i)
                         answered = False
                     elif isinstance(r, redis.exceptions.AskError):  # MOVED too: the slot map changed
                         moved, answered = r, False
@@ -765,6 +772,11 @@ class RemoteBackend:
         for i in unanswered:
             out[i] = miss
         return out
+
+    def denied(self) -> Sequence[int]:
+        """Positions of this thread's last batch that the server refused for our ACL user
+        (``NOPERM``): answered, and no retry will change it."""
+        return getattr(self._calls, "denied", ())
 
     def unanswered(self) -> Sequence[int]:
         """Positions of this thread's last batch whose shard did not answer (down, hung,

@@ -42,10 +42,18 @@ KEY_PREFIX = b"kvs1:"
 VIEW_LIMIT = 1 << 20
 #: a write-behind batch sends at most this many blocks in one round trip per shard
 WRITE_BATCH = 256
-#: a write-behind block whose shard did not answer is retried this many times in all
-BEHIND_ATTEMPTS = 3
 #: write-through keeps one send buffer per thread up to this size (larger puts allocate)
 SCRATCH_LIMIT = 256 << 20
+
+
+#: rows of the given positions of a put's keys, or None when they cannot be had any more
+RowsOf = Callable[[list[int]], "torch.Tensor | None"]
+
+
+def _rows(blocks: "torch.Tensor | RowsOf", positions: list[int], n: int) -> "torch.Tensor | None":
+    if callable(blocks):
+        return blocks(positions)
+    return blocks if len(positions) == n else blocks[positions]
 
 
 def layout_fingerprint(layout_desc: str, block_tokens: int, form: int = FORM_KV) -> bytes:
@@ -220,12 +228,15 @@ class RemoteTier:
         return missing, wrong_type
 
     # -- writes ------------------------------------------------------------------------------
-    def put(self, keys: Sequence[bytes], blocks: torch.Tensor) -> int:
+    def put(self, keys: Sequence[bytes], blocks: torch.Tensor | RowsOf) -> int:
         """Write the blocks not in Redis (``blocks[i]`` is ``keys[i]``'s KV block): those
         the view does not know, and those it knows that a check finds gone (flushed,
-        restarted, evicted, expired). Returns how many were written (through) or queued
-        (back). Never raises: a remote failure is counted and logged and costs the caller
-        nothing but the deadline (the local copy of a put never depends on it)."""
+        restarted, evicted, expired). ``blocks`` may instead be a function of the positions
+        needed returning their rows (or None: not available any more), for callers whose
+        bytes are only read when a block must really be sent (a store's deduplicated
+        blocks). Returns how many were written (through) or queued (back). Never raises: a
+        remote failure is counted and logged and costs the caller nothing but the deadline
+        (the local copy of a put never depends on it)."""
         try:
             if self.write == "through":
                 return self._put_through(keys, blocks)
@@ -255,8 +266,11 @@ class RemoteTier:
             todo = sorted(todo + [known[j] for j in missing])
         if not todo:
             return 0
+        rows = _rows(blocks, todo, len(keys))
+        if rows is None:
+            return 0
         new_keys = [keys[i] for i in todo]
-        values = self._encode(new_keys, blocks if len(todo) == len(keys) else blocks[todo], reuse=True)
+        values = self._encode(new_keys, rows, reuse=True)
         return self._send(new_keys, values, deadline_at)
 
     def _put_behind(self, keys: Sequence[bytes], blocks: torch.Tensor) -> int:
@@ -279,7 +293,8 @@ class RemoteTier:
             return 0
         new_keys = [keys[i] for i in fresh]
         try:
-            values = self._encode(new_keys, blocks if len(fresh) == len(keys) else blocks[fresh])
+            rows = _rows(blocks, fresh, len(keys))
+            values = [] if rows is None else self._encode(new_keys, rows)
         except BaseException:
             with self._cv:
                 self._reserved_bytes -= len(fresh) * self.value_bytes
@@ -291,7 +306,7 @@ class RemoteTier:
                 self._queued_keys.add(k)
                 self._queue_bytes += len(v)
             self._cv.notify()
-        return len(fresh)
+        return len(values)
 
     def _send(self, keys: Sequence[bytes], values: Sequence[memoryview], deadline_at: float | None = None) -> int:
         ok = self.backend.set_many([self.redis_key(k) for k in keys], values, self.ttl_s, deadline_at=deadline_at)
@@ -305,10 +320,12 @@ class RemoteTier:
         return len(done)
 
     def _drain(self) -> None:
-        """The write-behind thread: sends batches (checks first), retries a batch its shard
-        did not answer up to ``BEHIND_ATTEMPTS`` times (waiting out the shard's backoff,
-        halving the batch: a slow link still gets whole blocks through), then drops and
-        counts what is left. Exits once stopped and empty."""
+        """The write-behind thread: sends batches (checks first). A batch its shard did not
+        answer (down, hung, too slow) goes back to the head of the queue and is retried
+        after the shard's backoff, halved (a slow link still gets whole blocks through
+        within the deadline): queued blocks wait out an outage, bounded by the queue's
+        bytes, until Redis answers or :meth:`close`'s grace period ends. A write the server
+        refuses (``NOPERM``) is dropped and counted. Exits once stopped and empty."""
         while True:
             with self._cv:
                 while not self._queue and not self._stop:
@@ -317,36 +334,43 @@ class RemoteTier:
                     return
                 batch = [self._queue.popleft() for _ in range(min(self._batch, len(self._queue)))]
                 self._inflight = len(batch)
-            failed: list[tuple[bytes, memoryview | None, int]] = []
+            retry: list[tuple[bytes, memoryview | None, int]] = []
+            lost = 0
             try:
-                failed = self._send_batch(batch)
+                retry, lost = self._send_batch(batch)
             except Exception:  # noqa: BLE001 - the writer must outlive any one failure
                 log.exception("remote write-behind batch failed")
-            retry = [(k, v, n + 1) for k, v, n in failed if v is not None and n + 1 < BEHIND_ATTEMPTS]
-            lost = sum(1 for _, v, n in failed if v is not None and n + 1 >= BEHIND_ATTEMPTS)
-            retry_keys = {r[0] for r in retry}
+            retry_keys = {e[0] for e in retry}
             with self._cv:
-                self._batch = max(1, self._batch // 2) if failed else min(WRITE_BATCH, self._batch * 2)
+                self._batch = max(1, self._batch // 2) if retry else min(WRITE_BATCH, self._batch * 2)
                 for k, v, _ in batch:
                     if k not in retry_keys:
                         self._queued_keys.discard(k)
                         self._queue_bytes -= 0 if v is None else len(v)
-                self._queue.extendleft(reversed(retry))
+                if self._stop:  # closing and the grace period is over: what failed now is dropped
+                    self.counters["close_dropped_blocks"] += sum(1 for e in retry if e[1] is not None)
+                    for k, v, _ in retry:
+                        self._queued_keys.discard(k)
+                        self._queue_bytes -= 0 if v is None else len(v)
+                    retry = []
+                self._queue.extendleft(reversed([(k, v, n + 1) for k, v, n in retry]))
                 self.counters["behind_failed_blocks"] += lost
                 self._inflight = 0
                 self._cv.notify_all()
-                if retry and not self._stop:  # wait out the shard's backoff (a flush or close wakes us)
+                if retry and not self._stop:  # wait out the shard's backoff (a close wakes us)
                     self._cv.wait(min(1.0, max(0.01, self.backend.retry_in_s())))
             if lost:
-                log.error("remote write-behind: %d acknowledged block(s) dropped unsent after %d attempts",
-                          lost, BEHIND_ATTEMPTS)
+                log.error("remote write-behind: %d acknowledged block(s) refused by the server (NOPERM): "
+                          "dropped unsent", lost)
 
-    def _send_batch(self, batch: Sequence[tuple[bytes, memoryview | None, int]]) -> list:
-        """One write-behind batch: checks of known blocks (missing ones leave the view), then
-        the writes. Returns the entries whose shard did not answer."""
-        failed = []
+    def _send_batch(self, batch: Sequence[tuple[bytes, memoryview | None, int]]) -> tuple[list, int]:
+        """One write-behind batch: checks of known blocks (missing ones leave the view, so
+        the next put resends them), then the writes. Returns the entries to retry (their
+        shard did not answer) and how many writes the server refused."""
         checks = [e for e in batch if e[1] is None]
         writes = [e for e in batch if e[1] is not None]
+        retry: list = []
+        refused = 0
         if checks:
             lengths = self.backend.strlen_many([self.redis_key(e[0]) for e in checks], self.ttl_s)
             missing, wrong = self._classify([e[0] for e in checks], lengths)
@@ -357,13 +381,15 @@ class RemoteTier:
         if writes:
             keys = [e[0] for e in writes]
             ok = self.backend.set_many([self.redis_key(k) for k in keys], [e[1] for e in writes], self.ttl_s)
+            denied = set(self.backend.denied())
             done = [k for k, good in zip(keys, ok) if good]
             self._remember(done)
-            failed = [e for e, good in zip(writes, ok) if not good]
+            refused = len(denied)
+            retry = [e for j, (e, good) in enumerate(zip(writes, ok)) if not good and j not in denied]
             with self._lock:
                 self.counters["written_blocks"] += len(done)
-                self.counters["write_failed_blocks"] += len(failed)
-        return failed
+                self.counters["write_failed_blocks"] += len(writes) - len(done)
+        return retry, refused
 
     def flush(self, timeout_s: float | None = None) -> bool:
         """Wait until the write-behind queue is empty (True) or ``timeout_s`` passes (False)."""
