@@ -53,9 +53,14 @@ def test_single_node_get_and_put_hold_the_deadline_under_a_slow_link(server, see
         with make_store(f"redis://127.0.0.1:{link.port}", remote_deadline_s=deadline,
                             host_bytes=256 * BLOCK_BYTES) as slow:
             t0 = time.monotonic()
-            with pytest.raises(BlockNotFoundError):
+            try:
                 slow.get(tokens)
+                got = True
+            except BlockNotFoundError:
+                got = False
             took_get = time.monotonic() - t0
+            assert took_get < 1.5 * deadline, f"get took {took_get:.2f}s for a {deadline}s deadline"
+            assert not got  # 4 s of bytes cannot arrive within 1 s
             more, more_kv = sequence(seed + 1, 64)
             time.sleep(0.3)  # past the backoff the timeout started: the put really tries the link
             t0 = time.monotonic()
@@ -150,19 +155,22 @@ def test_the_next_put_refills_what_redis_lost(event, seed):
                 s.restart()  # same port, nothing persisted
             else:  # LRU: other data pushes our blocks out
                 r = s.client()
-                for i in range(20000):
-                    r.set(f"junk:{i}", b"x" * 1024)
-                    if i % 500 == 0 and not any(r.exists(k) for k in keys):
+                for i in range(400):  # up to 400 x 500 x 1 KiB of other data through a 4 MiB Redis
+                    pipe = r.pipeline(transaction=False)
+                    for j in range(500):
+                        pipe.set(f"junk:{i}:{j}", b"x" * 1024)
+                    pipe.execute()
+                    if not any(r.exists(k) for k in keys):
                         break
             assert not any(s.client().exists(k) for k in keys), "the blocks were not lost"
             checks_before = writer.stats()["remote"]["round_trips"]
             assert writer.put(tokens, kv) == len(tokens)
+            with make_store(s.url) as peer:
+                assert peer.lookup(tokens) == len(tokens)
+                assert same_bytes(peer.get(tokens), kv)
             st = writer.stats()["remote"]
-            assert st["refilled_blocks"] == 8 and st["written_blocks"] == 16
+            assert st["written_blocks"] == 16 and st["refilled_blocks"] == 8
             assert st["round_trips"] - checks_before == 2  # one check, one write
-        with make_store(s.url) as peer:
-            assert peer.lookup(tokens) == len(tokens)
-            assert same_bytes(peer.get(tokens), kv)
     finally:
         s.stop()
 
@@ -270,7 +278,7 @@ def test_a_read_only_user_reads_shared_blocks_and_a_user_without_ping_connects(s
 # -- 4. write-behind durability (embedded) ----------------------------------------------------------
 def test_write_behind_waits_out_an_outage_and_counts_what_close_drops(server, seed):
     tokens, kv = sequence(seed, 8)
-    with make_store(server.url, remote_write="back", remote_deadline_s=0.2, remote_drain_s=3.0) as st:
+    with make_store(server.url, remote_write="back", remote_deadline_s=0.2) as st:
         server.pause()
         try:
             st.put(tokens, kv)
@@ -379,13 +387,16 @@ def test_sidecar_holds_the_deadline_and_heals(server, tmp_path, seed):
         try:
             with sc.client() as c:
                 t0 = time.monotonic()
-                with pytest.raises(Exception) as info:
+                try:
                     c.get(tokens)
+                    got = True
+                except BlockNotFoundError:
+                    got = False
                 took = time.monotonic() - t0
-                assert "not" in str(info.value).lower() or isinstance(info.value, BlockNotFoundError), info.value
         finally:
             sc.stop()
     assert took < 1.5 * deadline, f"a sidecar get took {took:.2f}s for a {deadline}s deadline"
+    assert not got
     other, other_kv = sequence(seed + 1, 8)
     sc = Sidecar(tmp_path, "--remote-url", server.url)
     try:
@@ -393,10 +404,10 @@ def test_sidecar_holds_the_deadline_and_heals(server, tmp_path, seed):
             c.put(other, other_kv)
             server.client().flushall()
             c.put(other, other_kv)  # the sidecar's view is checked: it sends the blocks again
+            with make_store(server.url) as peer:
+                assert peer.lookup(other) == len(other)
+                assert same_bytes(peer.get(other), other_kv)
             assert c.stats()["remote"]["refilled_blocks"] == 8
-        with make_store(server.url) as peer:
-            assert peer.lookup(other) == len(other)
-            assert same_bytes(peer.get(other), other_kv)
     finally:
         sc.stop()
 
@@ -427,8 +438,7 @@ def test_sidecar_counts_dropped_write_behind_blocks(server, tmp_path, seed):
 
 
 def test_sigterm_drains_the_write_behind_queue_within_the_grace_period(server, tmp_path, seed):
-    sc = Sidecar(tmp_path, "--remote-url", server.url, "--remote-write", "back", "--remote-deadline", "0.3",
-                 "--remote-drain", "8")
+    sc = Sidecar(tmp_path, "--remote-url", server.url, "--remote-write", "back", "--remote-deadline", "0.3")
     tokens, kv = sequence(seed, 32)
     server.pause()
     resumed = threading.Timer(2.0, server.resume)
@@ -440,7 +450,7 @@ def test_sigterm_drains_the_write_behind_queue_within_the_grace_period(server, t
         resumed.start()
         assert sc.stop() == 0
         took = time.monotonic() - t0
-        assert 1.5 < took < 8 + 3, took
+        assert 1.5 < took < 5 + 3, took  # the default grace period: 5 s
     finally:
         resumed.join()
         server.resume()
