@@ -128,13 +128,10 @@ class StoreConfig:
             out.append("namespace must be a non-empty string")
         if not isinstance(self.extra, dict):
             out.append(f"extra must be a table, got {type(self.extra).__name__}")
-        from kvstore.remote_tier import check_remote_config
+        from kvstore.remote_tier import remote_config_problems
 
-        try:
-            check_remote_config(self.remote_url, self.remote_write, self.remote_ttl_s, self.remote_deadline_s,
-                                self.remote_queue_bytes, self.remote_drain_s)
-        except ConfigError as exc:
-            out.append(str(exc))
+        out.extend(remote_config_problems(self.remote_url, self.remote_write, self.remote_ttl_s,
+                                          self.remote_deadline_s, self.remote_queue_bytes, self.remote_drain_s))
         return out
 
     def policy_for(self, tier: str) -> str:

@@ -9,12 +9,19 @@ tenants never do; its value is one self-checking record per block
 (:func:`allocator.remote.pack_block`: payload, form, layout fingerprint, checksum).
 
 The *local view* is the set of keys this store knows to be remote (it wrote or saw them);
-it spares re-sending blocks on repeated puts. A lookup or read that finds a block gone
-(Redis evicted it, its TTL ran out, or it was damaged) drops it from the view.
+it spares re-sending bytes on repeated puts, but is never trusted blindly: a put of blocks
+it holds is checked first (one pipelined ``STRLEN`` per shard, with ``PEXPIRE`` when a TTL
+is set: the TTL is refreshed on re-put, not on reads), and blocks Redis lost since (a
+flush, a restart, eviction, expiry) are written again by that put. A lookup or read that
+finds a block gone drops it from the view; a key of another Redis type is deleted and
+counted.
 
 Faults never reach the engine as exceptions: a shard that is down, slow or full makes its
 blocks misses for a backoff period (:class:`allocator.remote.RemoteBackend`), and no call
-waits longer than ``remote_deadline_s``. Only a wrong password, found at start, is an error.
+waits longer than ``remote_deadline_s`` (the whole call: check, pool wait, send, reads).
+Only a wrong password, found at start, is an error. Write-behind durability: queued blocks
+wait out an outage (bounded by the queue's bytes); what a full queue, an ACL refusal or
+the end of the close grace period drops is counted as ``dropped_unsent_blocks``.
 """
 
 from __future__ import annotations
@@ -72,32 +79,40 @@ def _seconds(value: Any) -> bool:
     return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
 
 
-def check_remote_config(url: str | None, write: str, ttl_s: float | None, deadline_s: float,
-                        queue_bytes: int, drain_s: float = 5.0) -> None:
-    """Validate the remote settings when the configuration is built (not at first use):
-    finite, sane ranges, so nothing that passes here can break a put later."""
+def remote_config_problems(url: str | None, write: str, ttl_s: float | None, deadline_s: float,
+                           queue_bytes: int, drain_s: float = 5.0) -> list[str]:
+    """Every mistake in the remote settings, one message each (empty: fine): finite, sane
+    ranges, so nothing that passes here can break a put later. No I/O. O(1)."""
+    out: list[str] = []
     if write not in ("through", "back"):
-        raise ConfigError(f"remote_write must be 'through' or 'back', got {write!r}")
+        out.append(f"remote_write must be 'through' or 'back', got {write!r}")
     if ttl_s is not None:
         try:
             ttl_ms(ttl_s)
         except ValueError:
-            raise ConfigError(f"remote_ttl_s must be None (no expiry) or a finite number of seconds in "
-                              f"[{MIN_TTL_S}, {REDIS_MAX_TTL_S:.3g}] (Redis counts milliseconds), got {ttl_s!r}"
-                              ) from None
+            out.append(f"remote_ttl_s must be None (no expiry) or a finite number of seconds in "
+                       f"[{MIN_TTL_S}, {REDIS_MAX_TTL_S:.3g}] (Redis counts milliseconds), got {ttl_s!r}")
     if not _seconds(deadline_s) or not 0 < deadline_s <= MAX_DEADLINE_S:
-        raise ConfigError(f"remote_deadline_s must be a finite number of seconds in (0, {MAX_DEADLINE_S:g}], "
-                          f"got {deadline_s!r}")
+        out.append(f"remote_deadline_s must be a finite number of seconds in (0, {MAX_DEADLINE_S:g}], "
+                   f"got {deadline_s!r}")
     if not _seconds(drain_s) or not 0 <= drain_s <= MAX_DEADLINE_S:
-        raise ConfigError(f"remote_drain_s must be a finite number of seconds in [0, {MAX_DEADLINE_S:g}], "
-                          f"got {drain_s!r}")
+        out.append(f"remote_drain_s must be a finite number of seconds in [0, {MAX_DEADLINE_S:g}], got {drain_s!r}")
     if isinstance(queue_bytes, bool) or not isinstance(queue_bytes, int) or queue_bytes <= 0:
-        raise ConfigError(f"remote_queue_bytes must be a positive int, got {queue_bytes!r}")
+        out.append(f"remote_queue_bytes must be a positive int, got {queue_bytes!r}")
     if url is not None:
         try:
             parse_remote_url(url)
         except RemoteURLError as exc:
-            raise ConfigError(str(exc)) from None
+            out.append(str(exc))
+    return out
+
+
+def check_remote_config(url: str | None, write: str, ttl_s: float | None, deadline_s: float,
+                        queue_bytes: int, drain_s: float = 5.0) -> None:
+    """Raise :class:`ConfigError` listing every problem :func:`remote_config_problems` finds."""
+    problems = remote_config_problems(url, write, ttl_s, deadline_s, queue_bytes, drain_s)
+    if problems:
+        raise ConfigError(problems[0] if len(problems) == 1 else "; ".join(problems), problems)
 
 
 class RemoteTier:
