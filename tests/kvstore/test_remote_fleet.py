@@ -214,16 +214,25 @@ def test_a_wrong_type_key_is_deleted_counted_and_replaced(server, seed):
 
 
 # -- 3. errors classified ---------------------------------------------------------------------------
-def test_24_threads_on_a_16_connection_pool_never_miss(server, seed):
+@pytest.mark.parametrize("topology", ["single", "cluster"])
+def test_24_threads_on_a_16_connection_pool_never_miss(topology, request, seed):
     """24 threads on one store, each reading prompts only Redis holds (every lookup and
-    get is a remote round trip): the 16-connection pool makes them wait, never miss."""
+    get is a remote round trip): the 16-connection pool (per shard) makes them wait,
+    never miss."""
+    if topology == "single":
+        url = request.getfixturevalue("server").url
+    else:
+        procs = request.getfixturevalue("redis_cluster_procs")
+        for n in procs.nodes:
+            n.client().flushall()
+        url = procs.url
     seqs = [[sequence(seed * 1000 + t * 100 + i, 4) for i in range(15)] for t in range(24)]
-    with make_store(server.url, host_bytes=16 * BLOCK_BYTES) as writer:
+    with make_store(url, host_bytes=16 * BLOCK_BYTES) as writer:
         for mine in seqs:
             for tokens, kv in mine:
                 writer.put(tokens, kv)
     errors: list[str] = []
-    with make_store(server.url, host_bytes=2048 * BLOCK_BYTES) as reader:  # keeps all: no local races
+    with make_store(url, host_bytes=2048 * BLOCK_BYTES) as reader:  # keeps all: no local races
         barrier = threading.Barrier(24)
 
         def work(t: int) -> None:
