@@ -332,11 +332,13 @@ class _Watchdog:
         entry = [conn, False, False]  # connection, disarmed, fired
         with self._cv:
             self._seq += 1
+            sooner = not self._heap or at < self._heap[0][0]
             heapq.heappush(self._heap, (at, self._seq, entry))
             if self._thread is None and not self._closed:
                 self._thread = threading.Thread(target=self._loop, name="kvstore-remote-deadline", daemon=True)
                 self._thread.start()
-            self._cv.notify()
+            if sooner:  # else the thread already wakes up in time for it (no wake-up per call)
+                self._cv.notify()
         return entry
 
     def disarm(self, entry: list) -> bool:
