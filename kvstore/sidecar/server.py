@@ -554,8 +554,14 @@ class SidecarServer:
             self._claims_of.clear()
         for c in claims:
             self._drop_claim(c)
-        for ns in self.namespaces():
-            ns.store.close()
+        # concurrently: each store's remote write-behind queue drains within its own grace
+        # period (remote_drain_s), not one namespace after another
+        closers = [threading.Thread(target=ns.store.close, name=f"kvs-close-{i}")
+                   for i, ns in enumerate(self.namespaces())]
+        for t in closers:
+            t.start()
+        for t in closers:
+            t.join()
         with self._push_lock:
             for s in self._push_sockets:
                 s.close(0)

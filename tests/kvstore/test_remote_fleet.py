@@ -467,3 +467,25 @@ def test_sigterm_drains_the_write_behind_queue_within_the_grace_period(server, t
     with make_store(server.url) as peer:
         assert peer.lookup(tokens) == len(tokens)
         assert same_bytes(peer.get(tokens), kv)
+
+
+def test_sigterm_grace_is_per_sidecar_not_per_namespace(server, tmp_path, seed):
+    """Two namespaces with queued blocks and Redis hung: SIGTERM waits one grace period
+    (the namespaces drain side by side), then drops and reports each one's queue."""
+    grace = 2.0
+    sc = Sidecar(tmp_path, "--remote-url", server.url, "--remote-write", "back", "--remote-deadline", "0.2",
+                 "--remote-drain", str(grace))
+    server.pause()
+    try:
+        for ns in ("a", "b"):
+            tokens, kv = sequence(seed + ord(ns), 4)
+            with sc.client(ns) as c:
+                assert c.put(tokens, kv) == len(tokens)
+        t0 = time.monotonic()
+        assert sc.stop() == 0
+        took = time.monotonic() - t0
+        assert grace <= took < 1.75 * grace, took
+        assert sc.text().count("4 queued block(s) dropped unsent at close") == 2, sc.text()[-2000:]
+    finally:
+        server.resume()
+        sc.stop()
