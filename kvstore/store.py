@@ -1094,8 +1094,10 @@ class KVStore:
         """As ``put`` does for every block: the blocks a client's put found already cached
         (so it sent no bytes for them) get the remote tier's check too, and those Redis lost
         are refilled from the local copy. No lock held (a network round trip)."""
+        if self._remote is None:
+            return
         held = [keys[i] for i, e in enumerate(present) if e is not None]
-        if self._remote is not None and held:
+        if held:
             self._remote.put(held, lambda pos: self._local_rows([held[i] for i in pos]))
 
     def _local_rows(self, keys: list[bytes]) -> torch.Tensor | None:
