@@ -538,14 +538,18 @@ class RemoteTier:
             grace = self.drain_s if flush_timeout_s is None else flush_timeout_s
             drained = self.flush(grace)
             with self._cv:
+                before = self.counters["close_dropped_blocks"]
                 self._stop = True
-                dropped = sum(1 for e in self._queue if e[1] is not None)
-                self.counters["close_dropped_blocks"] += dropped
+                self.counters["close_dropped_blocks"] += sum(1 for e in self._queue if e[1] is not None)
+                for k, v, _ in self._queue:  # (a batch in flight keeps its keys and bytes until it ends)
+                    self._queued_keys.discard(k)
+                    self._queue_bytes -= 0 if v is None else len(v)
                 self._queue.clear()
-                self._queued_keys.clear()
-                self._queue_bytes = 0
                 self._cv.notify_all()
+            # a batch in flight ends by its deadline; if it fails, the writer counts it as dropped
             self._writer.join(self.backend.deadline_s * 2 + 1)
+            with self._cv:
+                dropped = self.counters["close_dropped_blocks"] - before
             if dropped or not drained:
                 log.error("remote write-behind: %d queued block(s) dropped unsent at close (grace %.1f s)",
                           dropped, grace)

@@ -489,3 +489,20 @@ def test_sigterm_grace_is_per_sidecar_not_per_namespace(server, tmp_path, seed):
     finally:
         server.resume()
         sc.stop()
+
+
+def test_close_during_an_in_flight_batch_counts_it_and_leaves_no_bytes_behind(server, seed):
+    """The writer holds a batch when close's grace period ends: that batch is counted
+    as dropped too, and the queue's accounting ends at zero, not below."""
+    tokens, kv = sequence(seed, 6)
+    store = make_store(server.url, remote_write="back", remote_deadline_s=0.5, remote_drain_s=0.2)
+    server.pause()
+    try:
+        store.put(tokens, kv)
+        time.sleep(0.05)  # the writer has taken the batch and waits on the hung server
+        store.close()
+        r = store._remote.stats()
+        assert r["close_dropped_blocks"] == 6 and r["dropped_unsent_blocks"] == 6, r
+        assert r["queued_bytes"] == 0 and r["queued_blocks"] == 0, r
+    finally:
+        server.resume()
