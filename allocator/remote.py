@@ -296,6 +296,7 @@ def _deadline_pool_class():
 
         def get_connection_within(self, seconds: float) -> Any:
             self._left.s = max(0.0, seconds)
+            self._left.until = time.monotonic() + self._left.s
             try:
                 return self.get_connection()
             except redis.ConnectionError as exc:
@@ -303,7 +304,25 @@ def _deadline_pool_class():
                     raise _PoolWaitExpired(str(exc)) from None
                 raise
             finally:
-                del self._left.s
+                del self._left.s, self._left.until
+
+        def ensure_connection(self, connection: Any) -> None:
+            """A connection opened inside a call (connect, then the HELLO/AUTH handshake)
+            gets only the time that call has left, per socket operation."""
+            until = getattr(self._left, "until", None)
+            if until is None or getattr(connection, "_sock", None) is not None:
+                return super().ensure_connection(connection)
+            left = max(0.001, until - time.monotonic())
+            saved = connection.socket_connect_timeout, connection.socket_timeout
+            connection.socket_connect_timeout = min(saved[0] or left, left)
+            connection.socket_timeout = min(saved[1] or left, left)
+            try:
+                super().ensure_connection(connection)
+            finally:
+                connection.socket_connect_timeout, connection.socket_timeout = saved
+                sock = getattr(connection, "_sock", None)
+                if sock is not None:
+                    sock.settimeout(saved[1])
 
     return DeadlinePool
 

@@ -161,8 +161,19 @@ def run(args: argparse.Namespace) -> int:
         print(f"kvstore serve: {exc}", file=sys.stderr)
         return 2
 
+    stopping = []
+
     def on_signal(signum, _frame):
-        log.warning("received %s: finishing in-flight requests", signal.Signals(signum).name)
+        # Once only: a second signal can land while the first handler is inside
+        # Event.set() (its lock is not re-entrant), which deadlocked the process.
+        if stopping:
+            log.warning("received %s again: already stopping (write-behind queues drain for up to "
+                        "remote_drain_s = %s s)", signal.Signals(signum).name, config.remote_drain_s)
+            return
+        stopping.append(signum)
+        drain = (f", then draining write-behind queues for up to {config.remote_drain_s} s"
+                 if config.remote_url and config.remote_write == "back" else "")
+        log.warning("received %s: finishing in-flight requests%s", signal.Signals(signum).name, drain)
         server.request_stop()
 
     signal.signal(signal.SIGTERM, on_signal)

@@ -356,7 +356,8 @@ class Sidecar:
         self.proc = subprocess.Popen([sys.executable, "-m", "kvstore", "serve", "--endpoint", self.endpoint,
                                       "--device-bytes", "0", "--host-bytes", "16MiB", "--device", "cpu",
                                       "--shm-dir", str(tmp / "shm"), *extra, *args],
-                                     cwd=ROOT, stderr=self.log, stdout=subprocess.DEVNULL)
+                                     cwd=ROOT, stderr=self.log, stdout=subprocess.DEVNULL,
+                                     env={**os.environ, "PYTHONFAULTHANDLER": "1"})  # SIGABRT: stacks
         end = time.monotonic() + 60
         while "serving on" not in self.text():
             assert self.proc.poll() is None, self.text()
@@ -379,6 +380,10 @@ class Sidecar:
             self.proc.send_signal(sig)
         try:
             return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.send_signal(signal.SIGABRT)  # its threads' stacks land in the log
+            self.proc.wait(10)
+            raise AssertionError(f"kvstore serve did not exit within {timeout}s:\n{self.text()[-8000:]}") from None
         finally:
             if self.proc.poll() is None:
                 self.proc.kill()
@@ -506,3 +511,4 @@ def test_close_during_an_in_flight_batch_counts_it_and_leaves_no_bytes_behind(se
         assert r["queued_bytes"] == 0 and r["queued_blocks"] == 0, r
     finally:
         server.resume()
+
