@@ -512,3 +512,33 @@ def test_close_during_an_in_flight_batch_counts_it_and_leaves_no_bytes_behind(se
     finally:
         server.resume()
 
+
+
+def test_calls_that_must_open_a_connection_to_a_hung_server_hold_the_deadline(seed):
+    """Three lookups at once against a hung Redis: one takes the pooled connection, the
+    others must open new ones (connect, then an AUTH that never gets an answer);
+    every one of them returns by its deadline."""
+    require_redis()
+    s = RedisServer(password="pw")  # a new connection's first exchange is AUTH
+    try:
+        tokens, kv = sequence(seed, 2)
+        deadline = 1.0
+        with make_store(s.url, remote_deadline_s=deadline) as st:
+            s.pause()
+            barrier = threading.Barrier(3)
+            took: list[float] = []
+
+            def lookup() -> None:
+                barrier.wait()
+                t0 = time.monotonic()
+                st.lookup(tokens)
+                took.append(time.monotonic() - t0)
+
+            threads = [threading.Thread(target=lookup) for _ in range(3)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(30)
+            assert len(took) == 3 and max(took) < 1.5 * deadline, took
+    finally:
+        s.stop()
