@@ -68,9 +68,13 @@ class StoreConfig:
     #: or KVSTORE_REDIS_PASSWORD / KVSTORE_REDIS_USERNAME.
     remote_url: str | None = None
     remote_write: RemoteWriteMode = "through"
-    remote_ttl_s: float | None = None          # per-namespace expiry of remote blocks
-    remote_deadline_s: float = 0.5             # no remote call blocks the caller longer
-    remote_queue_bytes: int = 256 * MiB        # write-behind bound (beyond it, writes are dropped)
+    #: per-namespace expiry of remote blocks, refreshed whenever a store re-puts the block
+    #: (None: no expiry); finite, at least 1 ms, at most Redis' limit
+    remote_ttl_s: float | None = None
+    remote_deadline_s: float = 0.5             # one remote call (all of it) never blocks the caller longer
+    remote_queue_bytes: int = 256 * MiB        # write-behind bound (beyond it, writes are dropped and counted)
+    #: at close (a sidecar's SIGTERM) the write-behind queue drains for at most this long
+    remote_drain_s: float = 5.0
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -125,13 +129,10 @@ class StoreConfig:
             out.append("namespace must be a non-empty string")
         if not isinstance(self.extra, dict):
             out.append(f"extra must be a table, got {type(self.extra).__name__}")
-        from kvstore.remote_tier import check_remote_config
+        from kvstore.remote_tier import remote_config_problems
 
-        try:
-            check_remote_config(self.remote_url, self.remote_write, self.remote_ttl_s, self.remote_deadline_s,
-                                self.remote_queue_bytes)
-        except ConfigError as exc:
-            out.append(str(exc))
+        out.extend(remote_config_problems(self.remote_url, self.remote_write, self.remote_ttl_s,
+                                          self.remote_deadline_s, self.remote_queue_bytes, self.remote_drain_s))
         return out
 
     def policy_for(self, tier: str) -> str:

@@ -50,6 +50,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--remote-ttl", type=float, default=None, help="seconds remote blocks live (default: forever)")
     parser.add_argument("--remote-deadline", type=float, default=None,
                         help="seconds a remote call may take before its blocks count as misses")
+    parser.add_argument("--remote-queue-bytes", type=_size, default=None,
+                        help="write-behind queue bound (beyond it, puts' remote writes are dropped and counted)")
+    parser.add_argument("--remote-drain", type=float, default=None,
+                        help="seconds SIGTERM waits for the write-behind queue to reach Redis before exit "
+                             "(what is still queued then is dropped and counted)")
     parser.add_argument("--workers", type=int, default=4, help="threads serving blocking requests")
     parser.add_argument("--lease-timeout", type=float, default=30.0,
                         help="seconds after which a client's unreleased lease/reservation is reclaimed")
@@ -95,7 +100,8 @@ def build(args: argparse.Namespace):
     overrides = {"device_bytes": args.device_bytes, "host_bytes": args.host_bytes, "disk_bytes": args.disk_bytes,
                  "disk_path": args.disk_path, "policy": args.policy, "fsync": args.fsync, "persist": args.persist,
                  "device": args.device, "remote_url": args.remote_url, "remote_write": args.remote_write,
-                 "remote_ttl_s": args.remote_ttl, "remote_deadline_s": args.remote_deadline}
+                 "remote_ttl_s": args.remote_ttl, "remote_deadline_s": args.remote_deadline,
+                 "remote_queue_bytes": args.remote_queue_bytes, "remote_drain_s": args.remote_drain}
     if args.config:
         config = StoreConfig.from_toml(args.config, **overrides)
     else:
@@ -164,8 +170,19 @@ def run(args: argparse.Namespace) -> int:
         print(f"kvstore serve: {exc}", file=sys.stderr)
         return 2
 
+    stopping = []
+
     def on_signal(signum, _frame):
-        log.warning("received %s: finishing in-flight requests", signal.Signals(signum).name)
+        # Once only: a second signal can land while the first handler is inside
+        # Event.set() (its lock is not re-entrant), which deadlocked the process.
+        if stopping:
+            log.warning("received %s again: already stopping (write-behind queues drain for up to "
+                        "remote_drain_s = %s s)", signal.Signals(signum).name, config.remote_drain_s)
+            return
+        stopping.append(signum)
+        drain = (f", then draining write-behind queues for up to {config.remote_drain_s} s"
+                 if config.remote_url and config.remote_write == "back" else "")
+        log.warning("received %s: finishing in-flight requests%s", signal.Signals(signum).name, drain)
         server.request_stop()
 
     signal.signal(signal.SIGTERM, on_signal)

@@ -78,6 +78,9 @@ def _table(stats: dict) -> str:
             lines.append(f"    remote {r['url']}  {'DEGRADED' if r['degraded'] else 'ok'}  hits {r['hit_blocks']} "
                          f"misses {r['miss_blocks']} written {r['written_blocks']} queued {r['queued_blocks']} "
                          f"errors {r['errors']} ({r['write']})")
+            lines.append(f"      dropped unsent {r.get('dropped_unsent_blocks', 0)}  refilled "
+                         f"{r.get('refilled_blocks', 0)}  wrong-type deleted {r.get('wrong_type_blocks', 0)}  "
+                         f"pool waits expired {r.get('pool_timeouts', 0)}  refused by ACL {r.get('denied', 0)}")
     return "\n".join(lines)
 
 

@@ -206,7 +206,9 @@ class _StoreCollector:
         cap = GaugeMetricFamily("kvstore_tier_capacity_bytes", "capacity per tier", labels=["namespace", "tier"])
         claims = GaugeMetricFamily("kvstore_open_claims", "leases and reservations held by clients")
         remote = {name: CounterMetricFamily(f"kvstore_remote_{name}", f"remote tier: {name}", labels=["namespace"])
-                  for name in ("hit_blocks", "miss_blocks", "written_blocks", "errors", "timeouts")}
+                  for name in ("hit_blocks", "miss_blocks", "written_blocks", "errors", "timeouts",
+                               "dropped_unsent_blocks", "refilled_blocks", "wrong_type_blocks", "pool_timeouts",
+                               "denied")}
         remote_queued = GaugeMetricFamily("kvstore_remote_queued_blocks", "remote write-behind queue",
                                           labels=["namespace"])
         remote_degraded = GaugeMetricFamily("kvstore_remote_degraded", "1 while a remote shard is failing",
@@ -528,8 +530,14 @@ class SidecarServer:
         for c in claims:
             self._drop_claim(c)
         self._gpu_pools.clear()
-        for ns in self.namespaces():
-            ns.store.close()
+        # concurrently: each store's remote write-behind queue drains within its own grace
+        # period (remote_drain_s), not one namespace after another
+        closers = [threading.Thread(target=ns.store.close, name=f"kvs-close-{i}")
+                   for i, ns in enumerate(self.namespaces())]
+        for t in closers:
+            t.start()
+        for t in closers:
+            t.join()
         with self._push_lock:
             for s in self._push_sockets:
                 s.close(0)
