@@ -250,6 +250,7 @@ class RemoteClient:
         with self._lock:
             if self._closed:
                 raise StoreClosedError("the client is closed")
+            deadline_s = self.timeout if timeout is None else timeout  # what the message names
             if timeout is None:
                 end = getattr(self._tls, "end", None)
                 # a follow-up (commit, release) keeps a sliver of time so a claim is not left open
@@ -283,7 +284,7 @@ class RemoteClient:
                     if self._curve is not None else
                     "is `kvstore serve` running there (without CurveZMQ, or pass curve=...)?")
             raise SidecarUnavailableError(
-                f"no reply from the sidecar at {self.url} to {what!r} within {budget:.3g} s "
+                f"no reply from the sidecar at {self.url} to {what!r} within {deadline_s:.3g} s "
                 f"({attempts} attempt{'s' if attempts > 1 else ''}); {hint}")
 
     def _exchange(self, op: str, args: dict, payload: list | tuple, budget: float) -> tuple[dict, list] | None:
