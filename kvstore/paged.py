@@ -114,7 +114,7 @@ def _engine_rows(layout: ModelLayout, block_tokens: int, pool: EnginePool) -> tu
                                 f"got {type(tensors).__name__}")
     if len(tensors) != L:
         raise InvalidInputError(f"a per-layer pool needs one tensor per layer ({L}), got {len(tensors)}")
-    nblocks = tensors[0].shape[1] if tensors[0].dim() == 5 else -1
+    nblocks = kind.num_blocks(tensors[0]) if tensors[0].dim() >= 2 else -1
     want = kind.layer_shape(max(nblocks, 0), bs, H, D)
     for i, p in enumerate(tensors):
         if tuple(p.shape) != want:

@@ -15,7 +15,7 @@ from kvstore.paged import EnginePool
 BT = 4
 
 
-def token_kv(kind: PoolLayout, pool, block_ids: list[int], block_size: int) -> torch.Tensor:
+def token_kv(kind: PoolLayout, pool, block_ids: list[int], bs: int) -> torch.Tensor:
     """The pool's KV of the tokens in ``block_ids`` as ``[L, 2, T, H, D]``, read the plain way."""
     parts = []
     for b in block_ids:
@@ -23,8 +23,10 @@ def token_kv(kind: PoolLayout, pool, block_ids: list[int], block_size: int) -> t
             parts.append(pool[b])                                          # [L, 2, bs, H, D]
         elif kind is PoolLayout.BLOCK_MAJOR:
             parts.append(torch.stack([p[:, b] for p in pool]))             # [L, 2, bs, H, D]
-        else:
+        elif kind is PoolLayout.HEAD_MAJOR:
             parts.append(torch.stack([p[:, b].transpose(1, 2) for p in pool]))  # [2, H, bs, D] -> [2, bs, H, D]
+        else:  # [H, bs, 2D] -> [2, bs, H, D]
+            parts.append(torch.stack([p[b].view(p.shape[1], bs, 2, -1).permute(2, 1, 0, 3) for p in pool]))
     return torch.cat(parts, dim=2)
 
 
