@@ -82,7 +82,8 @@ if TYPE_CHECKING:
     from vllm.v1.kv_cache_interface import KVCacheConfig
     from vllm.v1.request import Request
 
-log = logging.getLogger("kvstore.integrations.vllm")
+#: a child of vLLM's logger, so the decisions and load errors appear where vLLM logs
+log = logging.getLogger("vllm.kvstore_connector")
 
 #: a step that computed fewer tokens than this says little about the prefill rate
 _MIN_RATE_TOKENS = 64
