@@ -87,7 +87,7 @@ def run(spec: dict) -> None:
               dtype=spec.get("dtype", "bfloat16"), max_model_len=spec.get("max_model_len", 2048),
               enable_prefix_caching=spec.get("prefix_caching", True), enforce_eager=spec.get("enforce_eager", True),
               max_num_batched_tokens=spec.get("max_num_batched_tokens", None), seed=0,
-              disable_log_stats=False, kv_transfer_config=kv)
+              disable_log_stats=False, kv_transfer_config=kv, **spec.get("llm_kwargs", {}))
     _emit({"event": "ready", "startup_s": time.perf_counter() - t0})
     for i, phase in enumerate(spec.get("phases", [])):
         if phase.get("wait_for"):
