@@ -11,7 +11,8 @@ phases, run in order; each phase prints one line ``KVSTORE-ENGINE {json}`` on st
 * ``{"ttft": [[token ids], ...]}``: each prompt alone with ``max_tokens=1``, timed;
 * ``"wait_for": PATH`` (any phase): wait until the file exists first (tests use it to
   kill a sidecar or start a second engine at a known point);
-* ``"touch": PATH``: create the file once the phase is done.
+* ``"touch": PATH``: create the file once the phase is done; ``"sleep": S``: pause first
+  (a finished request's save completes on the worker's save thread after its output).
 
 ``make_model`` writes a random-weight Llama with ``save_pretrained`` (no downloads).
 """
@@ -92,6 +93,7 @@ def run(spec: dict) -> None:
     for i, phase in enumerate(spec.get("phases", [])):
         if phase.get("wait_for"):
             _wait_for(phase["wait_for"])
+        time.sleep(phase.get("sleep", 0))
         result: dict = {"event": "phase", "index": i, "name": phase.get("name", str(i))}
         try:
             if "generate" in phase:

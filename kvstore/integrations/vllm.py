@@ -306,6 +306,53 @@ class _ReqState:
     counted: bool = False
 
 
+class _EmbeddedStores:
+    """The in-process stores of ``embedded://`` endpoints, one per (endpoint, namespace),
+    shared by the connector objects of one process (vLLM makes one per role; with the
+    ``uni`` executor both live in the engine core). Closed when the last user closes it."""
+
+    class _Shared:
+        def __init__(self, owner: "_EmbeddedStores", key: tuple, client) -> None:
+            self._owner, self._key, self._client = owner, key, client
+
+        def __getattr__(self, name: str):
+            return getattr(self._client, name)
+
+        def close(self) -> None:
+            self._owner.release(self._key)
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._open: dict[tuple, list] = {}  # key -> [client, users]
+
+    def open(self, opts: ConnectorOptions, layout: ModelLayout, block_tokens: int):
+        key = (opts.endpoint, opts.namespace)
+        with self._lock:
+            entry = self._open.get(key)
+            if entry is None:
+                client = connect(opts.endpoint, layout=layout, namespace=opts.namespace, block_tokens=block_tokens,
+                                 **opts.client_options())
+                entry = self._open[key] = [client, 0]
+            elif entry[0].layout != layout or entry[0].block_tokens != block_tokens:
+                raise ConfigError(f"{opts.endpoint} namespace {opts.namespace!r} is open with another layout")
+            entry[1] += 1
+            return self._Shared(self, key, entry[0])
+
+    def release(self, key: tuple) -> None:
+        with self._lock:
+            entry = self._open.get(key)
+            if entry is None:
+                return
+            entry[1] -= 1
+            if entry[1] <= 0:
+                del self._open[key]
+                entry[0].close()
+
+
+#: the one piece of process-wide state: where two roles in one process meet their store
+_EMBEDDED = _EmbeddedStores()
+
+
 # -- the connector ---------------------------------------------------------------------------------
 class KVStoreConnector(KVConnectorBase_V1, SupportsHMA):
     """See the module doc. One instance per role; state is per instance."""
@@ -349,6 +396,8 @@ class KVStoreConnector(KVConnectorBase_V1, SupportsHMA):
     # -- shared --------------------------------------------------------------------------------
     def _connect(self):
         try:
+            if self.opts.endpoint.startswith("embedded://"):
+                return _EMBEDDED.open(self.opts, self.layout, self.block_tokens)
             return connect(self.opts.endpoint, layout=self.layout, namespace=self.opts.namespace,
                            block_tokens=self.block_tokens, **self.opts.client_options())
         except KVStoreError as exc:  # the engine still serves; the store is retried later

@@ -17,6 +17,8 @@ scenarios allow, and each test checks its scenario in the events they printed:
 6. ``E`` (S1) sets a prefill rate at which prefilling is cheaper: 0 external tokens although
    the store holds the prefix;
 7. ``D`` on sidecar S2, which shares only the Redis Cluster with S1, reuses what ``A`` saved.
+
+Beside them, ``G`` runs scheduler and worker in one process on an ``embedded://`` store.
 """
 
 from __future__ import annotations
@@ -102,7 +104,8 @@ def connector(endpoint: str, namespace: str = NS, module: str = "kvstore.integra
 class Engine:
     """One engine process running ``phases``; its events and log are read when it ends."""
 
-    def __init__(self, tmp: Path, name: str, model: str, conn: dict | None, phases: list[dict], **spec) -> None:
+    def __init__(self, tmp: Path, name: str, model: str, conn: dict | None, phases: list[dict],
+                 env: dict | None = None, **spec) -> None:
         self.name = name
         path = tmp / f"engine-{name}.json"
         path.write_text(json.dumps({"model": model, "connector": conn, "phases": phases, "block_size": BLOCK,
@@ -110,7 +113,8 @@ class Engine:
         self.log_path = tmp / f"engine-{name}.log"
         self.out_path = tmp / f"engine-{name}.out"
         self.proc = subprocess.Popen([sys.executable, "-m", "kvstore.bench._vllm_engine", str(path)], cwd=ROOT,
-                                     env=_env(), stdout=open(self.out_path, "w"), stderr=open(self.log_path, "w"))
+                                     env={**_env(), **(env or {})}, stdout=open(self.out_path, "w"),
+                                     stderr=open(self.log_path, "w"))
         self.events: list[dict] = []
 
     def wait(self) -> "Engine":
@@ -199,6 +203,13 @@ def world(tmp_path_factory, redis_cluster_procs):
             {"name": "p5a", "generate": P["p5a"], "max_tokens": 8, "touch": flag("f1")},
             {"name": "p5b", "generate": P["p5b"], "max_tokens": 8, "wait_for": flag("f1-saved")}],
             prefix_caching=False)
+        # embedded://: scheduler and worker in one process (uni executor), one in-process store
+        engines["G"] = Engine(tmp, "G", model, connector("embedded://", store={"host_bytes": 64 << 20,
+                                                                              "device_bytes": 0}), [
+            {"name": "save", "generate": P["p1"][:1], "max_tokens": 8},
+            {"name": "load", "generate": P["p1"][:1], "max_tokens": 8, "sleep": 2}],
+            env={"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}, prefix_caching=False,
+            llm_kwargs={"distributed_executor_backend": "uni"})
         _wait_file(tmp / "a1", engines["A"])
         assert _wait_cached(s1, P["p1"][0]) >= PREFIX
         with s1.client() as c:
@@ -222,7 +233,7 @@ def world(tmp_path_factory, redis_cluster_procs):
         # 4: kill S1 while A still runs, then A serves again
         s1.kill()
         Path(flag("s1-killed")).touch()
-        for k in ("A", "F", "ref"):
+        for k in ("A", "F", "G", "ref"):
             engines[k].wait()
         yield {"P": P, "engines": engines, "s1_before": before, "s1_after": after, "s2": s2_stats,
                "ref": {k: engines["ref"].phase(k)["tokens"] for k in P}}
@@ -308,3 +319,37 @@ def test_7_a_second_sidecar_on_the_same_redis_cluster_reuses_the_prefix(world):
     assert ph["metrics"].get("external_prefix_cache_hits", 0) >= PREFIX
     remote = world["s2"].get("remote", {})
     assert remote, world["s2"]
+
+
+def test_readme_use_with_vllm_example_runs_as_written(tmp_path):
+    """README's "Use with vLLM" example, as a script, against a sidecar at its endpoint
+    (moved into a temp dir as tests/test_readme.py does): it runs, prints tokens, and the
+    sidecar holds the prompt's blocks afterwards (the connector saved them)."""
+    from tests.test_readme import VLLM_EXAMPLES, _substitute
+
+    (code,) = VLLM_EXAMPLES
+    script = tmp_path / "example.py"
+    script.write_text(_substitute(code, tmp_path))
+    side = Sidecar(tmp_path, "kvstore")
+    try:
+        assert side.endpoint == f"ipc://{tmp_path}/kvstore.sock"
+        done = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=_env(), capture_output=True, text=True,
+                              timeout=ENGINE_TIMEOUT)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert re.search(r"^\[\d+(, \d+){7}\]$", done.stdout, re.M), done.stdout[-2000:]
+        stats = subprocess.run([sys.executable, "-m", "kvstore", "stats", "--endpoint", side.endpoint, "--json"],
+                               cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=60)
+        assert stats.returncode == 0, stats.stderr[-2000:]
+        ns = json.loads(stats.stdout)["namespaces"]["llama-tiny"]
+        assert ns["blocks"] >= 296 // 32 and ns["puts"] >= 1, ns
+    finally:
+        side.stop()
+
+
+def test_embedded_endpoint_where_one_process_holds_both_sides(world):
+    g = world["engines"]["G"]
+    first, again = g.phase("save"), g.phase("load")
+    assert first["tokens"] == again["tokens"] == world["ref"]["p1"][:1]
+    assert first["cached"] == [0]
+    # vLLM's own prefix cache is off here: the second run's prefix came from the embedded store
+    assert again["cached"][0] >= PREFIX, again
