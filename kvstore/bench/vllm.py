@@ -14,7 +14,8 @@ its own process (``kvstore.bench._vllm_engine``) and they run one after another:
 * ``example_same``: vLLM's ``ExampleConnector`` (per-layer safetensors files) reusing a
   prompt in the engine that saved it (its lookup matches whole prompts only, so this is
   the same prompt again, with vLLM's prefix cache off so the connector serves it);
-  ``example_fresh``: the same from a fresh engine, as it happens (reported, not fixed);
+  ``example_fresh``: the same prompt from a fresh engine, and a prompt extending its prefix
+  with new tokens, as they happen (reported, not fixed);
 * ``ours_host`` / ``ours_disk`` / ``ours_redis``: our connector in a fresh engine, the
   prefix (saved by an earlier engine through the connector) in the sidecar's host tier,
   in a sidecar whose only tier is disk, and only in Redis (a second sidecar that shares
@@ -108,6 +109,13 @@ def _phase(events: list[dict], name: str) -> dict:
     return {"error": "the engine ended before this phase"}
 
 
+def _best(events: list[dict]) -> dict:
+    """The fastest of the throughput rounds ``tp0..tp2`` (a shared machine's noise only slows)."""
+    rounds = [_phase(events, f"tp{i}") for i in range(3)]
+    ok = [r for r in rounds if "error" not in r]
+    return min(ok, key=lambda r: r["seconds"]) if ok else rounds[0]
+
+
 def _ours(endpoint: str, namespace: str, **extra) -> dict:
     return {"kv_connector": "KVStoreConnector", "kv_connector_module_path": "kvstore.integrations.vllm",
             "kv_role": "kv_both", "kv_load_failure_policy": "recompute",
@@ -165,8 +173,9 @@ def run(args: argparse.Namespace) -> Report:
     # one set of prefixes per case, so every TTFT is that prefix's first visit to that engine
     prefixes = {case: [toks(prefix_len) for _ in range(repeats)] for case in ("cold", "host", "disk", "redis")}
     first = lambda pre: [p + toks(args.new_tokens) for p in pre]  # noqa: E731
-    tp_work = [toks(args.tp_tokens) for _ in range(tp_prompts)]
-    tp_work2 = [toks(args.tp_tokens) for _ in range(tp_prompts)]
+    # three rounds of distinct prompts each (no reuse anywhere); the best round counts
+    tp_work = [[toks(args.tp_tokens) for _ in range(tp_prompts)] for _ in range(3)]
+    tp_work2 = [[toks(args.tp_tokens) for _ in range(tp_prompts)] for _ in range(3)]
     redis = None
     sides: list[_Sidecar] = []
     try:
@@ -183,8 +192,9 @@ def run(args: argparse.Namespace) -> Report:
             {"name": "warmup", "ttft": [toks(64)]},
             {"name": "cold", "ttft": cold_req},
             {"name": "in_engine", "ttft": warm_req},
-            {"name": "tp", "generate": tp_work, "max_tokens": 16}]})
-        cold, warm, tp0 = _phase(ev, "cold"), _phase(ev, "in_engine"), _phase(ev, "tp")
+            *[{"name": f"tp{i}", "generate": tp_work[i], "max_tokens": 16} for i in range(3)]]})
+        cold, warm = _phase(ev, "cold"), _phase(ev, "in_engine")
+        tp0 = _best(ev)
         for what, ph in (("cold", cold), ("in_engine", warm), ("tp", tp0)):
             if "error" in ph:
                 raise SystemExit(f"baseline engine failed in {what}: {ph['error']}\n{tail}")
@@ -207,9 +217,17 @@ def run(args: argparse.Namespace) -> Report:
         else:
             example_s = statistics.median(again["ttft_s"])
             report.add("ttft_example_connector_same_engine_s", example_s, "s", limit=cold_s, better="lower")
-        ev, tail, rc = _engine(tmp, "example-fresh", {**ex_spec, "phases": [{"name": "fresh", "ttft": ex_req,
-                                                                              "stop_on_error": True}]})
-        fresh = _phase(ev, "fresh")
+        extend = [ex_req[0][:prefix_len] + toks(args.new_tokens)]
+        ev, tail, rc = _engine(tmp, "example-fresh", {**ex_spec, "phases": [
+            {"name": "fresh", "ttft": ex_req, "stop_on_error": False},
+            {"name": "extend", "ttft": extend, "stop_on_error": False}]})
+        fresh, ext = _phase(ev, "fresh"), _phase(ev, "extend")
+        if "error" in ext:
+            notes["example_fresh_extend"] = ext["error"][-600:]
+        else:
+            report.add("ttft_example_connector_fresh_engine_extend_s", statistics.median(ext["ttft_s"]), "s",
+                       limit=cold_s, better="lower")
+            notes["example_fresh_extend_cached"] = ext["cached"]
         if "error" in fresh or rc != 0:
             notes["example_fresh"] = (fresh.get("error") or f"exit {rc}: {tail[-600:]}")[-600:]
             report.add("example_connector_fresh_engine_ok", 0, "bool")
@@ -226,8 +244,8 @@ def run(args: argparse.Namespace) -> Report:
         ev, tail, _ = _engine(tmp, "ours-writer", {**base, "connector": _ours(host.endpoint, ns), "phases": [
             {"name": "warmup", "ttft": [toks(64)]},
             {"name": "save", "generate": saved["host"] + saved["disk"] + saved["redis"], "max_tokens": 1},
-            {"name": "tp", "generate": tp_work2, "max_tokens": 16}]})
-        tp1 = _phase(ev, "tp")
+            *[{"name": f"tp{i}", "generate": tp_work2[i], "max_tokens": 16} for i in range(3)]]})
+        tp1 = _best(ev)
         if "error" in tp1:
             raise SystemExit(f"the writer engine failed: {tp1['error']}\n{tail}")
         disk = _Sidecar(tmp, "disk", "--host-bytes", "0", "--disk-bytes", str(max(512 * MiB, 4 * repeats * kv_bytes)),
@@ -259,7 +277,7 @@ def run(args: argparse.Namespace) -> Report:
             if case in results:
                 report.add(f"ttft_ours_{case}_vs_cold", statistics.median(results[case]["ttft_s"]), "s", limit=cold_s,
                            target=0.25, better="lower")
-        n_tp = sum(len(p) + 16 for p in tp_work)
+        n_tp = sum(len(p) + 16 for p in tp_work[0])
         tps0, tps1 = n_tp / tp0["seconds"], n_tp / tp1["seconds"]
         report.add("throughput_no_reuse_with_connector", tps1, "tok/s", limit=tps0, target=0.95, better="higher")
     finally:

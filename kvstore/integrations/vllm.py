@@ -435,6 +435,15 @@ class KVStoreConnector(KVConnectorBase_V1, SupportsHMA):
         flops = prefill_flops_per_token(self.layout) * self._rate
         return replace(self._profile, prefill=ComputeCost(flops_per_s=flops, latency_s=0.0))
 
+    def _worst_load_s(self, profile: CostProfile, tokens: int) -> float:
+        """Seconds to load ``tokens`` if every block came from the slowest tier the profile
+        knows (disk or remote, then host to device), one block per op. O(1)."""
+        nb = tokens // self.block_tokens
+        block = self.layout.kv_block_bytes(self.block_tokens)
+        slow = [link for name in ("disk->host", "remote->host") if (link := profile.link(name)) is not None]
+        first = max((nb * link.seconds(block) for link in slow), default=0.0)
+        return first + nb * profile.links["host->device"].seconds(block)
+
     def _decide(self, tokens: list[int]) -> _Decision:
         """Lookup, then the planner's verdict (runs on the lookup thread). O(round trips)."""
         client = self._client
@@ -449,6 +458,10 @@ class KVStoreConnector(KVConnectorBase_V1, SupportsHMA):
             profile = self._prefill_profile()
             if profile is None:
                 return _Decision(cached, cached, "prefill rate not yet measured: load all")
+            worst = self._worst_load_s(profile, cached)
+            prefill = profile.prefill_s(self.layout, cached)
+            if worst < prefill:  # even from the slowest tier every block beats its prefill: no plan needed
+                return _Decision(cached, cached, f"load all: worst case {worst:.4g} s < prefill {prefill:.4g} s")
             plan = client.plan(tokens[:cached], profile=profile.to_dict())
             local = int(plan["cached_tokens"])
             load = local - int(plan["prefill_tokens"])
@@ -479,7 +492,9 @@ class KVStoreConnector(KVConnectorBase_V1, SupportsHMA):
             fut = self._lookup_pool.submit(self._decide, prompt[:limit])
             self._decisions[rid] = fut
         if not fut.done():
-            return None, False
+            time.sleep(0)  # yield the GIL once: the lookup thread may be waiting for it to finish
+            if not fut.done():
+                return None, False
         d: _Decision = fut.result()
         load = min(d.load_tokens, limit) // self.block_size * self.block_size
         st = self._reqs.setdefault(rid, _ReqState(tokens=prompt))
@@ -604,7 +619,9 @@ class KVStoreConnector(KVConnectorBase_V1, SupportsHMA):
             try:
                 end = len(spec.tokens)
                 try:
+                    t_get = time.perf_counter()
                     kv = client.get(spec.tokens, device="cpu")
+                    self.counters.add(load_get_s=time.perf_counter() - t_get)
                 except BlockNotFoundError:  # lost since the lookup: load what is still there
                     end = client.lookup(spec.tokens) // bs * bs
                     kv = client.get(spec.tokens[:end], device="cpu") if end > spec.first_block * bs else None
