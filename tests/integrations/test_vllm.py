@@ -347,9 +347,12 @@ def test_readme_use_with_vllm_example_runs_as_written(tmp_path):
 
 
 def test_embedded_endpoint_where_one_process_holds_both_sides(world):
+    """The reference here is G's own first run (nothing cached anywhere, so vLLM computed it
+    all): the in-process executor runs the model with another thread count than the
+    multiprocess ``ref`` engine, and a random model's greedy tokens follow float rounding."""
     g = world["engines"]["G"]
     first, again = g.phase("save"), g.phase("load")
-    assert first["tokens"] == again["tokens"] == world["ref"]["p1"][:1]
-    assert first["cached"] == [0]
+    assert first["cached"] == [0] and first["metrics"].get("external_prefix_cache_hits", 0) == 0
+    assert again["tokens"] == first["tokens"]
     # vLLM's own prefix cache is off here: the second run's prefix came from the embedded store
     assert again["cached"][0] >= PREFIX, again
