@@ -511,8 +511,9 @@ class KVStoreConnector(KVConnectorBase_V1, SupportsHMA):
 
     def update_state_after_alloc(self, request: "Request", blocks: "KVCacheBlocks", num_external_tokens: int) -> None:
         st = self._reqs.setdefault(request.request_id, _ReqState(tokens=list(request.prompt_token_ids or [])))
-        if num_external_tokens > 0:
+        if num_external_tokens > 0:  # (again after a preemption: vLLM counts on a fresh load)
             st.load_tokens = num_external_tokens
+            st.load_sent = False
 
     def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> KVStoreConnectorMetadata:
         now = time.monotonic()
@@ -661,6 +662,8 @@ class KVStoreConnector(KVConnectorBase_V1, SupportsHMA):
             self._pending_saves.setdefault(spec.req_id, []).append(self._save_pool.submit(self._save, spec))
 
     def _save(self, spec: SaveSpec) -> int:
+        if self._save_client is None and self.health.up():
+            self._save_client = self._connect()
         client = self._save_client
         if not self._usable(client):
             self.counters.add(saves_dropped=1)
