@@ -101,7 +101,9 @@ class ConnectorOptions:
     JSON file or dict; default: built-in defaults); ``prefill_tokens_per_s``: this engine's
     prefill rate (default: measured from its steps; until measured, every cached token is
     loaded); ``pool_layout``: a :class:`PoolLayout` name where the shapes are ambiguous;
-    ``save``: False to only read.
+    ``save``: False to only read; ``save_min_new``: save a prompt only when at least this
+    fraction of its full blocks is new to the store (a save copies the whole prompt's KV:
+    the store's keys chain from the first token, so a save cannot skip the known prefix).
     """
 
     endpoint: str
@@ -116,6 +118,7 @@ class ConnectorOptions:
     prefill_tokens_per_s: float | None = None
     pool_layout: str | None = None
     save: bool = True
+    save_min_new: float = 0.25
 
     @classmethod
     def from_extra(cls, extra: dict | None) -> "ConnectorOptions":
@@ -134,6 +137,8 @@ class ConnectorOptions:
         if opts.prefill_tokens_per_s is not None and not (
                 isinstance(opts.prefill_tokens_per_s, (int, float)) and opts.prefill_tokens_per_s > 0):
             raise ConfigError(f"prefill_tokens_per_s must be a positive number, got {opts.prefill_tokens_per_s!r}")
+        if not isinstance(opts.save_min_new, (int, float)) or not 0 <= opts.save_min_new <= 1:
+            raise ConfigError(f"save_min_new must be a fraction in [0, 1], got {opts.save_min_new!r}")
         if opts.block_tokens is not None and (not isinstance(opts.block_tokens, int) or opts.block_tokens <= 0):
             raise ConfigError(f"block_tokens must be a positive int, got {opts.block_tokens!r}")
         if opts.pool_layout is not None:
@@ -553,8 +558,8 @@ class KVStoreConnector(KVConnectorBase_V1, SupportsHMA):
         fut = self._decisions.get(rid)
         known = fut.result().cached_tokens if fut is not None and fut.done() else 0
         st.save_sent = True
-        if known >= full:
-            self.counters.add(saves_skipped_cached=1)
+        if full - known <= 0 or full - known < self.opts.save_min_new * full:
+            self.counters.add(saves_skipped_cached=1, unsaved_new_tokens=max(0, full - known))
             return
         nblocks = -(-full // bs)
         meta.saves.append(SaveSpec(rid, st.tokens[:full], st.block_ids[:nblocks]))
