@@ -218,11 +218,11 @@ def run(args: argparse.Namespace) -> Report:
         example_s = None
         ex_req = first([toks(prefix_len)])
         extend = [ex_req[0][:prefix_len] + toks(args.new_tokens)]
-        for variant, kwargs in (("", {}), ("_unchunked", {"max_num_batched_tokens": max_len})):
+        for variant, chunk in (("", {}), ("_unchunked", {"max_num_batched_tokens": max_len})):
             ex_dir = tmp / f"example{variant}"
             ex_dir.mkdir()
-            ex_spec = {**base, "connector": _example(str(ex_dir)), "prefix_caching": False,
-                       "llm_kwargs": {"disable_hybrid_kv_cache_manager": True, **kwargs}}
+            ex_spec = {**base, **chunk, "connector": _example(str(ex_dir)), "prefix_caching": False,
+                       "llm_kwargs": {"disable_hybrid_kv_cache_manager": True}}
             runs = {"same": [{"name": "warmup", "ttft": [toks(64)]}, {"name": "save", "ttft": ex_req},
                              {"name": "again", "ttft": ex_req}],
                     "fresh": [{"name": "again", "ttft": ex_req, "stop_on_error": False},
