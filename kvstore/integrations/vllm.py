@@ -101,7 +101,8 @@ class ConnectorOptions:
     JSON file or dict; default: built-in defaults); ``prefill_tokens_per_s``: this engine's
     prefill rate (default: measured from its steps; until measured, every cached token is
     loaded); ``pool_layout``: a :class:`PoolLayout` name where the shapes are ambiguous;
-    ``save``: False to only read; ``save_min_new``: save a prompt only when at least this
+    ``shm``: the sidecar client's (None: shared memory where the sidecar offers it, False:
+    never); ``save``: False to only read; ``save_min_new``: save a prompt only when at least this
     fraction of its full blocks is new to the store (a save copies the whole prompt's KV:
     the store's keys chain from the first token, so a save cannot skip the known prefix).
     """
@@ -119,6 +120,7 @@ class ConnectorOptions:
     pool_layout: str | None = None
     save: bool = True
     save_min_new: float = 0.25
+    shm: bool | None = None
 
     @classmethod
     def from_extra(cls, extra: dict | None) -> "ConnectorOptions":
@@ -166,7 +168,7 @@ class ConnectorOptions:
     def client_options(self) -> dict:
         if self.endpoint.startswith("embedded://"):
             return dict(self.store)
-        out: dict[str, Any] = {"timeout": self.timeout, "connect_timeout": self.connect_timeout}
+        out: dict[str, Any] = {"timeout": self.timeout, "connect_timeout": self.connect_timeout, "shm": self.shm}
         if self.curve is not None:
             out["curve"] = self.curve
         return out
