@@ -20,8 +20,9 @@ its own process (``kvstore.bench._vllm_engine``) and they run one after another:
   (not worked around); ``example_same`` below is the first that ran;
 * ``ours_host`` / ``ours_disk`` / ``ours_redis``: our connector in a fresh engine, the
   prefix (saved by an earlier engine through the connector) in the sidecar's host tier,
-  in a sidecar whose only tier is disk, and only in Redis (a second sidecar that shares
-  the Redis the first wrote through);
+  in a sidecar whose only tier is disk, and only in Redis (a sidecar that shares only the
+  Redis with the one the bytes were written through); the saved bytes are copied from the
+  host sidecar to the others with the client API;
 * ``throughput``: a no-reuse workload (``--tp-prompts`` distinct prompts) with and without
   the connector (lookups that miss, saves of every prompt).
 
@@ -242,8 +243,7 @@ def run(args: argparse.Namespace) -> Report:
                     if where == "same" and example_s is None:
                         example_s = v
         # 3. ours: a writer engine fills the sidecars, fresh engines read
-        host = _Sidecar(tmp, "host", "--host-bytes", str(max(512 * MiB, 4 * repeats * kv_bytes)), "--remote-url",
-                        redis_url, "--remote-write", "through")
+        host = _Sidecar(tmp, "host", "--host-bytes", str(max(512 * MiB, 4 * repeats * kv_bytes)))
         sides.append(host)
         ns = "bench-vllm"
         saved = {case: first(prefixes[case]) for case in ("host", "disk", "redis")}
@@ -259,6 +259,13 @@ def run(args: argparse.Namespace) -> Report:
         sides.append(disk)
         bt = bs
         _copy_namespace(host.endpoint, disk.endpoint, layout, ns, bt, saved["disk"])
+        # Redis: the engine's saved bytes go through a sidecar writing through to Redis; a second
+        # sidecar, sharing only the Redis, serves the reader
+        writer = _Sidecar(tmp, "redis-writer", "--host-bytes", str(max(512 * MiB, 4 * repeats * kv_bytes)),
+                          "--remote-url", redis_url, "--remote-write", "through")
+        sides.append(writer)
+        _copy_namespace(host.endpoint, writer.endpoint, layout, ns, bt, saved["redis"])
+        writer.stop()
         reader = _Sidecar(tmp, "redis-reader", "--host-bytes", str(max(512 * MiB, 4 * repeats * kv_bytes)),
                           "--remote-url", redis_url)
         sides.append(reader)
