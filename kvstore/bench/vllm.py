@@ -243,7 +243,10 @@ def run(args: argparse.Namespace) -> Report:
                     if where == "same" and example_s is None:
                         example_s = v
         # 3. ours: a writer engine fills the sidecars, fresh engines read
-        host = _Sidecar(tmp, "host", "--host-bytes", str(max(512 * MiB, 4 * repeats * kv_bytes)))
+        # room for every byte the writer saves (the TTFT prefixes and the throughput rounds), so
+        # nothing the readers want is evicted
+        room = 2 * (3 * repeats * kv_bytes + 3 * tp_prompts * args.tp_tokens * layout.kv_bytes_per_token)
+        host = _Sidecar(tmp, "host", "--host-bytes", str(max(512 * MiB, room)))
         sides.append(host)
         ns = "bench-vllm"
         saved = {case: first(prefixes[case]) for case in ("host", "disk", "redis")}
