@@ -150,7 +150,13 @@ def _copy_namespace(src: str, dst: str, layout, namespace: str, block_tokens: in
 
 
 def run(args: argparse.Namespace) -> Report:
+    import importlib.util
+
     import torch
+
+    if importlib.util.find_spec("vllm") is None:
+        raise SystemExit("kvstore bench vllm needs vLLM in this Python (e.g. .venv-vllm/bin/kvstore bench vllm; "
+                         "README: Use with vLLM)")
 
     from kvstore import ModelLayout
     from kvstore.bench._vllm_engine import make_model
