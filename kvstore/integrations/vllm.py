@@ -399,6 +399,7 @@ class KVStoreConnector(KVConnectorBase_V1, SupportsHMA):
             self._pending_saves: dict[str, list[Future]] = {}
             self._finishing: set[str] = set()
             self._load_errors: set[int] = set()
+            self._failed_load_reqs: set[str] = set()  # this step's requests whose load failed
 
     # -- shared --------------------------------------------------------------------------------
     def _connect(self):
@@ -647,6 +648,8 @@ class KVStoreConnector(KVConnectorBase_V1, SupportsHMA):
                 loaded = 0
         failed = spec.block_ids[loaded:]
         self._load_errors.update(failed)
+        if failed:
+            self._failed_load_reqs.add(spec.req_id)
         self.counters.add(loads=1, loaded_tokens=loaded * bs, load_error_blocks=len(failed),
                           load_s=time.perf_counter() - t0)
         if failed:
@@ -666,7 +669,16 @@ class KVStoreConnector(KVConnectorBase_V1, SupportsHMA):
         meta = self._get_connector_metadata()
         assert isinstance(meta, KVStoreConnectorMetadata)
         for spec in meta.saves:
-            self._pending_saves.setdefault(spec.req_id, []).append(self._save_pool.submit(self._save, spec))
+            if spec.req_id in self._failed_load_reqs:
+                # its blocks were not all loaded this step (vLLM recomputes them later): saving
+                # now would store whatever those pool blocks held
+                done: Future = Future()
+                done.set_result(0)
+                self.counters.add(saves_dropped_load_error=1)
+            else:
+                done = self._save_pool.submit(self._save, spec)
+            self._pending_saves.setdefault(spec.req_id, []).append(done)
+        self._failed_load_reqs.clear()
 
     def _save(self, spec: SaveSpec) -> int:
         if self._save_client is None and self.health.up():

@@ -199,9 +199,11 @@ def world(tmp_path_factory, redis_cluster_procs):
             {"name": "p4", "generate": P["p4"], "max_tokens": 8, "wait_for": flag("s1-killed")}])
         engines["F"] = Engine(tmp, "F", model, connector(s3.endpoint, namespace="scenario5",
                                                          module="tests.integrations.clearing_connector",
-                                                         cls="ClearingConnector"), [
+                                                         cls="ClearingConnector", save_min_new=0.0), [
             {"name": "p5a", "generate": P["p5a"], "max_tokens": 8, "touch": flag("f1")},
-            {"name": "p5b", "generate": P["p5b"], "max_tokens": 8, "wait_for": flag("f1-saved")}],
+            {"name": "p5b", "generate": P["p5b"], "max_tokens": 8, "wait_for": flag("f1-saved")},
+            # the same prompt again: whatever the store holds for it now must be right
+            {"name": "p5c", "generate": P["p5b"], "max_tokens": 8, "sleep": 2}],
             prefix_caching=False)
         # embedded://: scheduler and worker in one process (uni executor), one in-process store
         engines["G"] = Engine(tmp, "G", model, connector("embedded://", store={"host_bytes": 64 << 20,
@@ -299,6 +301,9 @@ def test_5_blocks_lost_between_lookup_and_load_are_recomputed(world):
     assert ph["tokens"] == world["ref"]["p5b"]
     assert any(d["load"] >= PREFIX for d in _decisions(f)), _decisions(f)   # it decided to load ...
     assert re.search(r"could not be loaded; vLLM recomputes them", f.log), f.tail()   # ... and reported errors
+    # the step that found the blocks gone also finished the prompt: its save must not store
+    # the pool blocks that were never loaded, so the prompt served again is still exact
+    assert f.phase("p5c")["tokens"] == world["ref"]["p5b"]
 
 
 def test_6_prefill_cheaper_reports_no_external_tokens(world):
