@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import Enum
 
 import torch
 
@@ -83,3 +84,68 @@ class ModelLayout:
     @classmethod
     def from_dict(cls, d: dict) -> "ModelLayout":
         return cls(**{k: d[k] for k in ("num_layers", "num_kv_heads", "head_dim", "hidden_size", "dtype")})
+
+
+class PoolLayout(str, Enum):
+    """How an engine lays out its paged KV pool: the one place that says so.
+
+    ``num_blocks`` pool blocks of ``block_size`` tokens each; the store's rows are always
+    ``[tokens, kv_heads, head_dim]`` per layer and K/V (see :meth:`kv_rows`):
+
+    * ``CROSS_LAYER`` -- one tensor ``[num_blocks, layers, 2, block_size, kv_heads, head_dim]``:
+      a pool block is laid out exactly like a store slot (when ``block_size`` is the store's);
+    * ``BLOCK_MAJOR`` -- one tensor per layer ``[2, num_blocks, block_size, kv_heads,
+      head_dim]`` (vLLM's CUDA FlashAttention backends);
+    * ``HEAD_MAJOR`` -- one tensor per layer ``[2, num_blocks, kv_heads, block_size,
+      head_dim]`` (K and V apart, heads outermost within a block);
+    * ``HEAD_MAJOR_PACKED`` -- one tensor per layer ``[num_blocks, kv_heads, block_size,
+      2 * head_dim]``, K in the first ``head_dim`` of the last axis and V in the second
+      (what vLLM 0.32's CPU attention backend hands a KV connector: its "LBHNC" layout).
+    """
+
+    CROSS_LAYER = "cross_layer"
+    BLOCK_MAJOR = "block_major"
+    HEAD_MAJOR = "head_major"
+    HEAD_MAJOR_PACKED = "head_major_packed"
+
+    @property
+    def per_layer(self) -> bool:
+        return self is not PoolLayout.CROSS_LAYER
+
+    def num_blocks(self, layer: torch.Tensor) -> int:
+        """Blocks in one layer's tensor (per-layer layouts). O(1)."""
+        return layer.shape[0] if self is PoolLayout.HEAD_MAJOR_PACKED else layer.shape[1]
+
+    def layer_shape(self, num_blocks: int, block_size: int, kv_heads: int, head_dim: int) -> tuple[int, ...]:
+        """The shape of one layer's tensor (per-layer layouts only)."""
+        if self is PoolLayout.HEAD_MAJOR:
+            return (2, num_blocks, kv_heads, block_size, head_dim)
+        if self is PoolLayout.HEAD_MAJOR_PACKED:
+            return (num_blocks, kv_heads, block_size, 2 * head_dim)
+        if self is PoolLayout.BLOCK_MAJOR:
+            return (2, num_blocks, block_size, kv_heads, head_dim)
+        raise ValueError("a cross-layer pool has no per-layer tensors")
+
+    def shape_doc(self) -> str:
+        return {PoolLayout.CROSS_LAYER: "[num_blocks, layers, 2, block_size, kv_heads, head_dim]",
+                PoolLayout.BLOCK_MAJOR: "[2, num_blocks, block_size, kv_heads, head_dim] per layer",
+                PoolLayout.HEAD_MAJOR: "[2, num_blocks, kv_heads, block_size, head_dim] per layer",
+                PoolLayout.HEAD_MAJOR_PACKED: "[num_blocks, kv_heads, block_size, 2 * head_dim] per layer"}[self]
+
+    def kv_rows(self, layer: torch.Tensor, kv: int, split: int) -> torch.Tensor:
+        """A view ``[num_blocks, split, block_size / split, kv_heads, head_dim]`` of one
+        layer's K (``kv=0``) or V half: pool block ``b``'s ``j``-th run of ``block_size /
+        split`` tokens is ``[b, j]``. No copy (a strided view); O(1)."""
+        if self is PoolLayout.HEAD_MAJOR_PACKED:
+            n, h, bs, d2 = layer.shape
+            d = d2 // 2
+            return layer[..., kv * d:(kv + 1) * d].view(n, h, split, bs // split, d).permute(0, 2, 3, 1, 4)
+        half = layer[kv]
+        n = half.shape[0]
+        if self is PoolLayout.HEAD_MAJOR:
+            _, h, bs, d = half.shape
+            return half.view(n, h, split, bs // split, d).permute(0, 2, 3, 1, 4)
+        if self is PoolLayout.BLOCK_MAJOR:
+            _, bs, h, d = half.shape
+            return half.view(n, split, bs // split, h, d)
+        raise ValueError("a cross-layer pool has no per-layer tensors")

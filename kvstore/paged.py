@@ -1,24 +1,30 @@
 """An engine's paged KV pool as rows of blocks: validation and the copies in and out of it.
 
-Engines keep KV in a pool of fixed-size blocks addressed by block id, in one of two layouts:
+Engines keep KV in a pool of fixed-size blocks addressed by block id. The layouts are the
+:class:`~kvstore.layout.PoolLayout` members (cross-layer, block-major per layer, head-major
+per layer); that enum is the only place that knows their shapes. A pool comes as:
 
-* **cross-layer** -- one tensor ``[num_blocks, layers, 2, block_tokens, kv_heads, head_dim]``:
-  a pool block is laid out exactly like a store slot, so a block crosses as one row;
-* **per layer** -- a list of ``layers`` tensors ``[2, num_blocks, block_tokens, kv_heads,
-  head_dim]`` (vLLM's FlashAttention layout): its K half and V half are each contiguous
-  ``[num_blocks, block_tokens, kv_heads, head_dim]`` rows, so block ``b``'s layer ``l`` is row
-  ``b`` of views ``(l, K)`` and ``(l, V)`` -- contiguous rows keep indexed copies fast.
+* a tensor ``[num_blocks, layers, 2, block_tokens, kv_heads, head_dim]`` (cross-layer, the
+  store's block size): a pool block is laid out exactly like a store slot, one row;
+* a list of ``layers`` tensors ``[2, num_blocks, block_tokens, kv_heads, head_dim]``
+  (block-major, the store's block size);
+* an :class:`EnginePool`: tensors plus their :class:`PoolLayout` and the engine's block size,
+  which may be a multiple of the store's ``block_tokens`` (each pool block then holds
+  ``split = block_size / block_tokens`` store blocks: store block ``i`` of a caller's id list
+  is run ``i % split`` of pool block ``ids[i] // split`` -- ids are in store blocks, see
+  :meth:`EnginePool.store_ids`).
 
 "Rows" below is either a single ``[n, *block]`` tensor (the store's own
 ``[layers, 2, T, ...]`` output seen as blocks, a cross-layer pool, staging) or a
-:class:`LayerRows` (K and V views per layer). The copies are
-:func:`allocator.rowcopy.copy_rows`: O(bytes) plus O(runs) Python steps (times ``2 * layers``
-for per-layer pools).
+:class:`LayerRows` (strided K and V views per layer). The copies are
+:func:`allocator.rowcopy.copy_rows`: O(bytes) plus O(runs) Python steps (times
+``2 * layers * split`` for per-layer pools).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, Union
 
 import numpy as np
@@ -26,48 +32,97 @@ import torch
 
 from allocator.rowcopy import copy_rows, gather, sync
 from kvstore.errors import InvalidInputError
-from kvstore.layout import ModelLayout
+from kvstore.layout import ModelLayout, PoolLayout
+
+
+@dataclass(frozen=True)
+class EnginePool:
+    """An engine's pool with its layout said: ``tensors`` is one tensor (``CROSS_LAYER``) or
+    one per layer, each as :meth:`PoolLayout.layer_shape` says; ``block_size`` is the
+    engine's tokens per block, a multiple of the store's ``block_tokens``."""
+
+    tensors: Any
+    layout: PoolLayout
+    block_size: int
+
+    def store_ids(self, engine_ids: Sequence[int], block_tokens: int) -> list[int]:
+        """Engine block ids as the store-block ids :func:`pool_rows` numbers: engine block
+        ``b`` holds store blocks ``b * split ... b * split + split - 1``. O(len * split)."""
+        split = self.block_size // block_tokens
+        return [b * split + j for b in engine_ids for j in range(split)]
 
 
 class LayerRows(list):
-    """Row views ``[num_blocks, block_tokens, kv_heads, head_dim]`` of a per-layer pool, in
-    order (layer 0 K, layer 0 V, layer 1 K, ...): entry ``2 * l + kv`` is ``pool[l][kv]``."""
+    """Strided views ``[num_blocks, split, block_tokens, kv_heads, head_dim]`` of a pool, in
+    order (layer 0 K, layer 0 V, layer 1 K, ...): entry ``2 * l + kv`` is layer ``l``'s K or V.
+    Row ``i`` (in store blocks) is ``view[i // split, i % split]``."""
+
+    split: int = 1
 
     def parts(self):
-        """``(layer, kv, rows)`` for every view."""
+        """``(layer, kv, view)`` for every view."""
         return ((i // 2, i % 2, r) for i, r in enumerate(self))
 
 
 Rows = Union[torch.Tensor, LayerRows]
 
 
+def _layer_rows(views: list[torch.Tensor], split: int) -> LayerRows:
+    rows = LayerRows(views)
+    rows.split = split
+    return rows
+
+
 def pool_rows(layout: ModelLayout, block_tokens: int, pool: Any) -> tuple[Rows, int]:
-    """Validate an engine's pool and return ``(rows, num_blocks)``. Raises
-    :class:`InvalidInputError` naming what is wrong (type, dtype, shape, devices). O(layers)."""
-    L, H, D = layout.num_layers, layout.num_kv_heads, layout.head_dim
-    block = (L, 2, block_tokens, H, D)
+    """Validate an engine's pool and return ``(rows, num_blocks)`` (``num_blocks`` counts
+    store blocks). Raises :class:`InvalidInputError` naming what is wrong (type, dtype,
+    shape, devices, block size). O(layers)."""
+    if isinstance(pool, EnginePool):
+        return _engine_rows(layout, block_tokens, pool)
     if isinstance(pool, torch.Tensor):
-        if pool.dim() != 6 or tuple(pool.shape[1:]) != block:
-            raise InvalidInputError(f"a cross-layer pool must be [num_blocks, {', '.join(map(str, block))}] "
-                                    f"[num_blocks, layers, 2, block_tokens, kv_heads, head_dim], got "
-                                    f"{tuple(pool.shape)}")
-        _check_dtype(layout, pool, "pool")
-        return pool, pool.shape[0]
+        return _engine_rows(layout, block_tokens, EnginePool(pool, PoolLayout.CROSS_LAYER, block_tokens))
     if not isinstance(pool, (list, tuple)) or not all(isinstance(p, torch.Tensor) for p in pool):
-        raise InvalidInputError("pool must be a tensor [num_blocks, layers, 2, block_tokens, kv_heads, head_dim] "
-                                f"or a list of {L} tensors [2, num_blocks, block_tokens, kv_heads, head_dim], "
-                                f"got {type(pool).__name__}")
-    if len(pool) != L:
-        raise InvalidInputError(f"a per-layer pool needs one tensor per layer ({L}), got {len(pool)}")
-    nblocks = pool[0].shape[1] if pool[0].dim() == 5 else -1
-    for i, p in enumerate(pool):
-        if p.dim() != 5 or p.shape[0] != 2 or tuple(p.shape[2:]) != (block_tokens, H, D) or p.shape[1] != nblocks:
-            raise InvalidInputError(f"pool[{i}] must be [2, {max(nblocks, 0) or 'num_blocks'}, {block_tokens}, {H}, {D}] "
-                                    f"[2, num_blocks, block_tokens, kv_heads, head_dim], got {tuple(p.shape)}")
+        raise InvalidInputError("pool must be a tensor [num_blocks, layers, 2, block_tokens, kv_heads, head_dim], "
+                                f"a list of {layout.num_layers} tensors [2, num_blocks, block_tokens, kv_heads, "
+                                f"head_dim] or an EnginePool, got {type(pool).__name__}")
+    return _engine_rows(layout, block_tokens, EnginePool(list(pool), PoolLayout.BLOCK_MAJOR, block_tokens))
+
+
+def _engine_rows(layout: ModelLayout, block_tokens: int, pool: EnginePool) -> tuple[Rows, int]:
+    L, H, D = layout.num_layers, layout.num_kv_heads, layout.head_dim
+    kind, bs = PoolLayout(pool.layout), pool.block_size
+    if not isinstance(bs, int) or bs <= 0 or bs % block_tokens:
+        raise InvalidInputError(f"the engine's block size ({bs!r}) must be a positive multiple of the store's "
+                                f"block_tokens ({block_tokens})")
+    split = bs // block_tokens
+    if not kind.per_layer:
+        t = pool.tensors
+        block = (L, 2, bs, H, D)
+        if not isinstance(t, torch.Tensor) or t.dim() != 6 or tuple(t.shape[1:]) != block:
+            got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise InvalidInputError(f"a cross-layer pool must be [num_blocks, {', '.join(map(str, block))}] "
+                                    f"{kind.shape_doc()}, got {got}")
+        _check_dtype(layout, t, "pool")
+        if split == 1:
+            return t, t.shape[0]
+        n = t.shape[0]
+        return _layer_rows([t[:, l, kv].view(n, split, block_tokens, H, D) for l in range(L) for kv in (0, 1)],
+                           split), n * split
+    tensors = pool.tensors
+    if not isinstance(tensors, (list, tuple)) or not all(isinstance(p, torch.Tensor) for p in tensors):
+        raise InvalidInputError(f"a {kind.value} pool is a list of {L} tensors {kind.shape_doc()}, "
+                                f"got {type(tensors).__name__}")
+    if len(tensors) != L:
+        raise InvalidInputError(f"a per-layer pool needs one tensor per layer ({L}), got {len(tensors)}")
+    nblocks = kind.num_blocks(tensors[0]) if tensors[0].dim() >= 2 else -1
+    want = kind.layer_shape(max(nblocks, 0), bs, H, D)
+    for i, p in enumerate(tensors):
+        if tuple(p.shape) != want:
+            raise InvalidInputError(f"pool[{i}] must be {list(want)} {kind.shape_doc()}, got {tuple(p.shape)}")
         _check_dtype(layout, p, f"pool[{i}]")
-        if p.device != pool[0].device:
-            raise InvalidInputError(f"pool[{i}] is on {p.device}, pool[0] on {pool[0].device}: one device please")
-    return LayerRows(p[kv] for p in pool for kv in (0, 1)), nblocks
+        if p.device != tensors[0].device:
+            raise InvalidInputError(f"pool[{i}] is on {p.device}, pool[0] on {tensors[0].device}: one device please")
+    return _layer_rows([kind.kv_rows(p, kv, split) for p in tensors for kv in (0, 1)], split), nblocks * split
 
 
 def _check_dtype(layout: ModelLayout, t: torch.Tensor, what: str) -> None:
@@ -107,11 +162,23 @@ def device_of(rows: Rows) -> torch.device:
     return rows[0].device if isinstance(rows, LayerRows) else rows.device
 
 
+def _by_run(split: int, store_idx: Sequence[int], other_idx: Sequence[int]):
+    """``(j, pool_rows, other_rows)`` per run index ``j``: the store rows that are run ``j``
+    of their pool block, as pool-block indices, beside the matching other-side indices."""
+    if split == 1:
+        yield 0, store_idx, other_idx
+        return
+    for j in range(split):
+        pos = [p for p, i in enumerate(store_idx) if i % split == j]
+        if pos:
+            yield j, [store_idx[p] // split for p in pos], [other_idx[p] for p in pos]
+
+
 def place(src: torch.Tensor, src_idx: Sequence[int], rows: Rows, dst_idx: Sequence[int]) -> None:
     """``rows[dst_idx[i]] = src[src_idx[i]]`` where ``src`` is ``[n, *block]`` rows (slots).
 
     Per-layer rows: whole slots first cross to the pool's device (one DMA per run of
-    slots), then one copy per layer and K/V on that device."""
+    slots), then one copy per layer, K/V and run of the pool block on that device."""
     if not len(src_idx):
         return
     if not isinstance(rows, LayerRows):
@@ -120,16 +187,17 @@ def place(src: torch.Tensor, src_idx: Sequence[int], rows: Rows, dst_idx: Sequen
     dev = device_of(rows)
     if src.device != dev:
         src, src_idx = gather(src, src_idx, dev), range(len(src_idx))
-    for layer, kv, r in rows.parts():
-        copy_rows(src[:, layer, kv], src_idx, r, dst_idx)
+    for j, pool_idx, s_idx in _by_run(rows.split, list(dst_idx), list(src_idx)):
+        for layer, kv, r in rows.parts():
+            copy_rows(src[:, layer, kv], s_idx, r[:, j], pool_idx)
 
 
 def place_out(rows: Rows, src_idx: Sequence[int], dst: torch.Tensor, dst_idx: Sequence[int]) -> None:
     """``dst[dst_idx[i]] = rows[src_idx[i]]``: pool blocks into ``[n, *block]`` rows (slots).
 
-    Same device: straight from the pool (one copy per layer and K/V for a per-layer pool). Across
-    devices the blocks are assembled on the pool's device first and cross as whole runs.
-    Returns once the bytes are in (the caller may reuse its pool blocks)."""
+    Same device: straight from the pool (one copy per layer, K/V and run for a per-layer
+    pool). Across devices the blocks are assembled on the pool's device first and cross as
+    whole runs. Returns once the bytes are in (the caller may reuse its pool blocks)."""
     if not len(src_idx):
         return
     if device_of(rows) != dst.device:
@@ -137,8 +205,9 @@ def place_out(rows: Rows, src_idx: Sequence[int], dst: torch.Tensor, dst_idx: Se
     elif not isinstance(rows, LayerRows):
         copy_rows(rows, src_idx, dst, dst_idx)
     else:
-        for layer, kv, r in rows.parts():
-            copy_rows(r, src_idx, dst[:, layer, kv], dst_idx)
+        for j, pool_idx, d_idx in _by_run(rows.split, list(src_idx), list(dst_idx)):
+            for layer, kv, r in rows.parts():
+                copy_rows(r[:, j], pool_idx, dst[:, layer, kv], d_idx)
     wait(rows)
     sync(dst)
 
@@ -148,9 +217,10 @@ def take(rows: Rows, idx: Sequence[int]) -> torch.Tensor:
     if not isinstance(rows, LayerRows):
         return gather(rows, idx)
     r0 = rows[0]
-    out = torch.empty((len(idx), len(rows) // 2, 2, *r0.shape[1:]), dtype=r0.dtype, device=r0.device)
-    for layer, kv, r in rows.parts():
-        copy_rows(r, idx, out[:, layer, kv], range(len(idx)))
+    out = torch.empty((len(idx), len(rows) // 2, 2, *r0.shape[2:]), dtype=r0.dtype, device=r0.device)
+    for j, pool_idx, o_idx in _by_run(rows.split, list(idx), list(range(len(idx)))):
+        for layer, kv, r in rows.parts():
+            copy_rows(r[:, j], pool_idx, out[:, layer, kv], o_idx)
     return out
 
 

@@ -9,7 +9,11 @@ Rooms (a module belongs to the deepest listed package that contains it):
 - ``kvstore.sidecar`` sits above the store: core, restore, allocator, eviction;
 - ``clients`` sits above the sidecar (and the store), but never imports the sidecar's
   server module: a client talks to the server over the wire (``FORBIDDEN``);
-- ``kvstore.cli`` and ``kvstore.bench`` are on top and may import anything.
+- ``kvstore.integrations`` (engine connectors: the only room that imports an engine) sits
+  above the clients: core, restore, allocator, eviction, sidecar, clients; nothing of ours
+  imports it (engines load it by module path);
+- ``kvstore.cli`` and ``kvstore.bench`` are on top and may import anything but
+  ``kvstore.integrations``.
 
 ``kvstore/hf.py`` is the public re-export ``from kvstore.hf import HFAdapter`` and
 ``kvstore/__init__.py`` resolves the public names lazily; both are listed by name.
@@ -27,7 +31,7 @@ TOP_PACKAGES = ("kvstore", "allocator", "eviction", "clients")
 CORE = {"kvstore", "kvstore.activations", "kvstore.config", "kvstore.errors", "kvstore.hashing",
         "kvstore.layout", "kvstore.paged", "kvstore.remote_tier", "kvstore.saves", "kvstore.store", "kvstore.tiers",
         "kvstore.validate"}
-ROOMS = ["kvstore.restore", "kvstore.models", "kvstore.sidecar", "kvstore.cli", "kvstore.bench"]
+ROOMS = ["kvstore.restore", "kvstore.models", "kvstore.sidecar", "kvstore.integrations", "kvstore.cli", "kvstore.bench"]
 EVERYTHING = {"*"}
 ALLOWED: dict[str, set[str]] = {
     "eviction": set(),
@@ -37,6 +41,7 @@ ALLOWED: dict[str, set[str]] = {
     "kvstore.models": {"kvstore.layout", "kvstore.errors"},
     "kvstore.sidecar": {"allocator", "eviction", "kvstore.restore"} | CORE,
     "clients": {"allocator", "eviction", "kvstore.restore", "kvstore.sidecar"} | CORE,
+    "kvstore.integrations": {"allocator", "eviction", "kvstore.restore", "kvstore.sidecar", "clients"} | CORE,
     "kvstore.cli": EVERYTHING,
     "kvstore.bench": EVERYTHING,
 }
@@ -93,8 +98,14 @@ def imported_modules(path: Path) -> set[str]:
     return found
 
 
+#: rooms nothing else of ours may import (whatever ALLOWED says)
+SEALED = {"kvstore.integrations"}
+
+
 def allowed(importer: str, imported: str) -> bool:
     room = room_of(importer)
+    if room_of(imported) in SEALED and room_of(imported) != room:
+        return False
     rule = ALLOWED[room]
     closed = FORBIDDEN.get(room, set())
     if any(t == f or t.startswith(f + ".") for t in (imported, imported.rsplit(".", 1)[0]) for f in closed):
@@ -166,6 +177,8 @@ def test_the_checker_catches_violations(tmp_path, monkeypatch):
         "eviction/lru.py": "import importlib\nimportlib.import_module('kvstore.store')\n",
         "clients/embedded.py": "from kvstore.sidecar.server import host_id\n",          # clients -> server
         "clients/base.py": "from kvstore.sidecar import server\n",
+        "kvstore/bench/vllm.py": "from kvstore.integrations.vllm import KVStoreConnector\n",   # into integrations
+        "kvstore/integrations/vllm.py": "from kvstore.cli import main\n",                    # integrations -> cli
     }
     for rel, text in cases.items():
         p = _write(tmp_path, rel, text)
@@ -175,6 +188,7 @@ def test_the_checker_catches_violations(tmp_path, monkeypatch):
         "kvstore/models/hf.py": "from kvstore.layout import ModelLayout\nfrom kvstore.errors import InvalidInputError\n",
         "kvstore/sidecar/server.py": "from kvstore.store import KVStore\nfrom .protocol import pack\n",
         "clients/remote.py": "from kvstore.sidecar.protocol import pack\n",
+        "kvstore/integrations/vllm.py": "from clients import connect\nfrom kvstore.restore.planner import plan_restore\n",
     }
     for rel, text in fine.items():
         p = _write(tmp_path, rel, text)

@@ -68,7 +68,10 @@ def test_readme_opens_with_the_two_setup_commands():
     assert lines[1] in ci, ".ci/run must call the README's test command"
 
 
-STANDALONE = [b for b in blocks("python") if "ipc:///tmp/kvstore.sock" not in b]  # the rest need the sidecar
+#: the "Use with vLLM" example needs vLLM (its own venv): tests/integrations/test_vllm.py runs it there
+VLLM_EXAMPLES = [b for b in blocks("python") if "from vllm" in b]
+STANDALONE = [b for b in blocks("python")
+              if "ipc:///tmp/kvstore.sock" not in b and b not in VLLM_EXAMPLES]  # the rest need the sidecar
 
 
 @pytest.mark.parametrize("index", range(len(STANDALONE)))
@@ -139,7 +142,7 @@ def test_sidecar_section_runs_end_to_end(tmp_path):
             assert done.returncode == 0, f"{argv}: {done.stderr[-2000:]}"
             if argv[:2] == ["kvstore", "demo"]:
                 assert "OK, two processes shared one cache" in done.stdout
-        clients = [b for b in blocks("python") if "ipc:///tmp/kvstore.sock" in b]
+        clients = [b for b in blocks("python") if "ipc:///tmp/kvstore.sock" in b and b not in VLLM_EXAMPLES]
         assert clients
         for code in clients:
             exec(compile(_substitute(code, tmp_path), "README.md sidecar example", "exec"), {"__name__": "__readme__"})
