@@ -132,7 +132,8 @@ def _with_deadline(method: Callable) -> Callable:
             if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
                                         or timeout <= 0):
                 raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
-            self._tls.end = time.monotonic() + (self.timeout if timeout is None else timeout)
+            self._tls.total = self.timeout if timeout is None else timeout
+            self._tls.end = time.monotonic() + self._tls.total
         try:
             return method(self, *args, **kwargs)
         finally:
@@ -250,13 +251,13 @@ class RemoteClient:
         with self._lock:
             if self._closed:
                 raise StoreClosedError("the client is closed")
-            deadline_s = self.timeout if timeout is None else timeout  # what the message names
             if timeout is None:
                 end = getattr(self._tls, "end", None)
+                deadline_s = self.timeout if end is None else self._tls.total  # what a timeout names
                 # a follow-up (commit, release) keeps a sliver of time so a claim is not left open
                 budget = self.timeout if end is None else max(end - time.monotonic(), 0.05)
             else:
-                budget = timeout
+                budget = deadline_s = timeout
             limit = self.server_info.get("max_message_bytes")
             if limit and payload:
                 size = sum(len(memoryview(f).cast("B")) for f in payload)
