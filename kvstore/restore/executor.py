@@ -502,8 +502,9 @@ class _RunState:
             self.next_callback += 1
 
     def run(self, chunks: list[_Chunk]) -> None:
-        disk_chunks = [c for c in chunks if c.tier == "disk"]
-        mem_chunks = [c for c in chunks if c.tier != "disk"]
+        # encoded tiers (a codec arena) decode into staging like a disk read
+        disk_chunks = [c for c in chunks if c.tier == "disk" or not isinstance(c.arena, MemoryArena)]
+        mem_chunks = [c for c in chunks if c.tier != "disk" and isinstance(c.arena, MemoryArena)]
         self.act_left = sum(1 for c in chunks if c.payload == "act")
         arrived: queue.Queue = queue.Queue()  # disk chunks as read; None ends
         L = self.ex.layout.num_layers

@@ -1,0 +1,174 @@
+"""An arena whose slots hold *encoded* blocks: a codec in front of a plain arena.
+
+:class:`CodecArena` presents the raw block rows (``slot_bytes`` = the raw block) to the
+tier manager and the copies, and keeps ``inner`` -- a memory or disk arena whose slots are
+``codec.encoded_bytes`` -- underneath. So a tier's capacity counts encoded bytes (the inner
+arena is sized from the tier's bytes), and everything above sees whole blocks.
+
+- ``write`` encodes on the source's device (a demotion from the GPU crosses as encoded
+  bytes) into encoded rows, then writes those: a disk slab checksums the encoded bytes it
+  stores, so a damaged encoded block fails its check and is a miss, as any block.
+- ``read`` reads encoded rows (the disk's checked read; a run of memory slots as a view,
+  no copy) and decodes straight into ``out``'s rows on ``out``'s device -- any strides, so
+  the caller's KV or an engine pool is the destination and no full-size raw buffer is made.
+  Batches are cut into chunks of at most ``chunk_bytes`` of raw block bytes, which bounds the
+  codec's temporaries.
+
+Complexity: O(bytes) per call with O(chunks) Python steps (``lossless``: one step per block).
+Imports nothing of this project but ``allocator``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+import time
+from typing import Any
+
+import torch
+
+from allocator.arena import Arena, CorruptSlotError
+from allocator.codecs import Codec
+from allocator.disk import DiskArena
+from allocator.memory import MemoryArena
+
+_CHUNK_BYTES = 16 << 20
+
+
+class CodecArena(Arena):
+    """``inner`` (slots of ``codec.encoded_bytes``) seen as raw block rows through ``codec``."""
+
+    kind = "codec"
+
+    def __init__(self, inner: Arena, codec: Codec, *, chunk_bytes: int = _CHUNK_BYTES) -> None:
+        if inner.slot_bytes != codec.encoded_bytes:
+            raise ValueError(f"inner slots of {inner.slot_bytes} bytes for a codec writing {codec.encoded_bytes}")
+        super().__init__(inner.num_slots, codec.raw_bytes)
+        if isinstance(inner, MemoryArena) and getattr(inner, "checksums", None) is not None:
+            raise TypeError("a codec arena keeps its encoded rows private (no shared-memory arena)")
+        self.inner = inner
+        self.codec = codec
+        self._per_chunk = max(1, chunk_bytes // codec.raw_bytes)
+        #: seconds spent and raw bytes produced by decoding (the cost model's decode rate)
+        self.decode_seconds = 0.0
+        self.decoded_bytes = 0
+
+    # -- what the tiers ask of an arena ----------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self.inner.device
+
+    @property
+    def is_disk(self) -> bool:
+        return isinstance(self.inner, DiskArena)
+
+    def __getattr__(self, name: str) -> Any:
+        # Disk housekeeping (invalidate, recovered, path, sync, ...) is the inner slab's. Never
+        # the raw-byte views of a memory arena: those would hand out encoded bytes as KV.
+        if name in ("data", "rows", "gather", "checksums", "set_checksums", "inner", "codec") or name.startswith("_"):
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+    def _raw(self, t: torch.Tensor, n: int) -> torch.Tensor:
+        """``t`` (raw rows as any dtype, e.g. uint8 from a copy) viewed as ``[n, *block]`` blocks."""
+        if t.dtype == self.codec.dtype and tuple(t.shape[1:]) == self.codec.block_shape:
+            return t
+        if not t.is_contiguous():
+            t = t.contiguous()
+        return t.view(torch.uint8).view(n, -1).view(self.codec.dtype).view(n, *self.codec.block_shape)
+
+    def _chunks(self, n: int) -> list[tuple[int, int]]:
+        return [(i, min(n, i + self._per_chunk)) for i in range(0, n, self._per_chunk)]
+
+    def write(self, slots: Sequence[int], src: torch.Tensor, **kwargs: Any) -> None:
+        """Encode ``src`` (``[n, *block]`` rows, any strides and device) into ``slots``;
+        ``kwargs`` (a disk slab's keys/parents) go to the inner arena, cut to each chunk."""
+        self._check_batch(slots, src)
+        n = len(slots)
+        if not n:
+            return
+        src = self._raw(src, n)
+        slots = list(slots)
+        for lo, hi in self._chunks(n):
+            enc = torch.empty((hi - lo, self.codec.encoded_bytes), dtype=torch.uint8, device=src.device)
+            self.codec.encode(src[lo:hi], enc)
+            if enc.device != self.inner.device:
+                enc = enc.to(self.inner.device)
+            part = {k: (v[lo:hi] if v is not None else None) for k, v in kwargs.items()}
+            self.inner.write(slots[lo:hi], enc, **part)
+
+    def _encoded(self, slots: list[int], device: torch.device) -> torch.Tensor:
+        """Encoded rows of ``slots`` on ``device``: a view of a run of memory slots, else read
+        (checked, for a disk slab: raises :class:`CorruptSlotError`)."""
+        inner = self.inner
+        if isinstance(inner, MemoryArena):
+            if slots[-1] - slots[0] == len(slots) - 1 and slots == list(range(slots[0], slots[-1] + 1)):
+                enc = inner.data[slots[0]:slots[-1] + 1]
+            else:
+                enc = inner.gather(slots)
+        else:
+            enc = torch.empty((len(slots), self.codec.encoded_bytes), dtype=torch.uint8)
+            inner.read(slots, enc)
+        return enc.to(device) if enc.device != device else enc
+
+    def read(self, slots: Sequence[int], out: torch.Tensor) -> None:
+        """Decode ``slots`` into ``out`` (``[n, *block]`` of the codec's dtype, any strides with a
+        contiguous last dim, any device). Raises :class:`CorruptSlotError` naming the slots
+        whose encoded bytes failed their check (or could not be decoded); the other rows of
+        ``out`` are valid."""
+        self._check_batch(slots, out)
+        n = len(slots)
+        if not n:
+            return
+        out = self._raw(out, n) if out.dtype != self.codec.dtype else out
+        slots = list(slots)
+        bad: list[int] = []
+        t0 = time.perf_counter()
+        for lo, hi in self._chunks(n):
+            part = slots[lo:hi]
+            try:
+                enc = self._encoded(part, out.device)
+            except CorruptSlotError as exc:
+                bad.extend(exc.slots)
+                good = [i for i, s in enumerate(part) if s not in set(exc.slots)]
+                enc = None
+            if enc is None:
+                # the disk's read filled the good rows too, but they were not returned: reread them
+                rows = [lo + i for i in good]
+                if rows:
+                    self._decode_rows([slots[r] for r in rows], out, rows)
+                continue
+            try:
+                self.codec.decode(enc, out[lo:hi])
+            except ValueError as exc:  # a malformed lossless row whose check could not be done
+                bad.extend(part)
+                raise CorruptSlotError(bad, f"undecodable encoded rows: {exc}") from None
+        if out.device.type == "cuda":
+            torch.cuda.current_stream(out.device).synchronize()
+        self.decode_seconds += time.perf_counter() - t0
+        self.decoded_bytes += n * self.codec.raw_bytes
+        if bad:
+            raise CorruptSlotError(bad, f"{len(bad)} encoded slot(s) failed their checksum: {bad[:8]}")
+
+    def _decode_rows(self, slots: list[int], out: torch.Tensor, rows: list[int]) -> None:
+        """Decode ``slots`` into ``out[rows[i]]`` (after a partial failure: the good ones)."""
+        enc = self._encoded(slots, out.device)
+        for j, r in enumerate(rows):
+            self.codec.decode(enc[j:j + 1], out[r:r + 1])
+
+    @property
+    def decode_rate(self) -> float | None:
+        """Raw bytes per second decoded so far (None before any read)."""
+        return self.decoded_bytes / self.decode_seconds if self.decode_seconds > 0 else None
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+def base_arena(arena: Arena) -> Arena:
+    """The arena holding the bytes: ``arena`` itself, or a codec arena's inner one."""
+    return arena.inner if isinstance(arena, CodecArena) else arena
+
+
+def same_encoding(a: Arena, b: Arena) -> bool:
+    """Whether ``a`` and ``b`` store the same encoded rows (encoded bytes can move as they are)."""
+    return isinstance(a, CodecArena) and isinstance(b, CodecArena) and a.codec.spec() == b.codec.spec()
