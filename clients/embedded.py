@@ -37,14 +37,15 @@ class EmbeddedClient:
     def put(self, tokens: Any, kv: torch.Tensor, activations: torch.Tensor | None = None) -> int:
         return self._check().put(tokens, kv, activations)
 
-    def lookup(self, tokens: Any) -> int:
-        return self._check().lookup(tokens)
+    def lookup(self, tokens: Any, *, exact: bool | None = None) -> int:
+        return self._check().lookup(tokens, exact=exact)
 
-    def get(self, tokens: Any, device: torch.device | str | None = None) -> torch.Tensor:
-        return self._check().get(tokens, device=device)
+    def get(self, tokens: Any, device: torch.device | str | None = None, *, exact: bool | None = None) -> torch.Tensor:
+        return self._check().get(tokens, device=device, exact=exact)
 
-    def load_into(self, tokens: Any, pool: torch.Tensor | list[torch.Tensor], block_ids: Any) -> int:
-        return self._check().load_into(tokens, pool, block_ids)
+    def load_into(self, tokens: Any, pool: torch.Tensor | list[torch.Tensor], block_ids: Any, *,
+                  exact: bool | None = None) -> int:
+        return self._check().load_into(tokens, pool, block_ids, exact=exact)
 
     def save_from(self, tokens: Any, pool: torch.Tensor | list[torch.Tensor], block_ids: Any) -> int:
         return self._check().save_from(tokens, pool, block_ids)

@@ -445,18 +445,24 @@ class RemoteClient:
             return int(res["tokens"])
 
     @_with_deadline
-    def lookup(self, tokens: Any) -> int:
-        """Cached prefix length in tokens (a multiple of block_tokens)."""
+    def lookup(self, tokens: Any, *, exact: bool | None = None) -> int:
+        """Cached prefix length in tokens (a multiple of block_tokens); ``exact`` as ``get``."""
         self._check_open()
         _, args = self._ns_args(tokens)
+        if exact is not None:
+            args["exact"] = bool(exact)
         result, _ = self._request("lookup", args)
         return int(result)
 
     @_with_deadline
-    def get(self, tokens: Any, device: torch.device | str | None = None) -> torch.Tensor:
-        """The KV of ``tokens`` (whole, fully cached blocks), bytes equal to what was put."""
+    def get(self, tokens: Any, device: torch.device | str | None = None, *, exact: bool | None = None) -> torch.Tensor:
+        """The KV of ``tokens`` (whole, fully cached blocks), bytes equal to what was put --
+        or, where a tier's lossy codec stored them and ``exact`` (None: the namespace's
+        ``lossy_ok``) allows, their decoded approximation (``KVStore.get``)."""
         self._check_open()
         arr, args = self._ns_args(tokens)
+        if exact is not None:
+            args["exact"] = bool(exact)
         out_device = torch.device(device) if device is not None else self.device
         if self._rows:
             result, frames = self._request("get", {**args, "shm": True, "owner": self._owner})
@@ -484,7 +490,7 @@ class RemoteClient:
 
     @_with_deadline
     def load_into(self, tokens: Any, pool: torch.Tensor | list[torch.Tensor],
-                  block_ids: Any) -> int:
+                  block_ids: Any, *, exact: bool | None = None) -> int:
         """``KVStore.load_into`` over the sidecar: block ``i`` of ``tokens``' (whole, fully
         cached) prefix lands in pool block ``block_ids[i]``; the pool layouts and errors are
         the store's. The pool and ids are checked before anything is sent. The blocks are
@@ -500,7 +506,7 @@ class RemoteClient:
         nb = len(arr) // bt
         rows, num_blocks = paged.pool_rows(self.layout, bt, pool)
         ids = paged.block_ids(block_ids, nb, num_blocks)
-        kv = self.get(arr, device="cpu")  # verified where it is hashed: no round trip to a GPU
+        kv = self.get(arr, device="cpu", exact=exact)  # verified where it is hashed: no round trip to a GPU
         paged.place(self._block_rows(kv, nb), range(nb), rows, ids)
         return len(arr)
 

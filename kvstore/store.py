@@ -884,10 +884,12 @@ class KVStore:
             return self._tiers.clear()
 
     @staticmethod
-    def _tier_stats(manager: TierManager, slot_bytes: int) -> dict[str, dict]:
+    def _tier_stats(manager: TierManager, block_bytes: int) -> dict[str, dict]:
+        """Per tier; bytes are what the tier holds (encoded blocks for a codec's tier)."""
         tiers = {}
         for tier in manager.tiers:
             c = tier.counters
+            slot_bytes = tier.arena.codec.encoded_bytes if isinstance(tier.arena, CodecArena) else block_bytes
             tiers[tier.name] = {
                 "capacity_blocks": tier.capacity, "used_blocks": tier.pool.used_count - tier.staged,
                 "capacity_bytes": tier.capacity * slot_bytes,
@@ -1118,7 +1120,7 @@ class KVStore:
         """``(tier name, arena)`` in tier order (the index a lease's blocks refer to)."""
         return [(t.name, t.arena) for t in self._tiers.tiers]
 
-    def lookup_nowait(self, tokens: TokensLike) -> int | None:
+    def lookup_nowait(self, tokens: TokensLike, *, exact: bool | None = None) -> int | None:
         """``lookup`` if the lock is free right now, else None (the caller defers it). O(tokens)."""
         if not self._lock.acquire(blocking=False):
             return None
@@ -1127,7 +1129,7 @@ class KVStore:
                 _, keys = self._keys(tokens)
                 if self._closed or self._cached_prefix(keys, self.adapter) < len(keys):
                     return None
-            return self.lookup(tokens)
+            return self.lookup(tokens, exact=exact)
         finally:
             self._lock.release()
 
@@ -1137,19 +1139,22 @@ class KVStore:
             n += 1
         return n
 
-    def acquire(self, tokens: TokensLike, tiers: Sequence[int]) -> "KVStore.Lease | None":
+    def acquire(self, tokens: TokensLike, tiers: Sequence[int], *, exact: bool | None = None,
+                ) -> "KVStore.Lease | None":
         """Pin a fully cached whole-block prefix whose blocks all sit in ``tiers``.
 
-        None when a block is missing or elsewhere (the caller falls back to ``get``, which
-        counts and raises the miss or promotes). Counts as a get; O(blocks).
+        None when a block is missing or elsewhere, or lossy where ``exact`` (as :meth:`get`)
+        refuses it (the caller falls back to ``get``, which counts and raises the miss or
+        promotes). Counts as a get; O(blocks).
         """
         self._check_open()
         arr, keys = self._whole_block_keys(tokens)
         allowed = set(tiers)
+        refuse_lossy = self._refuse_lossy(exact)
         with self._lock:
             self._check_open()
             entries = [self._tiers.index.get(k) for k in keys]
-            if any(e is None or e.tier not in allowed for e in entries):
+            if any(e is None or e.tier not in allowed or (refuse_lossy and e.lossy) for e in entries):
                 return None
             self._counters["gets"] += 1
             self._counters["hits"] += len(entries)
