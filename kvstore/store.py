@@ -33,7 +33,8 @@ from kvstore.saves import AsyncSaver, PutHandle
 from eviction import make_policy
 from kvstore.activations import ActDiskArena, put_forms
 from kvstore.config import TIERS, StoreConfig
-from kvstore.restore.costmodel import ComputeCost, CostModel, CostProfile, LinkCost
+from kvstore.restore.costmodel import (DEFAULT_DECODE_BPS, ComputeCost, CostModel, CostProfile, LinkCost,
+                                       decode_rate)
 from kvstore.errors import (BlockNotFoundError, ConfigError, InvalidInputError, NamespaceOwnerError,
                             StoreClosedError)
 from kvstore.restore.executor import Executor, Recomputer, Source, Timings
@@ -41,7 +42,7 @@ from kvstore.hashing import KeyMemo, iter_block_keys, namespace_salt, tokens_to_
 from kvstore.layout import ModelLayout
 from kvstore.validate import check_act, check_kv, check_whole_blocks
 from kvstore.remote_tier import RemoteTier
-from kvstore.restore.planner import BlockForms, Plan, plan_restore
+from kvstore.restore.planner import BlockForms, Plan, TierCodec, plan_restore
 from kvstore.tiers import BlockEntry, Tier, TierManager
 
 log = logging.getLogger(__name__)
@@ -750,7 +751,9 @@ class KVStore:
             if acts is None or all(f.act is None for f in forms):
                 plan = plan_restore(forms, self.layout, bt, _TRANSFER_ONLY, allow_prefill=False)
             else:
-                plan = plan_restore(forms, self.layout, bt, self.cost_model.profile, allow_prefill=allow_prefill)
+                profile = self.cost_model.profile
+                plan = plan_restore(forms, self.layout, bt, profile, allow_prefill=allow_prefill,
+                                    codecs=self.planner_codecs(profile))
             m = n - plan.prefill_tokens // bt
             shape = self.layout.kv_shape(m * bt)
             if out is None:
@@ -850,6 +853,18 @@ class KVStore:
             paged.place(staging, good, rows, [pos[idx[j]] for j in good])
         paged.wait(rows)
         return corrupt
+
+    def planner_codecs(self, profile: CostProfile) -> dict[str, TierCodec]:
+        """Per coded tier, what the planner charges for its KV: encoded bytes on the links and
+        a decode time per block, from the profile's calibrated rate, else this store's own
+        measured one, else ``DEFAULT_DECODE_BPS``. O(tiers)."""
+        out: dict[str, TierCodec] = {}
+        for tier in self._tiers.tiers:
+            arena = tier.arena
+            if isinstance(arena, CodecArena) and arena.codec.name != "none":
+                rate = decode_rate(profile, arena.codec.name) or arena.decode_rate or DEFAULT_DECODE_BPS
+                out[tier.name] = TierCodec(arena.codec.encoded_bytes, arena.codec.raw_bytes / rate)
+        return out
 
     def _decode_into(self, t: int, arena: CodecArena, placed: list[tuple[BlockEntry, int, int]],
                      rows: torch.Tensor, pos: list[int]) -> list[BlockEntry]:

@@ -50,7 +50,7 @@ from typing import Any, Protocol
 
 import torch
 
-from allocator import Arena, CorruptSlotError, MemoryArena
+from allocator import Arena, CorruptSlotError, DiskArena, MemoryArena
 from allocator.rowcopy import DEFAULT_COPIER, Copier, copy_rows
 from kvstore.restore.costmodel import CostModel
 from kvstore.errors import InvalidInputError
@@ -301,6 +301,8 @@ class _RunState:
             ch.blocks, ch.slots = [], []
             rows = rows[:0]
         ch.rows = rows
+        if not isinstance(ch.arena, DiskArena):
+            return 0  # an encoded tier: its time is read + decode, not the disk link's (not observed)
         return rows.numel() * rows.element_size()
 
     def _source(self, ch: _Chunk) -> tuple[torch.Tensor, bool]:
