@@ -21,6 +21,7 @@ Imports nothing of this project but ``allocator``.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 import time
 from typing import Any
 
@@ -31,7 +32,7 @@ from allocator.codecs import Codec
 from allocator.disk import DiskArena
 from allocator.memory import MemoryArena
 
-_CHUNK_BYTES = 16 << 20
+_CHUNK_BYTES = 4 << 20  # small enough that a read overlaps several decodes
 
 
 class CodecArena(Arena):
@@ -114,7 +115,9 @@ class CodecArena(Arena):
         """Decode ``slots`` into ``out`` (``[n, *block]`` of the codec's dtype, any strides with a
         contiguous last dim, any device). Raises :class:`CorruptSlotError` naming the slots
         whose encoded bytes failed their check (or could not be decoded); the other rows of
-        ``out`` are valid."""
+        ``out`` are valid. From a disk slab the next chunk is read while this one decodes
+        (positioned reads and torch kernels release the GIL), so a restore costs about
+        max(read, decode) rather than their sum."""
         self._check_batch(slots, out)
         n = len(slots)
         if not n:
@@ -123,25 +126,29 @@ class CodecArena(Arena):
         slots = list(slots)
         bad: list[int] = []
         t0 = time.perf_counter()
-        for lo, hi in self._chunks(n):
-            part = slots[lo:hi]
-            try:
-                enc = self._encoded(part, out.device)
-            except CorruptSlotError as exc:
-                bad.extend(exc.slots)
-                good = [i for i, s in enumerate(part) if s not in set(exc.slots)]
-                enc = None
-            if enc is None:
-                # the disk's read filled the good rows too, but they were not returned: reread them
-                rows = [lo + i for i in good]
-                if rows:
-                    self._decode_rows([slots[r] for r in rows], out, rows)
-                continue
-            try:
-                self.codec.decode(enc, out[lo:hi])
-            except ValueError as exc:  # a malformed lossless row whose check could not be done
-                bad.extend(part)
-                raise CorruptSlotError(bad, f"undecodable encoded rows: {exc}") from None
+        chunks = self._chunks(n)
+        prefetch = isinstance(self.inner, DiskArena) and len(chunks) > 1
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvstore-codec-read") if prefetch else None
+        try:
+            fetch = (lambda part: pool.submit(self._fetch, part, out.device)) if pool is not None else \
+                (lambda part: _Done(self._fetch(part, out.device)))
+            pending = fetch(slots[chunks[0][0]:chunks[0][1]])
+            for k, (lo, hi) in enumerate(chunks):
+                enc, failed = pending.result()
+                if k + 1 < len(chunks):
+                    nlo, nhi = chunks[k + 1]
+                    pending = fetch(slots[nlo:nhi])
+                part = slots[lo:hi]
+                bad.extend(failed)
+                try:
+                    self.codec.decode(enc, out[lo:hi])  # rows of failed slots decode garbage: reported below
+                except ValueError as exc:  # a malformed lossless row whose check could not be done
+                    bad.extend(s for s in part if s not in set(failed))
+                    log_bad = f"undecodable encoded rows: {exc}"
+                    raise CorruptSlotError(bad, log_bad) from None
+        finally:
+            if pool is not None:
+                pool.shutdown(wait=True)
         if out.device.type == "cuda":
             torch.cuda.current_stream(out.device).synchronize()
         self.decode_seconds += time.perf_counter() - t0
@@ -149,11 +156,19 @@ class CodecArena(Arena):
         if bad:
             raise CorruptSlotError(bad, f"{len(bad)} encoded slot(s) failed their checksum: {bad[:8]}")
 
-    def _decode_rows(self, slots: list[int], out: torch.Tensor, rows: list[int]) -> None:
-        """Decode ``slots`` into ``out[rows[i]]`` (after a partial failure: the good ones)."""
-        enc = self._encoded(slots, out.device)
-        for j, r in enumerate(rows):
-            self.codec.decode(enc[j:j + 1], out[r:r + 1])
+    def _fetch(self, part: list[int], device: torch.device) -> tuple[torch.Tensor, list[int]]:
+        """Encoded rows of ``part`` on ``device`` and the slots whose check failed (their rows
+        are whatever was read: the caller reports them, never returns them)."""
+        inner = self.inner
+        if isinstance(inner, MemoryArena):
+            return self._encoded(part, device), []
+        enc = torch.empty((len(part), self.codec.encoded_bytes), dtype=torch.uint8)
+        failed: list[int] = []
+        try:
+            inner.read(part, enc)
+        except CorruptSlotError as exc:
+            failed = list(exc.slots)
+        return (enc.to(device) if enc.device != device else enc), failed
 
     @property
     def decode_rate(self) -> float | None:
@@ -162,6 +177,16 @@ class CodecArena(Arena):
 
     def close(self) -> None:
         self.inner.close()
+
+
+class _Done:
+    """A finished future (the no-prefetch path)."""
+
+    def __init__(self, value) -> None:
+        self._value = value
+
+    def result(self):
+        return self._value
 
 
 def base_arena(arena: Arena) -> Arena:
