@@ -659,7 +659,8 @@ class KVStore:
         return self._write_reserved(arr, write, lambda: self._put_blocks(keys, paged.take(rows, ids), None))
 
     def load(self, tokens: TokensLike, adapter: Recomputer | None = None, *, device: torch.device | str | None = None,
-             out: torch.Tensor | None = None, on_layer: Callable[[int], None] | None = None) -> LoadResult:
+             out: torch.Tensor | None = None, on_layer: Callable[[int], None] | None = None,
+             exact: bool | None = None) -> LoadResult:
         """Restore as much of ``tokens``' cached prefix as is worth restoring.
 
         Unlike ``get``, the planner may leave a suffix of the cached blocks to the engine's
@@ -670,6 +671,8 @@ class KVStore:
         restored length, e.g. the whole prompt's) its leading tokens are filled and ``kv`` is
         a view of them. A block that fails its checksum ends the restored
         prefix there (it is dropped). Costs as ``get`` plus planning (bounded search).
+        ``exact`` as :meth:`get`: where lossy KV is refused, the restored prefix ends before
+        the first block a lossy codec stored (the engine prefills from there).
         """
         self._check_open()
         arr, keys = self._keys(tokens)
@@ -677,6 +680,13 @@ class KVStore:
         out_device = torch.device(device) if device is not None else self.device
         if self._remote is not None:
             self._promote_from_remote(keys, adapter)
+        if self._refuse_lossy(exact):
+            with self._lock:
+                index = self._tiers.index
+                cut = next((i for i, k in enumerate(keys) if (e := index.get(k)) is not None and e.lossy), len(keys))
+                if cut < len(keys):
+                    self._counters["lossy_refused"] += 1
+            keys = keys[:cut]
         return LoadResult(*self._restore(keys, adapter, allow_prefill=True, exact=False, out=out,
                                          on_layer=on_layer, device=out_device))
 

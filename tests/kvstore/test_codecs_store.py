@@ -235,3 +235,16 @@ def test_per_layer_pool_load_into_from_an_encoded_tier(tmp_path, seed):
         for i, b in enumerate([4, 0, 5]):
             assert torch.equal(p[:, b], kv[layer, :, i * BT:(i + 1) * BT])
     st.close()
+
+
+def test_load_restores_up_to_the_first_lossy_block(tmp_path, seed):
+    toks = list(range(BT * 4))
+    kv = kv_for(LAYOUT, len(toks), seed)
+    st = make(tmp_path, device=2, host=8, host_codec="int8", promote_on_hit=False)
+    st.put(toks, kv)
+    assert st.locate(toks) == ["device", "device", "host", "host"]
+    res = st.load(toks)
+    assert res.tokens_restored == 2 * BT and torch.equal(res.kv, kv[:, :, :2 * BT])
+    res = st.load(toks, exact=False)
+    assert res.tokens_restored == 4 * BT and 0 < rel(res.kv, kv) < 0.01
+    st.close()
