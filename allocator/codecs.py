@@ -249,7 +249,8 @@ class QuantCodec(Codec):
     def _group_scales(self, x: torch.Tensor, dim: int) -> torch.Tensor:
         """bf16 scales of absmax/qmax over ``dim`` (kept), rounded *up* so no code clips; an
         all-zero group gets scale 1 (its codes are 0)."""
-        amax = x.abs().amax(dim=dim, keepdim=True).float()
+        lo, hi = torch.aminmax(x, dim=dim, keepdim=True)  # one pass, no |x| temporary
+        amax = torch.maximum(-lo, hi).float()
         s = (amax / self.qmax).clamp_min(torch.finfo(torch.float32).tiny)
         sb = s.to(_SCALE)
         sb = torch.where(sb.float() < s, torch.nextafter(sb, torch.full_like(sb, math.inf)), sb)
@@ -263,7 +264,8 @@ class QuantCodec(Codec):
             x = src[:, :, which]  # [n, L, T, H, D]
             s = self._group_scales(x, dim)
             dst.copy_(s)
-            self._store(x.float() / s.float(), self._data(out, which), n)
+            y = x.to(torch.float32, copy=True)  # never in place on the caller's fp32 KV
+            self._store(y.mul_(1.0 / s.float()), self._data(out, which), n)
 
     @abstractmethod
     def _store(self, y: torch.Tensor, dst: torch.Tensor, n: int) -> None:
@@ -287,7 +289,7 @@ class Int8Codec(QuantCodec):
     name = "int8"
 
     def _store(self, y: torch.Tensor, dst: torch.Tensor, n: int) -> None:
-        dst.view(torch.int8).view(n, *y.shape[1:]).copy_(y.round_().clamp_(-127, 127))
+        dst.view(torch.int8).view(n, *y.shape[1:]).copy_(y.round_())  # |y| <= 127: the scale is rounded up
 
     def _load(self, src: torch.Tensor, scale: torch.Tensor, dst: torch.Tensor) -> None:
         torch.mul(src.view(torch.int8).view(dst.shape), scale, out=dst)
@@ -316,7 +318,7 @@ class Int4Codec(QuantCodec):
     bits = 4
 
     def _store(self, y: torch.Tensor, dst: torch.Tensor, n: int) -> None:
-        q = (y.round_().clamp_(-7, 7) + 8).to(torch.uint8)
+        q = y.round_().add_(8).to(torch.uint8)  # |y| <= 7: the scale is rounded up
         pairs = q.view(*q.shape[:-1], q.shape[-1] // 2, 2)
         dst.view(n, *q.shape[1:-1], q.shape[-1] // 2).copy_(pairs[..., 0] | (pairs[..., 1] << 4))
 

@@ -143,3 +143,13 @@ def test_codec_arena_decodes_into_strided_rows_and_catches_damaged_encoded_bytes
     assert info.value.slots == [2]
     assert torch.equal(out[[0, 1, 3]], want[[0, 1, 3]])
     disk.close()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", ["lossless", "int8", "fp8", "int4"])
+def test_encode_leaves_the_source_untouched(name, dtype, seed):
+    x = kv_blocks(2, dtype, seed)
+    before = x.clone()
+    codec = make_codec(name, SHAPE, dtype)
+    codec.encode(x, torch.empty((2, codec.encoded_bytes), dtype=torch.uint8))
+    assert torch.equal(x, before)
