@@ -139,7 +139,7 @@ def _restores(report: Report, names: list[str], kv, bt: int, workdir: Path, repe
 
 def run(args: argparse.Namespace) -> Report:
     report = Report("codecs", machine_info())
-    total = (32 if args.quick else args.total) * MiB
+    total = (min(32, args.total) if args.quick else args.total) * MiB
     names = [c for c in args.codecs.split(",") if c]
     layers = 8 if args.quick else args.layers
     block_shape = (layers, 2, args.block_tokens, args.kv_heads, args.head_dim)
