@@ -248,3 +248,26 @@ def test_load_restores_up_to_the_first_lossy_block(tmp_path, seed):
     res = st.load(toks, exact=False)
     assert res.tokens_restored == 4 * BT and 0 < rel(res.kv, kv) < 0.01
     st.close()
+
+
+@pytest.mark.parametrize("codec", ["int4", "lossless"])
+def test_save_from_and_put_async_land_encoded_in_a_coded_top_tier(tmp_path, codec, seed):
+    """No device tier: puts land straight in the coded host tier (encode on the way in)."""
+    toks = list(range(BT * 3))
+    kv = kv_for(LAYOUT, len(toks), seed)
+    st = make(tmp_path, device=0, host=8, host_codec=codec, lossy_ok=True)
+    pool = torch.zeros(6, LAYOUT.num_layers, 2, BT, 2, 64, dtype=LAYOUT.dtype)
+    pool[[5, 1, 3]] = kv.view(2, 2, 3, BT, 2, 64).permute(2, 0, 1, 3, 4, 5)
+    assert st.save_from(toks, pool, [5, 1, 3]) == len(toks)
+    other = list(range(10**6, 10**6 + BT * 2))
+    assert st.put_async(other, kv[:, :, :BT * 2]).wait() == BT * 2
+    back = torch.zeros_like(pool)
+    assert st.load_into(toks, back, [0, 2, 4]) == len(toks)
+    got = back[[0, 2, 4]]
+    if codec == "lossless":
+        assert torch.equal(got, pool[[5, 1, 3]])
+        assert torch.equal(st.get(other), kv[:, :, :BT * 2])
+    else:
+        assert rel(got, pool[[5, 1, 3]]) < LOSSY["int4"]
+    assert st.locate(toks) == ["host"] * 3
+    st.close()
