@@ -171,6 +171,11 @@ class CodecArena(Arena):
         return (enc.to(device) if enc.device != device else enc), failed
 
     @property
+    def blocks_per_chunk(self) -> int:
+        """Blocks one chunk of a read or write holds (what bounds the codec's temporaries)."""
+        return self._per_chunk
+
+    @property
     def decode_rate(self) -> float | None:
         """Raw bytes per second decoded so far (None before any read)."""
         return self.decoded_bytes / self.decode_seconds if self.decode_seconds > 0 else None

@@ -839,7 +839,7 @@ class KVStore:
         for t, idx in by_tier.items():
             arena = self._tiers.tiers[t].arena
             slots = [placed[i][2] for i in idx]
-            if isinstance(arena, CodecArena) and not isinstance(rows, paged.LayerRows):
+            if isinstance(arena, CodecArena):
                 corrupt.extend(self._decode_into(t, arena, [placed[i] for i in idx], rows, [pos[i] for i in idx]))
                 continue
             if isinstance(arena, MemoryArena) and getattr(arena, "checksums", None) is None:
@@ -878,10 +878,34 @@ class KVStore:
 
     def _decode_into(self, t: int, arena: CodecArena, placed: list[tuple[BlockEntry, int, int]],
                      rows: torch.Tensor, pos: list[int]) -> list[BlockEntry]:
-        """Decode encoded blocks straight into ``rows[pos[i]]``, one decode per run of
-        consecutive positions (no full-size staging: the codec writes the caller's rows).
-        Returns the entries whose encoded bytes failed their check. O(bytes) + O(runs)."""
+        """Decode encoded blocks into ``rows[pos[i]]``. Runs of consecutive positions in a
+        tensor of rows are decoded straight into them (the codec writes the caller's rows); a
+        per-layer pool, or positions so scattered that runs are short (an engine's free
+        blocks), go through one chunk of staging at a time (bounded by the arena's chunk,
+        never the whole batch) and one scatter per chunk. Returns the entries whose encoded
+        bytes failed their check. O(bytes) + O(runs or chunks)."""
         corrupt: list[BlockEntry] = []
+        runs = 1 + sum(1 for a, b in zip(pos, pos[1:]) if b != a + 1)
+        if isinstance(rows, paged.LayerRows) or runs > max(1, len(pos) // 4):
+            per = arena.blocks_per_chunk
+            dev = paged.device_of(rows)
+            for lo in range(0, len(pos), per):
+                part = placed[lo:lo + per]
+                slots = [p[2] for p in part]
+                staging = torch.empty((len(part), *self._block_shape), dtype=self.layout.dtype, device=dev)
+                bad: set[int] = set()
+                try:
+                    arena.read(slots, staging)
+                except CorruptSlotError as exc:
+                    bad = set(exc.slots)
+                except OSError as exc:
+                    with self._lock:
+                        self._tiers.fail(t, exc)
+                    bad = set(slots)
+                corrupt.extend(p[0] for p in part if p[2] in bad)
+                good = [j for j, p in enumerate(part) if p[2] not in bad]
+                paged.place(staging, good, rows, [pos[lo + j] for j in good])
+            return corrupt
         i = 0
         while i < len(pos):
             j = i + 1
