@@ -31,6 +31,7 @@ from allocator.arena import Arena, CorruptSlotError
 from allocator.codecs import Codec
 from allocator.disk import DiskArena
 from allocator.memory import MemoryArena
+from allocator.rowcopy import DEFAULT_COPIER
 
 _CHUNK_BYTES = 4 << 20  # small enough that a read overlaps several decodes
 
@@ -48,6 +49,10 @@ class CodecArena(Arena):
             raise TypeError("a codec arena keeps its encoded rows private (no shared-memory arena)")
         self.inner = inner
         self.codec = codec
+        #: the cross-device copy primitive (the inner arena's, so a test double injected there
+        #: also sees the encoded bytes cross)
+        self.copier = getattr(inner, "copier", None) or DEFAULT_COPIER
+        self._inner_like = inner.data if isinstance(inner, MemoryArena) else torch.empty(0, dtype=torch.uint8)
         self._per_chunk = max(1, chunk_bytes // codec.raw_bytes)
         #: seconds spent and raw bytes produced by decoding (the cost model's decode rate)
         self.decode_seconds = 0.0
@@ -90,16 +95,18 @@ class CodecArena(Arena):
         src = self._raw(src, n)
         slots = list(slots)
         for lo, hi in self._chunks(n):
-            enc = torch.empty((hi - lo, self.codec.encoded_bytes), dtype=torch.uint8, device=src.device)
+            enc = self.copier.empty((hi - lo, self.codec.encoded_bytes), torch.uint8, src)  # on the source's device
             self.codec.encode(src[lo:hi], enc)
-            if enc.device != self.inner.device:
-                enc = enc.to(self.inner.device)
+            if self.copier.crosses(enc, self._inner_like):  # a CUDA source: encoded bytes cross, not raw ones
+                here = self.copier.to(enc, self._inner_like)
+                self.copier.wait(enc, here)  # landed before the inner arena reads it on the host
+                enc = here
             part = {k: (v[lo:hi] if v is not None else None) for k, v in kwargs.items()}
             self.inner.write(slots[lo:hi], enc, **part)
 
-    def _encoded(self, slots: list[int], device: torch.device) -> torch.Tensor:
-        """Encoded rows of ``slots`` on ``device``: a view of a run of memory slots, else read
-        (checked, for a disk slab: raises :class:`CorruptSlotError`)."""
+    def _encoded(self, slots: list[int], like: torch.Tensor) -> torch.Tensor:
+        """Encoded rows of ``slots`` where ``like`` lives: a view of a run of memory slots (or a
+        gather), moved by the copy primitive when ``like`` is on another device."""
         inner = self.inner
         if isinstance(inner, MemoryArena):
             if slots[-1] - slots[0] == len(slots) - 1 and slots == list(range(slots[0], slots[-1] + 1)):
@@ -109,7 +116,13 @@ class CodecArena(Arena):
         else:
             enc = torch.empty((len(slots), self.codec.encoded_bytes), dtype=torch.uint8)
             inner.read(slots, enc)
-        return enc.to(device) if enc.device != device else enc
+        return self._to(enc, like)
+
+    def _to(self, enc: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """Encoded rows to where ``like`` (the decode's destination) lives, through the copy
+        primitive; the decode that follows is queued on the same stream, and ``read`` waits
+        before it returns."""
+        return self.copier.to(enc, like)
 
     def read(self, slots: Sequence[int], out: torch.Tensor) -> None:
         """Decode ``slots`` into ``out`` (``[n, *block]`` of the codec's dtype, any strides with a
@@ -130,8 +143,8 @@ class CodecArena(Arena):
         prefetch = isinstance(self.inner, DiskArena) and len(chunks) > 1
         pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvstore-codec-read") if prefetch else None
         try:
-            fetch = (lambda part: pool.submit(self._fetch, part, out.device)) if pool is not None else \
-                (lambda part: _Done(self._fetch(part, out.device)))
+            fetch = (lambda part: pool.submit(self._fetch, part, out)) if pool is not None else \
+                (lambda part: _Done(self._fetch(part, out)))
             pending = fetch(slots[chunks[0][0]:chunks[0][1]])
             for k, (lo, hi) in enumerate(chunks):
                 enc, failed = pending.result()
@@ -149,26 +162,25 @@ class CodecArena(Arena):
         finally:
             if pool is not None:
                 pool.shutdown(wait=True)
-        if out.device.type == "cuda":
-            torch.cuda.current_stream(out.device).synchronize()
+        self.copier.wait(out)  # every copy and decode into a CUDA destination has landed
         self.decode_seconds += time.perf_counter() - t0
         self.decoded_bytes += n * self.codec.raw_bytes
         if bad:
             raise CorruptSlotError(bad, f"{len(bad)} encoded slot(s) failed their checksum: {bad[:8]}")
 
-    def _fetch(self, part: list[int], device: torch.device) -> tuple[torch.Tensor, list[int]]:
-        """Encoded rows of ``part`` on ``device`` and the slots whose check failed (their rows
-        are whatever was read: the caller reports them, never returns them)."""
+    def _fetch(self, part: list[int], like: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+        """Encoded rows of ``part`` where ``like`` lives and the slots whose check failed (their
+        rows are whatever was read: the caller reports them, never returns them)."""
         inner = self.inner
         if isinstance(inner, MemoryArena):
-            return self._encoded(part, device), []
+            return self._encoded(part, like), []
         enc = torch.empty((len(part), self.codec.encoded_bytes), dtype=torch.uint8)
         failed: list[int] = []
         try:
             inner.read(part, enc)
         except CorruptSlotError as exc:
             failed = list(exc.slots)
-        return (enc.to(device) if enc.device != device else enc), failed
+        return self._to(enc, like), failed
 
     @property
     def blocks_per_chunk(self) -> int:

@@ -153,3 +153,22 @@ def test_encode_leaves_the_source_untouched(name, dtype, seed):
     codec = make_codec(name, SHAPE, dtype)
     codec.encode(x, torch.empty((2, codec.encoded_bytes), dtype=torch.uint8))
     assert torch.equal(x, before)
+
+
+def test_encoded_bytes_cross_through_the_copy_primitive_and_are_waited_for(seed):
+    """A demotion from the device tier encodes on the device and moves *encoded* bytes to the
+    host arena through the copier, waited for before the host arena keeps them (the delayed-
+    copy double poisons a host-bound copy until the wait names its device)."""
+    from tests.delayed_copies import DelayedCopier
+
+    copier = DelayedCopier()
+    codec = make_codec("int8", SHAPE, torch.bfloat16)
+    arena = CodecArena(MemoryArena(4, codec.encoded_bytes, device="cpu", copier=copier), codec)
+    x = kv_blocks(2, torch.bfloat16, seed)
+    src = copier.put_on(x.clone(), "dev0")  # the device tier's rows
+    arena.write([3, 1], src)
+    assert copier.crossings >= 1 and copier.in_flight() == 0
+    dst = copier.put_on(torch.zeros_like(x), "dev0")  # restored into device memory
+    arena.read([3, 1], dst)
+    want, _ = roundtrip("int8", x)
+    assert torch.equal(dst, want)
