@@ -7,7 +7,7 @@ a fixed size, so a tier's slots hold encoded rows and capacity counts encoded by
 Codecs (``make_codec(name, block_shape, dtype)``):
 
 - ``none``: the raw bytes (the arena's row is the block).
-- ``lossless``: Blosc (numcodecs: byte shuffle + LZ4) of the raw bytes, byte-exact back.
+- ``lossless``: Blosc (numcodecs: bit shuffle + LZ4) of the raw bytes, byte-exact back.
   The row keeps a 16-byte header (flag, payload length); a block that does not shrink is
   stored raw under the same header. Slots stay sized for the raw block (a fixed-size slot
   cannot count on a ratio no data promises), so lossless keeps exactly as many blocks as
@@ -131,12 +131,14 @@ class RawCodec(Codec):
 
 
 class LosslessCodec(Codec):
-    """``lossless``: Blosc with byte shuffle (element-size typesize) and LZ4, per block.
+    """``lossless``: Blosc with bit shuffle (at the element size) and LZ4, per block.
 
-    Row: ``[flag u32 (0 raw, 1 blosc)][length u32][8 reserved][payload]``. Byte shuffle groups
-    the bytes of equal significance (a bf16's sign/exponent bytes are far more regular than
-    its mantissa bytes), which is where KV's redundancy lies; LZ4 is chosen over zstd for
-    decode speed (see docs/decisions.md for the measured ratios).
+    Row: ``[flag u32 (0 raw, 1 blosc)][length u32][8 reserved][payload]``. The shuffle groups
+    the bits of equal significance (a float's sign and exponent bits are far more regular
+    than its mantissa bits), which is where KV's redundancy lies. Measured on Gaussian bf16
+    (2 MiB): LZ4 + bit shuffle 1.25x, decode 2.6 GB/s, encode 1.0 GB/s; LZ4 + byte shuffle
+    1.15x; zstd + byte shuffle 1.43x but decode 1.2 GB/s and encode 0.03 GB/s at level 5 --
+    LZ4 + bit shuffle keeps decode near memcpy speed.
     """
 
     name = "lossless"
@@ -164,8 +166,8 @@ class LosslessCodec(Codec):
         rows = out if out.device.type == "cpu" else torch.empty(out.shape, dtype=torch.uint8)
         hdr = rows[:, :8].view(torch.int32).numpy()
         for i in range(host.shape[0]):
-            packed = self._blosc.compress(host[i], self._cname.encode(), self._clevel, self._blosc.SHUFFLE,
-                                          self._typesize)
+            packed = self._blosc.compress(host[i], self._cname.encode(), self._clevel, self._blosc.BITSHUFFLE,
+                                          typesize=self._typesize)
             n = len(packed)
             if n < self.raw_bytes:
                 rows[i, self.HEADER:self.HEADER + n] = torch.frombuffer(bytearray(packed), dtype=torch.uint8)
