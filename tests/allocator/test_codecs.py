@@ -172,3 +172,18 @@ def test_encoded_bytes_cross_through_the_copy_primitive_and_are_waited_for(seed)
     arena.read([3, 1], dst)
     want, _ = roundtrip("int8", x)
     assert torch.equal(dst, want)
+
+
+def test_lossless_shuffles_at_the_element_size(seed):
+    """Gaussian bf16 compresses only through its regular sign/exponent bits: without the
+    shuffle at the element size (the typesize) Blosc gets 1.00x; with it, about 1.25x."""
+    g = torch.Generator().manual_seed(seed)
+    shape = (4, 2, 16, 8, 128)
+    x = torch.randn(4, *shape, generator=g).to(torch.bfloat16)
+    codec = make_codec("lossless", shape, torch.bfloat16)
+    enc = torch.empty((4, codec.encoded_bytes), dtype=torch.uint8)
+    codec.encode(x, enc)
+    assert codec.achieved_ratio > 1.15, codec.achieved_ratio
+    out = torch.empty_like(x)
+    codec.decode(enc, out)
+    assert torch.equal(out.view(torch.int16), x.view(torch.int16))
