@@ -495,10 +495,8 @@ class KVStore:
             if kv is not None:
                 return kv
         if (adapter is not None and self._acts is not None) or on_layer is not None:
-            if refuse_lossy:
-                self._check_exact(keys, len(arr))
             kv, _, _, _ = self._restore(keys, adapter, allow_prefill=False, exact=exact, out=out,
-                                        on_layer=on_layer, device=out_device)
+                                        on_layer=on_layer, device=out_device, refuse_lossy=refuse_lossy)
             return kv
         result = self._output(len(keys) * bt, out, out_device)
         placed, _ = self._pin_prefix(keys, len(arr), refuse_lossy)
@@ -532,21 +530,6 @@ class KVStore:
         L, _, T, H, D = kv.shape
         bt = self.block_tokens
         return kv.view(L, 2, T // bt, bt, H, D).permute(2, 0, 1, 3, 4, 5)
-
-    def _check_exact(self, keys: list[bytes], num_tokens: int) -> None:
-        """Raise :class:`BlockNotFoundError` (counted as a get's misses) when a block of ``keys``
-        holds KV a lossy codec stored and has no activations to recompute it from. O(blocks)."""
-        with self._lock:
-            acts = self._acts.index if self._acts is not None else {}
-            for i, k in enumerate(keys):
-                e = self._tiers.index.get(k)
-                if e is not None and e.lossy and k not in acts:
-                    self._counters["gets"] += 1
-                    self._counters["misses"] += len(keys) - i
-                    self._counters["hits"] += i
-                    self._counters["lossy_refused"] += 1
-                    raise BlockNotFoundError(f"only {i * self.block_tokens} of {num_tokens} tokens are cached "
-                                             f"exactly (block {i} was stored by a lossy codec)")
 
     def _pin_prefix(self, keys: list[bytes], num_tokens: int, refuse_lossy: bool = False,
                     ) -> tuple[list[tuple[BlockEntry, int, int]], list[BlockEntry]]:
@@ -671,8 +654,9 @@ class KVStore:
         restored length, e.g. the whole prompt's) its leading tokens are filled and ``kv`` is
         a view of them. A block that fails its checksum ends the restored
         prefix there (it is dropped). Costs as ``get`` plus planning (bounded search).
-        ``exact`` as :meth:`get`: where lossy KV is refused, the restored prefix ends before
-        the first block a lossy codec stored (the engine prefills from there).
+        ``exact`` as :meth:`get`: where lossy KV is refused, a block a lossy codec stored is
+        recomputed from its activations if it has them, else the restored prefix ends there
+        (the engine prefills from there).
         """
         self._check_open()
         arr, keys = self._keys(tokens)
@@ -680,15 +664,9 @@ class KVStore:
         out_device = torch.device(device) if device is not None else self.device
         if self._remote is not None:
             self._promote_from_remote(keys, adapter)
-        if self._refuse_lossy(exact):
-            with self._lock:
-                index = self._tiers.index
-                cut = next((i for i, k in enumerate(keys) if (e := index.get(k)) is not None and e.lossy), len(keys))
-                if cut < len(keys):
-                    self._counters["lossy_refused"] += 1
-            keys = keys[:cut]
         return LoadResult(*self._restore(keys, adapter, allow_prefill=True, exact=False, out=out,
-                                         on_layer=on_layer, device=out_device))
+                                         on_layer=on_layer, device=out_device,
+                                         refuse_lossy=self._refuse_lossy(exact)))
 
     # -- planned restores --------------------------------------------------------------
     @property
@@ -712,9 +690,11 @@ class KVStore:
             return ex
 
     def _restore(self, keys: list[bytes], adapter: Recomputer | None, *, allow_prefill: bool, exact: bool,
-                 out: torch.Tensor | None, on_layer: Callable[[int], None] | None, device: torch.device
-                 ) -> tuple[torch.Tensor, int, Plan | None, Timings | None]:
+                 out: torch.Tensor | None, on_layer: Callable[[int], None] | None, device: torch.device,
+                 refuse_lossy: bool = False) -> tuple[torch.Tensor, int, Plan | None, Timings | None]:
         """Plan and run one restore of ``keys``' cached prefix (``get``: all of it or raise).
+        With ``refuse_lossy`` KV a lossy codec stored counts as absent (the block is then
+        recomputed from its activations, or missing).
 
         Pins every form of every block involved in both managers under the lock, plans and
         executes outside it, then unpins, drops corrupt blocks, and promotes blocks whose KV
@@ -730,6 +710,9 @@ class KVStore:
             for k in keys:
                 e = self._tiers.index.get(k)
                 a = acts.index.get(k) if acts is not None else None
+                if refuse_lossy and e is not None and e.lossy:
+                    self._counters["lossy_refused"] += 1
+                    e = None
                 if e is None and a is None:
                     break
                 kv_es.append(e)
