@@ -187,3 +187,13 @@ def test_lossless_shuffles_at_the_element_size(seed):
     out = torch.empty_like(x)
     codec.decode(enc, out)
     assert torch.equal(out.view(torch.int16), x.view(torch.int16))
+
+
+@pytest.mark.parametrize("tokens", [1, 3, 7, 15, 16, 32])
+def test_group_absmax_over_tokens_any_block_size(tokens, seed):
+    from allocator.codecs import _absmax
+
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 3, 2, tokens, 4, 8, generator=g).to(torch.bfloat16)[:, :, 0]  # strided like a block's K
+    assert torch.equal(_absmax(x, 2), x.abs().amax(2, keepdim=True))
+    assert torch.equal(_absmax(x, -1), x.abs().amax(-1, keepdim=True))
