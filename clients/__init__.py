@@ -18,6 +18,8 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 _EXPORTS = {
+    "BlockLoadError": "clients.base",
+    "LoadResult": "clients.base",
     "KVClient": "clients.base",
     "connect": "clients.base",
     "EmbeddedClient": "clients.embedded",
@@ -25,10 +27,10 @@ _EXPORTS = {
     "RemoteClient": "clients.remote",
 }
 
-__all__ = ["KVClient", "CurveConfig", "EmbeddedClient", "RemoteClient", "connect"]
+__all__ = ["BlockLoadError", "LoadResult", "KVClient", "CurveConfig", "EmbeddedClient", "RemoteClient", "connect"]
 
 if TYPE_CHECKING:  # pragma: no cover
-    from clients.base import KVClient, connect
+    from clients.base import BlockLoadError, KVClient, LoadResult, connect
     from clients.embedded import EmbeddedClient
     from clients.remote import CurveConfig, RemoteClient
 

@@ -1,13 +1,60 @@
-"""The ``KVClient`` protocol and ``connect``: pick an implementation from a URL."""
+"""The ``KVClient`` protocol and ``connect``: pick an implementation from a URL; what
+``load_into`` reports (:class:`LoadResult`, :class:`BlockLoadError`)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-from kvstore.errors import InvalidInputError
+from kvstore.errors import BlockNotFoundError, InvalidInputError
 from kvstore.layout import ModelLayout
+from kvstore.saves import PutHandle
+
+
+class LoadResult(int):
+    """What ``load_into`` did: an ``int`` (the tokens loaded, as before) that also names the
+    blocks that failed.
+
+    * ``failed_block_ids``: the engine's pool block ids whose rows hold unusable bytes (a
+      block changed in shared memory after it was written, or was not loaded at all); the
+      engine must not attend over them -- a vLLM connector reports them as load errors;
+    * ``failed_positions``: the same blocks as positions in the prefix (block ``i`` is tokens
+      ``[i * block_tokens, (i + 1) * block_tokens)``).
+
+    With no failure the value is ``len(tokens)`` and both tuples are empty; with failures it
+    is the tokens of the prefix before the first failed block.
+    """
+
+    failed_block_ids: tuple[int, ...]
+    failed_positions: tuple[int, ...]
+
+    def __new__(cls, tokens: int, failed_block_ids: Iterable[int] = (),
+                failed_positions: Iterable[int] = ()) -> "LoadResult":
+        self = super().__new__(cls, tokens)
+        self.failed_block_ids = tuple(int(b) for b in failed_block_ids)
+        self.failed_positions = tuple(int(p) for p in failed_positions)
+        return self
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed_block_ids
+
+    def __repr__(self) -> str:
+        return (f"LoadResult({int(self)}, failed_block_ids={list(self.failed_block_ids)}, "
+                f"failed_positions={list(self.failed_positions)})")
+
+
+class BlockLoadError(BlockNotFoundError):
+    """``load_into`` found blocks it could not deliver (``on_error="raise"``): ``result`` is
+    the :class:`LoadResult`; ``failed_block_ids`` the pool blocks whose rows are unusable."""
+
+    def __init__(self, result: LoadResult, message: str) -> None:
+        super().__init__(message)
+        self.result = result
+        self.failed_block_ids = result.failed_block_ids
+        self.failed_positions = result.failed_positions
 
 
 @runtime_checkable
@@ -21,10 +68,14 @@ class KVClient(Protocol):
     def get(self, tokens: Any, device: torch.device | str | None = None, *, exact: bool | None = None
             ) -> torch.Tensor: ...
 
+    def put_async(self, tokens: Any, kv: torch.Tensor, activations: torch.Tensor | None = None) -> PutHandle: ...
+
     def load_into(self, tokens: Any, pool: torch.Tensor | list[torch.Tensor], block_ids: Any, *,
-                  exact: bool | None = None) -> int: ...
+                  on_error: str = "raise", exact: bool | None = None) -> LoadResult: ...
 
     def save_from(self, tokens: Any, pool: torch.Tensor | list[torch.Tensor], block_ids: Any) -> int: ...
+
+    def save_from_async(self, tokens: Any, pool: torch.Tensor | list[torch.Tensor], block_ids: Any) -> PutHandle: ...
 
     def stats(self) -> dict: ...
 

@@ -6,9 +6,15 @@ from typing import Any
 
 import torch
 
+import numpy as np
+
+from clients.base import LoadResult
+from kvstore import paged
 from kvstore.config import StoreConfig
-from kvstore.errors import StoreClosedError
+from kvstore.errors import BlockNotFoundError, InvalidInputError, StoreClosedError
+from kvstore.hashing import tokens_to_array
 from kvstore.layout import ModelLayout
+from kvstore.saves import AsyncSaver, PutHandle
 from kvstore.store import KVStore
 
 
@@ -28,6 +34,7 @@ class EmbeddedClient:
         self.block_tokens = store.block_tokens
         self.namespace = store.config.namespace
         self._closed = False
+        self._saver = AsyncSaver()  # save_from_async, in submission order
 
     def _check(self) -> KVStore:
         if self._closed:
@@ -43,12 +50,45 @@ class EmbeddedClient:
     def get(self, tokens: Any, device: torch.device | str | None = None, *, exact: bool | None = None) -> torch.Tensor:
         return self._check().get(tokens, device=device, exact=exact)
 
+    def put_async(self, tokens: Any, kv: torch.Tensor, activations: torch.Tensor | None = None) -> PutHandle:
+        """``KVStore.put_async``: returns a handle at once; visible once all bytes are in."""
+        return self._check().put_async(tokens, kv, activations)
+
     def load_into(self, tokens: Any, pool: torch.Tensor | list[torch.Tensor], block_ids: Any, *,
-                  exact: bool | None = None) -> int:
-        return self._check().load_into(tokens, pool, block_ids, exact=exact)
+                  on_error: str = "raise", exact: bool | None = None) -> LoadResult:
+        """``KVStore.load_into`` with the remote client's reporting (see
+        ``RemoteClient.load_into``): the store verifies every block before the pool is
+        written, so a failure leaves the pool untouched; ``on_error="report"`` then returns a
+        :class:`LoadResult` of 0 tokens naming every id as not loaded."""
+        if on_error not in ("raise", "report"):
+            raise InvalidInputError(f"on_error must be 'raise' or 'report', got {on_error!r}")
+        store = self._check()
+        try:
+            return LoadResult(store.load_into(tokens, pool, block_ids, exact=exact))
+        except BlockNotFoundError as exc:
+            if on_error == "raise":
+                raise
+            nb = len(tokens_to_array(tokens)) // self.block_tokens
+            _, num_blocks = paged.pool_rows(self.layout, self.block_tokens, pool)
+            ids = paged.block_ids(block_ids, nb, num_blocks)
+            del exc
+            return LoadResult(0, ids, range(nb))
 
     def save_from(self, tokens: Any, pool: torch.Tensor | list[torch.Tensor], block_ids: Any) -> int:
         return self._check().save_from(tokens, pool, block_ids)
+
+    def save_from_async(self, tokens: Any, pool: torch.Tensor | list[torch.Tensor], block_ids: Any) -> PutHandle:
+        """``save_from`` on the client's save thread (``put_async``'s semantics: the pool and
+        ids are checked now, the blocks become visible once all bytes are in, the pool blocks
+        must not change until ``handle.done()``, ``close()`` waits). On CUDA the copy starts
+        after the caller's current stream reaches this point."""
+        store = self._check()
+        arr = np.array(tokens_to_array(tokens), copy=True)
+        rows, num_blocks = paged.pool_rows(self.layout, self.block_tokens, pool)
+        nb = len(arr) // self.block_tokens
+        ids = paged.block_ids(block_ids, nb, num_blocks, spare=1 if len(arr) % self.block_tokens else 0)
+        tensors = list(rows) if isinstance(rows, paged.LayerRows) else [rows]
+        return self._saver.submit(lambda: store.save_from(arr, pool, ids), *tensors)
 
     def stats(self) -> dict:
         return self._check().stats()
@@ -64,6 +104,7 @@ class EmbeddedClient:
     def close(self) -> None:
         if self._closed:
             return
+        self._saver.close()  # the saves in flight finish first
         self._closed = True
         if self._owned:
             self.store.close()

@@ -1,14 +1,20 @@
 """``RemoteClient``: the client interface over the sidecar (ZeroMQ DEALER, msgpack).
 
 Data plane: when the sidecar is on this host (its host id matches ours and its shared
-arenas can be mapped), ``get`` copies KV straight out of the shared host tier into the
-result (one copy) and ``put`` copies it straight in (one copy): the sidecar only moves slot
-numbers (see :mod:`kvstore.sidecar.shm_plane`). A put writes into slots this client holds
-staged ahead of time and sends one ``put_shm`` (one round trip; the reply tops the staged
-slots up), with the xxh3 of each block hashed from our own KV beside the copy. A get copies
-the leased slots out, verifies the copy against the checksums in the reply (a block that
-fails is reported and raises ``BlockNotFoundError``, never returns other bytes) and sends
-its ``release`` without waiting for the answer. Every reply that names slots names the
+arenas can be mapped), ``get``/``load_into`` copy KV straight out of the shared host tier
+into the result or the engine's pool rows (one copy) and ``put``/``save_from`` copy it
+straight in from the caller's KV or pool rows (one copy): the sidecar only moves slot
+numbers (see :mod:`kvstore.sidecar.shm_plane`). Every such copy is split over the cores in
+512 KiB pieces, each hashed (xxh3) right after its copy while it is in the cache
+(:func:`allocator.checksum.copy_digests`): a put records the hash of its own source, a read
+verifies its own copy. A put writes into slots this client holds staged ahead of time and
+sends one ``put_shm`` (one round trip; the reply tops the staged slots up); the copy runs
+outside the client's lock (``put_async``/``save_from_async`` on the save thread never hold
+up the caller's loads). A read checks its copy against the checksums in the reply (a block
+that fails is reported to the sidecar, which drops it, and is never returned as other
+bytes: ``get`` raises ``BlockNotFoundError``, ``load_into`` names its pool block) and sends
+its ``release`` without waiting for the answer. A CUDA pool registered with
+:meth:`RemoteClient.register_pool` is reached by the sidecar itself through CUDA IPC. Every reply that names slots names the
 arenas' identity; a mismatch with our mapping (the sidecar restarted) makes us map again
 and redo the call, never write into an arena nobody reads. Otherwise, or when the shared
 tier cannot serve a request (blocks on disk, no room), KV travels as raw ZeroMQ frames,
@@ -52,14 +58,16 @@ import numpy as np
 import torch
 import zmq
 
-from allocator.checksum import digests, digests_beside, from_wire, to_wire
+from allocator.checksum import as_u8, copy_digests, from_wire, row_pieces, to_wire
 from allocator.memory import default_device
 from allocator.rowcopy import DEFAULT_COPIER, Copier
-from allocator.shm import map_shared
+from allocator.shm import fresh_memory, map_shared
 from kvstore import paged
-from kvstore.errors import BlockNotFoundError, ConfigError, StoreClosedError
+from clients.base import BlockLoadError, LoadResult
+from kvstore.errors import BlockNotFoundError, ConfigError, InvalidInputError, StoreClosedError
 from kvstore.hashing import tokens_to_array
 from kvstore.layout import ModelLayout
+from kvstore.saves import AsyncSaver, PutHandle
 from kvstore.validate import check_whole_blocks
 from kvstore.sidecar.procinfo import self_identity
 from kvstore.errors import SidecarUnavailableError
@@ -70,6 +78,11 @@ from kvstore.sidecar.protocol import (IDEMPOTENT, MAGIC, VERSION, MessageTooLarg
 from kvstore.sidecar.protocol import RemoteError, StaleArenaError
 from kvstore.sidecar.security import CurveKeys, apply_client_curve, load_keys
 from kvstore.sidecar.procinfo import host_id
+
+#: results at least this large go into a populated mapping of their own (glibc's malloc maps
+#: fresh, unpopulated pages for them anyway: its mmap threshold tops out at 32 MiB); smaller
+#: ones come from malloc, which may reuse memory already faulted in
+_FRESH_MAPPING_BYTES = 32 << 20
 
 #: seconds a call may take by default, retries included
 DEFAULT_TIMEOUT_S = 5.0
@@ -129,18 +142,26 @@ def _with_deadline(method: Callable) -> Callable:
     return call
 
 
-def _runs(blocks: list[tuple[int, int, int]]) -> list[tuple[int, int, int, int]]:
-    """Group ``(position, segment, slot)`` into runs ``(pos0, segment, slot0, length)`` where
-    both position and slot advance by one: one strided copy per run instead of per block."""
-    runs: list[list[int]] = []
-    for pos, seg, slot in blocks:
-        if runs:
-            r = runs[-1]
-            if r[1] == seg and pos == r[0] + r[3] and slot == r[2] + r[3]:
-                r[3] += 1
-                continue
-        runs.append([pos, seg, slot, 1])
-    return [tuple(r) for r in runs]  # type: ignore[misc]
+class _PerLayer:
+    """A per-layer pool's ``2 * layers`` row views as uint8 numpy arrays (entry ``2 * l + kv``
+    is layer ``l``'s K or V rows): block ``b`` is row ``b`` of each."""
+
+    def __init__(self, views: list[np.ndarray]) -> None:
+        self.views = views
+
+
+def _pool_key(pool: Any) -> tuple:
+    """A pool's identity: its tensors' addresses, shapes and strides."""
+    tensors = [pool] if isinstance(pool, torch.Tensor) else list(pool)
+    return tuple((t.data_ptr(), tuple(t.shape), tuple(t.stride())) for t in tensors)
+
+
+def _pool_u8(rows: paged.Rows) -> "np.ndarray | _PerLayer | None":
+    """A CPU pool's rows as uint8 numpy views (no copy), or None when a view is impossible."""
+    if isinstance(rows, paged.LayerRows):
+        views = [as_u8(r) for r in rows]
+        return None if any(v is None for v in views) else _PerLayer(views)  # type: ignore[arg-type]
+    return as_u8(rows)
 
 
 class RemoteClient:
@@ -178,15 +199,24 @@ class RemoteClient:
         self._tls = threading.local()  # .end: the deadline of the public call in progress
         self._closed = False
         self._rows: list[torch.Tensor] = []  # mapped shared segments as [slots, L, 2, bt, H, D]
+        self._rows_u8: list[np.ndarray] = []  # the same as uint8 numpy views (what the copies use)
+        self._writing: set[int] = set()  # staged slots a put in progress is writing (not free)
+        # reusable host rows, only where a bounce is unavoidable: one per thread that needs one
+        # (the save thread and the caller's may copy at once)
+        self._bounces: dict[int, torch.Tensor] = {}
+        self._saver = AsyncSaver()  # put_async / save_from_async, in submission order
+        self._gpu_pools: dict[tuple, int] = {}  # registered CUDA pools (their tensors' identity) -> sidecar id
         self._idents: list[int] = []  # identity of each mapped segment (the server's generation)
         self._staged: list[int] = []  # free slots of segment ``_stage_seg`` held for our puts
         self._stage_seg = 0
         self._stage_claim: int | None = None
         self._staged_at = 0.0  # when the sidecar last confirmed our staged slots
-        # hashes a put's source beside its copy and a get's copy piece by piece (xxh3
-        # releases the GIL)
-        self._hash_parts = max(1, min(4, (os.cpu_count() or 2) - 1))
-        self._hasher = ThreadPoolExecutor(max_workers=self._hash_parts, thread_name_prefix="kvstore-client-digest")
+        # every copy in or out of shared memory is split over the cores, each piece hashed
+        # right after its copy (numpy's copy and xxh3 release the GIL); the calling thread
+        # takes one share, the pool the others
+        self._hash_parts = max(1, min(4, os.cpu_count() or 2))
+        self._hasher = ThreadPoolExecutor(max_workers=max(1, self._hash_parts - 1),
+                                          thread_name_prefix="kvstore-client-copy")
         self.server_info: dict = {}
         self.lease_timeout_s = 30.0
         try:
@@ -220,6 +250,7 @@ class RemoteClient:
         with self._lock:
             if self._closed:
                 raise StoreClosedError("the client is closed")
+            deadline_s = self.timeout if timeout is None else timeout  # what the message names
             if timeout is None:
                 end = getattr(self._tls, "end", None)
                 # a follow-up (commit, release) keeps a sliver of time so a claim is not left open
@@ -253,7 +284,7 @@ class RemoteClient:
                     if self._curve is not None else
                     "is `kvstore serve` running there (without CurveZMQ, or pass curve=...)?")
             raise SidecarUnavailableError(
-                f"no reply from the sidecar at {self.url} to {what!r} within {budget:.3g} s "
+                f"no reply from the sidecar at {self.url} to {what!r} within {deadline_s:.3g} s "
                 f"({attempts} attempt{'s' if attempts > 1 else ''}); {hint}")
 
     def _exchange(self, op: str, args: dict, payload: list | tuple, budget: float) -> tuple[dict, list] | None:
@@ -264,7 +295,10 @@ class RemoteClient:
         # in send forever: bound the send by the same budget.
         self._set_timeout(zmq.SNDTIMEO, max(1, int(budget * 1000)))
         try:
-            self._sock.send_multipart(request_frames(rid, op, args, max(1, int(budget * 1000)), payload), copy=False)
+            # Zero-copy only for tensor payloads: for a small request pyzmq's copy=False path
+            # (a Frame per part) cost ~20 us a part here, a copy well under 1 us.
+            self._sock.send_multipart(request_frames(rid, op, args, max(1, int(budget * 1000)), payload),
+                                      copy=not payload)
         except zmq.Again:
             return None
         end = time.monotonic() + budget
@@ -275,7 +309,7 @@ class RemoteClient:
             # A receive bounded by RCVTIMEO: one call into libzmq per reply (no poll before it).
             self._set_timeout(zmq.RCVTIMEO, max(1, int(remaining * 1000)))
             try:
-                frames = self._sock.recv_multipart(copy=False)
+                frames = self._sock.recv_multipart(copy=op != "get")  # only a get's reply carries KV
             except zmq.Again:
                 return None
             if len(frames) < 2 or bytes(frames[0]) != MAGIC:
@@ -293,11 +327,19 @@ class RemoteClient:
         return None
 
     def _set_timeout(self, option: int, ms: int) -> None:
-        """setsockopt only when the value changes (each call costs an enum conversion)."""
-        if self._timeouts.get(option) != ms:
-            assert self._sock is not None
-            self._sock.setsockopt(option, ms)
-            self._timeouts[option] = ms
+        """Bound the next send or receive by ``ms``, calling setsockopt only when the value
+        set is off by more than a slack: pyzmq's setsockopt costs ~40 us here (most of a
+        lookup's client-side time when it ran on every request). The value set is ``ms``
+        rounded up to 8 ms and kept while the bound asked for is at most that and at least
+        that less ``min(value / 16, 50 ms)``: a wait may overrun its deadline by at most
+        that slack (<= 58 ms), never end early."""
+        cur = self._timeouts.get(option)
+        if cur is not None and cur - min(cur // 16, 50) <= ms <= cur:
+            return
+        value = -(-ms // 8) * 8
+        assert self._sock is not None
+        self._sock.setsockopt(option, value)
+        self._timeouts[option] = value
 
     def _hello(self, timeout: float) -> None:
         result, _ = self._request("hello", {"ns": self.namespace, "layout": self.layout.to_dict(),
@@ -309,7 +351,7 @@ class RemoteClient:
         self._map_shm(result.get("shm"))
 
     def _map_shm(self, shm: dict | None) -> None:
-        self._rows, self._idents = [], []
+        self._rows, self._rows_u8, self._idents = [], [], []
         self._staged, self._stage_claim = [], None  # slots of arenas we no longer map
         if self._want_shm is False or not shm or shm.get("host") != host_id():
             return
@@ -322,7 +364,7 @@ class RemoteClient:
                 idents.append(int(seg["ident"]))
         except (OSError, KeyError, TypeError, ValueError, RuntimeError):
             return  # not mappable here: fall back to frames
-        self._rows, self._idents = rows, idents
+        self._rows, self._rows_u8, self._idents = rows, [as_u8(r) for r in rows], idents
 
     def _remap(self) -> None:
         """The server names other arenas than we mapped (it restarted): join and map again."""
@@ -362,7 +404,24 @@ class RemoteClient:
         kv = kv_on_host(kv, getattr(self, "copier", DEFAULT_COPIER))  # once, then hashed and copied from there
         if activations is not None:  # the shared arenas hold KV only
             return self._put_frames(args, kv, activations)
-        return self._put_rows(args, self._block_rows(kv, nb), lambda: kv)
+        kv6 = self._block_rows(kv, nb)
+        return self._put_rows(args, nb, lambda dst, slots: self._row_jobs(self._host_rows(kv6), dst, enumerate(slots)),
+                              lambda: kv)
+
+    def put_async(self, tokens: Any, kv: torch.Tensor, activations: torch.Tensor | None = None) -> PutHandle:
+        """``put`` without stalling the caller (``KVStore.put_async``'s semantics): input is
+        checked now (errors raise here), the copy into shared memory and the ``put_shm`` run on
+        the client's save thread, and the blocks become visible to every reader only once all
+        their bytes are in. Returns a :class:`~kvstore.saves.PutHandle`: ``done()``, ``wait()``
+        (``put``'s result, or its error). ``kv`` must not change until ``done()``. Saves
+        complete in submission order; ``close()`` waits for them. Each save has the client's
+        ``timeout`` from when it starts. Same costs as ``put``, off the caller's thread."""
+        self._check_open()
+        arr = np.array(tokens_to_array(tokens), copy=True)  # the caller may reuse its token list
+        check_kv(self.layout, kv, len(arr))
+        if activations is not None:
+            check_act(self.layout, activations, len(arr))
+        return self._saver.submit(lambda: self.put(arr, kv, activations), kv, activations)
 
     def _block_rows(self, kv: torch.Tensor, nb: int) -> torch.Tensor:
         """The first ``nb`` blocks of ``kv`` (``[layers, 2, T, kv_heads, head_dim]``) as
@@ -370,11 +429,56 @@ class RemoteClient:
         bt = self.block_tokens
         return kv.detach()[:, :, :nb * bt].unflatten(2, (nb, bt)).permute(2, 0, 1, 3, 4, 5)
 
-    def _put_rows(self, args: dict, kv6: torch.Tensor, whole: Callable[[], torch.Tensor]) -> int:
-        """Put the blocks ``kv6`` (rows as from :meth:`_block_rows`): into staged shared slots
-        when we can, else as frames of ``whole()`` (the ``[layers, 2, T, ...]`` tensor)."""
+    def _bounce_rows(self, nb: int) -> torch.Tensor:
+        """``nb`` rows of this client's reusable host buffer (pinned on CUDA hosts): where
+        blocks of a GPU tensor land before they are copied into shared memory, or after they
+        are read from it -- one buffer per calling thread for the client's life, grown when
+        a call needs more.
+        Only used when a bounce is unavoidable (GPU memory or an odd layout)."""
+        lay, bt = self.layout, self.block_tokens
+        me = threading.get_ident()
+        buf = self._bounces.get(me)
+        if buf is None or buf.shape[0] < nb:
+            shape = (nb, lay.num_layers, 2, bt, lay.num_kv_heads, lay.head_dim)
+            buf = self._bounces[me] = torch.empty(shape, dtype=lay.dtype, pin_memory=torch.cuda.is_available())
+        return buf[:nb]
+
+    def _host_rows(self, rows: torch.Tensor) -> np.ndarray:
+        """``rows`` (blocks, any device) as uint8 numpy rows on the host: a view when they are
+        already there, else one copy into the bounce buffer (DMA from a GPU)."""
+        u8 = as_u8(rows)
+        if u8 is not None:
+            return u8
+        buf = self._bounce_rows(rows.shape[0])
+        buf.copy_(rows)
+        return as_u8(buf)
+
+    def _row_jobs(self, src: np.ndarray | list, dst: np.ndarray | list, pairs: Any) -> list:
+        """Copy jobs ``dst[d] <- src[s]`` for ``(s, d)`` in ``pairs`` (see
+        :func:`allocator.checksum.copy_digests`). Either side may be a :class:`_PerLayer`
+        pool (its block is ``2 * layers`` separate rows)."""
+        jobs = []
+        for s, d in pairs:
+            if isinstance(src, _PerLayer):
+                drow = dst[d]
+                jobs.append([(v[s], drow[i // 2, i % 2]) for i, v in enumerate(src.views)])
+            elif isinstance(dst, _PerLayer):
+                srow = src[s]
+                jobs.append([(srow[i // 2, i % 2], v[d]) for i, v in enumerate(dst.views)])
+            else:
+                jobs.append(row_pieces(src[s], dst[d]))
+        return jobs
+
+    def _copy(self, jobs: list, *, hash_dst: bool) -> np.ndarray:
+        return copy_digests(jobs, hash_dst=hash_dst, pool=self._hasher, parts=self._hash_parts)
+
+    def _put_rows(self, args: dict, nb: int, jobs_for: Callable[[np.ndarray, list[int]], list],
+                  whole: Callable[[], torch.Tensor]) -> int:
+        """Put ``nb`` blocks: ``jobs_for(slot_rows, slots)`` copies them into staged shared
+        slots (hashing the source beside the copy) when we can, else they go as frames of
+        ``whole()`` (the ``[layers, 2, T, ...]`` tensor)."""
         if self._rows:
-            done = self._put_shm(args, kv6)
+            done = self._put_shm(args, nb, jobs_for)
             if done is not None:
                 return done
         return self._put_frames(args, whole())
@@ -407,42 +511,50 @@ class RemoteClient:
         self._set_staged(res["slots"])
 
     def _set_staged(self, slots: list[int]) -> None:
-        """Record our staged slots (as the sidecar last confirmed them)."""
-        self._staged = list(slots)
+        """Record our free staged slots (as the sidecar last confirmed them, less the ones a
+        put in progress is writing)."""
+        self._staged = [s for s in slots if s not in self._writing]
         self._staged_at = time.monotonic()
 
-    def _put_shm(self, args: dict, kv6: torch.Tensor) -> int | None:
-        """Write the rows ``kv6`` into staged slots, then one ``put_shm``; None: send frames
-        instead."""
-        nb = kv6.shape[0]
+    def _put_shm(self, args: dict, nb: int, jobs_for: Callable[[np.ndarray, list[int]], list]) -> int | None:
+        """Copy ``nb`` blocks into staged slots (``jobs_for``), then one ``put_shm``; None:
+        send frames instead. The slots are taken under the lock, the copy runs outside it (a
+        save on another thread never holds up this client's loads), the message under it."""
         with self._lock:
             # A sidecar that cannot check our liveness reclaims staged slots on the timeout
             # alone: slots staged that long ago may be another block's now, so stage anew.
-            if not self._owner_checked and time.monotonic() - self._staged_at > self.lease_timeout_s / 2:
+            if not self._writing and not self._owner_checked and \
+                    time.monotonic() - self._staged_at > self.lease_timeout_s / 2:
                 self._staged, self._stage_claim = [], None
             if len(self._staged) < nb:
-                self._stage(nb)
+                self._stage(nb + len(self._writing))
                 if len(self._staged) < nb or not self._rows:
                     return None
             slots = self._staged[:nb]
-            rows = self._rows[self._stage_seg]
-
-            def copy() -> None:
-                for pos, _, slot, k in _runs([(i, 0, s) for i, s in enumerate(slots)]):
-                    rows[slot:slot + k].copy_(kv6[pos:pos + k])
-
-            sums = digests_beside(kv6, copy, self._hasher, self._hash_parts)
+            del self._staged[:nb]
+            self._writing.update(slots)
+            dst, claim, arena = self._rows_u8[self._stage_seg], self._stage_claim, list(self._idents)
+        try:
+            sums = self._copy(jobs_for(dst, slots), hash_dst=False)
             try:
-                res, _ = self._request("put_shm", {**args, "claim": self._stage_claim, "slots": slots,
-                                                   "sums": to_wire(sums), "arena": self._idents})
+                res, _ = self._request("put_shm", {**args, "claim": claim, "slots": slots,
+                                                   "sums": to_wire(sums), "arena": arena})
             except StaleArenaError:
-                self._remap()
+                if arena == self._idents:
+                    self._remap()
                 return None
             except UnknownLeaseError:
-                self._staged, self._stage_claim = [], None  # reclaimed or the sidecar restarted
+                with self._lock:
+                    if self._stage_claim == claim:
+                        self._staged, self._stage_claim = [], None  # reclaimed or the sidecar restarted
                 return None
-            self._set_staged(res["slots"])
-            return int(res["tokens"])
+        finally:
+            with self._lock:
+                self._writing.difference_update(slots)
+        with self._lock:
+            if self._stage_claim == claim:
+                self._set_staged(res["slots"])
+        return int(res["tokens"])
 
     @_with_deadline
     def lookup(self, tokens: Any, *, exact: bool | None = None) -> int:
@@ -453,6 +565,16 @@ class RemoteClient:
             args["exact"] = bool(exact)
         result, _ = self._request("lookup", args)
         return int(result)
+
+    def _lease(self, args: dict) -> tuple[dict, list]:
+        """A ``get`` of ``args``' tokens asking for shared memory; maps again (and asks once
+        more) when the reply names other arenas than we map."""
+        result, frames = self._request("get", {**args, "shm": True, "owner": self._owner})
+        if result["mode"] == "shm" and result.get("arena") != self._idents:
+            self._send_oneway("release", {"claim": result["claim"]})
+            self._remap()  # a stale mapping: map the current arenas, then read again
+            result, frames = self._request("get", {**args, "shm": bool(self._rows), "owner": self._owner})
+        return result, frames
 
     @_with_deadline
     def get(self, tokens: Any, device: torch.device | str | None = None, *, exact: bool | None = None) -> torch.Tensor:
@@ -465,22 +587,16 @@ class RemoteClient:
             args["exact"] = bool(exact)
         out_device = torch.device(device) if device is not None else self.device
         if self._rows:
-            result, frames = self._request("get", {**args, "shm": True, "owner": self._owner})
-            if result["mode"] == "shm" and result.get("arena") != self._idents:
-                self._send_oneway("release", {"claim": result["claim"]})
-                self._remap()  # a stale mapping: map the current arenas, then read again
-                result, frames = self._request("get", {**args, "shm": bool(self._rows), "owner": self._owner})
+            result, frames = self._lease(args)
             if result["mode"] == "shm":
                 try:
-                    return self._copy_verified(result, out_device)
+                    out = self._copy_verified(result)
                 except BlockNotFoundError:
                     raise  # the corrupt blocks were reported with the release
                 except BaseException:  # never leave the lease pinned behind a failed copy
-                    try:
-                        self._send_oneway("release", {"claim": result["claim"]})
-                    except Exception:  # it expires on the server anyway
-                        pass
+                    self._release_quietly(result["claim"])
                     raise
+                return out if out_device.type == "cpu" else out.to(out_device)
         else:
             result, frames = self._request("get", args)
         if len(frames) != 1:
@@ -488,78 +604,262 @@ class RemoteClient:
         kv = tensor_from_frame(frames[0], result["kv"])
         return kv.to(out_device)
 
+    def _release_quietly(self, claim: int) -> None:
+        try:
+            self._send_oneway("release", {"claim": claim})
+        except Exception:  # it expires on the server anyway
+            pass
+
+    def _report_corrupt(self, claim: int, bad: list[int]) -> None:
+        """Release a lease naming the positions whose copy failed (the sidecar drops them)."""
+        try:
+            self._request("release", {"claim": claim, "corrupt": bad})
+        except RemoteError:  # reclaimed meanwhile: the sidecar finds them on its own reads
+            pass
+
     @_with_deadline
-    def load_into(self, tokens: Any, pool: torch.Tensor | list[torch.Tensor],
-                  block_ids: Any, *, exact: bool | None = None) -> int:
+    def load_into(self, tokens: Any, pool: torch.Tensor | list[torch.Tensor], block_ids: Any, *,
+                  on_error: str = "raise", exact: bool | None = None) -> LoadResult:
         """``KVStore.load_into`` over the sidecar: block ``i`` of ``tokens``' (whole, fully
         cached) prefix lands in pool block ``block_ids[i]``; the pool layouts and errors are
-        the store's. The pool and ids are checked before anything is sent. The blocks are
-        first read into a private host buffer (from shared memory, verified against the
-        put's checksums as they are copied), so a missing or changed block raises
-        ``BlockNotFoundError`` with the pool untouched; then one copy puts them in place (on a
-        GPU pool, whole blocks cross by DMA and are laid out on the device). O(bytes): the
-        ``get`` plus one copy into the pool."""
+        the store's. The pool and ids are checked before anything is sent.
+
+        Over shared memory each block is copied once, from its slot straight into its pool
+        rows, and the pool rows are hashed right after the copy (from the cache) and checked
+        against the checksums the block's writer recorded: the pool is this process's own
+        memory, so what is verified there is what the engine will read. A block whose bytes
+        were changed in shared memory after it was written fails that check: the sidecar is
+        told (it drops the block), and the pool rows of ``block_ids[i]`` now hold unusable
+        bytes. A GPU pool is filled through one reusable pinned host buffer (verified there,
+        then one DMA of the good blocks); without shared memory the blocks arrive as frames.
+
+        Returns a :class:`~clients.base.LoadResult`, an ``int``: the tokens loaded
+        (``len(tokens)``), with ``failed_block_ids`` / ``failed_positions`` empty. When blocks
+        fail, ``on_error="raise"`` (the default) raises
+        :class:`~clients.base.BlockLoadError` (a ``BlockNotFoundError``) carrying the same
+        ``LoadResult`` (``.result``, ``.failed_block_ids``); ``on_error="report"`` returns it:
+        its int value is then the tokens of the prefix before the first failed block, and
+        ``failed_block_ids`` names every pool block whose rows must not be used. A block
+        missing from the store fails the whole call before the pool is touched (all its ids
+        are named failed in ``"report"`` mode). O(bytes): one copy, hashed from the cache.
+        """
         self._check_open()
+        if on_error not in ("raise", "report"):
+            raise InvalidInputError(f"on_error must be 'raise' or 'report', got {on_error!r}")
         arr = tokens_to_array(tokens)
         bt = self.block_tokens
         check_whole_blocks(len(arr), bt)
         nb = len(arr) // bt
         rows, num_blocks = paged.pool_rows(self.layout, bt, pool)
         ids = paged.block_ids(block_ids, nb, num_blocks)
-        kv = self.get(arr, device="cpu", exact=exact)  # verified where it is hashed: no round trip to a GPU
+        if nb == 0:
+            return LoadResult(0)
+        try:
+            bad = self._load_blocks(arr, rows, ids, pool, exact=exact)
+        except BlockNotFoundError:
+            if on_error == "raise":
+                raise
+            return LoadResult(0, ids, range(nb))
+        if not bad:
+            return LoadResult(len(arr))
+        res = LoadResult(bad[0] * bt, [ids[i] for i in bad], bad)
+        if on_error == "report":
+            return res
+        raise BlockLoadError(res, f"{len(bad)} block(s) changed in shared memory after they were written and "
+                                  f"were dropped; pool blocks {list(res.failed_block_ids)[:8]} hold unusable "
+                                  "bytes: recompute them")
+
+    # -- an engine's GPU pool by CUDA IPC -----------------------------------------------
+    def register_pool(self, pool: torch.Tensor | list[torch.Tensor]) -> bool:
+        """Let the sidecar reach this CUDA pool directly (once per pool): its memory is shared
+        with the sidecar by CUDA IPC (see :mod:`kvstore.sidecar.gpu_pool`), and from then on
+        ``load_into`` / ``save_from`` (and ``save_from_async``) of this pool move blocks by DMA
+        between the sidecar's host tier and the GPU, with no copy through this process's CPU
+        memory. Returns False, changing nothing, when that cannot be done here: a CPU pool,
+        a sidecar on another host or without shared memory or without CUDA (those calls then
+        go through the client's reusable pinned buffer). The pool must stay allocated (and
+        at the same address) until :meth:`unregister_pool` or ``close()``. O(pool tensors)."""
+        self._check_open()
+        rows, _ = paged.pool_rows(self.layout, self.block_tokens, pool)
+        if paged.device_of(rows).type != "cuda" or not self._rows:
+            return False
+        key = _pool_key(pool)
+        if key in self._gpu_pools:
+            return True
+        from kvstore.sidecar.gpu_pool import export_tensor
+
+        tensors = [pool] if isinstance(pool, torch.Tensor) else list(pool)
+        try:
+            res, _ = self._request("register_pool", {"ns": self.namespace, "owner": self._owner,
+                                                     "tensors": [export_tensor(t) for t in tensors]})
+        except RemoteError as exc:
+            if exc.code == "unsupported":
+                return False
+            raise
+        self._gpu_pools[key] = int(res["pool"])
+        return True
+
+    def unregister_pool(self, pool: torch.Tensor | list[torch.Tensor]) -> None:
+        """Forget a pool :meth:`register_pool` shared (the sidecar closes its mapping)."""
+        pid = self._gpu_pools.pop(_pool_key(pool), None)
+        if pid is not None and not self._closed:
+            try:
+                self._request("unregister_pool", {"ns": self.namespace, "pool": pid})
+            except (RemoteError, InvalidInputError):
+                pass  # the sidecar restarted or reaped it: nothing left to close
+
+    def _pool_op(self, op: str, arr: np.ndarray, pool: Any, rows: paged.Rows, ids: list[int]) -> int | None:
+        """``load_pool`` / ``save_pool`` on a registered GPU pool; None when ``pool`` is not
+        registered (or the sidecar forgot it: then it is registered no longer)."""
+        if not self._gpu_pools:
+            return None
+        key = _pool_key(pool)
+        pid = self._gpu_pools.get(key)
+        if pid is None:
+            return None
+        for t in (rows if isinstance(rows, paged.LayerRows) else [rows])[:1]:
+            torch.cuda.current_stream(t.device).synchronize()  # what a save reads is written; a load overwrites nothing in use
+        _, args = self._ns_args(arr)
+        try:
+            res, _ = self._request(op, {**args, "pool": pid, "block_ids": list(ids)})
+        except InvalidInputError as exc:
+            if "no GPU pool" not in str(exc):
+                raise
+            self._gpu_pools.pop(key, None)
+            return None
+        return int(res)
+
+    def _load_blocks(self, arr: np.ndarray, rows: paged.Rows, ids: list[int], pool: Any = None, *,
+                     exact: bool | None = None) -> list[int]:
+        """Copy the blocks of ``arr`` into pool ``rows`` at ``ids``; returns the positions of
+        blocks that failed verification (their rows named unusable). Raises
+        ``BlockNotFoundError`` (pool untouched) when a block is not cached."""
+        nb = len(ids)
+        if exact is None and pool is not None and self._pool_op("load_pool", arr, pool, rows, ids) is not None:
+            return []  # verified by the sidecar before the DMA: any failure raised, pool untouched
+        _, args = self._ns_args(arr)
+        if exact is not None:  # issue 24: the namespace's lossy_ok decides unless the caller says
+            args["exact"] = bool(exact)
+        if self._rows:
+            result, frames = self._lease(args)
+            if result["mode"] == "shm":
+                try:
+                    blocks = result["blocks"]
+                    want = from_wire(result["sums"], nb)
+                    dev = paged.device_of(rows)
+                    if dev.type == "cpu" and (dst := _pool_u8(rows)) is not None:
+                        got = self._copy(self._seg_jobs(blocks, dst, ids), hash_dst=True)
+                        bad = [int(i) for i in (got != want).nonzero()[0]]
+                    else:  # a GPU pool: verified in the bounce buffer, then one DMA of the good blocks
+                        buf = self._bounce_rows(nb)
+                        got = self._copy(self._seg_jobs(blocks, as_u8(buf), range(nb)), hash_dst=True)
+                        bad = [int(i) for i in (got != want).nonzero()[0]]
+                        good = [i for i in range(nb) if i not in set(bad)]
+                        paged.place(buf, good, rows, [ids[i] for i in good])
+                        paged.wait(rows)  # the buffer is reused by the next call
+                except BaseException:
+                    self._release_quietly(result["claim"])
+                    raise
+                if bad:
+                    self._report_corrupt(result["claim"], bad)
+                else:
+                    self._send_oneway("release", {"claim": result["claim"]})
+                return bad
+        else:
+            result, frames = self._request("get", args)
+        if len(frames) != 1:
+            raise ProtocolError(f"get reply carries {len(frames)} payload frames, expected 1")
+        kv = tensor_from_frame(frames[0], result["kv"])
         paged.place(self._block_rows(kv, nb), range(nb), rows, ids)
-        return len(arr)
+        paged.wait(rows)
+        return []
+
+    def _seg_jobs(self, blocks: list, dst: Any, ids: Any) -> list:
+        """Copy jobs from the lease's slots (``blocks[i] = [segment, slot]``) to ``dst[ids[i]]``."""
+        jobs = []
+        for (seg, slot), d in zip(blocks, ids):
+            jobs.extend(self._row_jobs(self._rows_u8[seg], dst, [(slot, d)]))
+        return jobs
 
     @_with_deadline
     def save_from(self, tokens: Any, pool: torch.Tensor | list[torch.Tensor], block_ids: Any) -> int:
         """``KVStore.save_from`` over the sidecar: ``put`` of the full blocks of ``tokens``
         whose KV sits in pool blocks ``block_ids`` (one more id, for a partial trailing
-        block, is accepted and ignored). Returns the cached prefix length in tokens. The
-        blocks are gathered on the pool's device into one buffer (the pool may be reused
-        once this returns), which then crosses as ``put`` does: into staged shared slots,
-        or as one frame. O(bytes): one gather plus the put's copy."""
+        block, is accepted and ignored). Returns the cached prefix length in tokens. Over
+        shared memory the blocks are copied straight from the pool rows into staged slots,
+        each piece hashed from the cache right after its copy (a GPU pool is first gathered
+        into the client's reusable pinned buffer by one DMA); otherwise they cross as one
+        frame. The pool may be reused once this returns. O(bytes): one copy."""
         self._check_open()
+        arr, nb, rows, ids = self._save_args(tokens, pool, block_ids)
+        if not nb:
+            return 0
+        return self._save_rows(arr, nb, rows, ids, pool)
+
+    def save_from_async(self, tokens: Any, pool: torch.Tensor | list[torch.Tensor], block_ids: Any) -> PutHandle:
+        """``save_from`` without stalling the caller (``put_async``'s semantics): the pool and
+        ids are checked now; the copy out of the pool and the ``put_shm`` run on the client's
+        save thread (on CUDA after the caller's current stream reaches this point). The pool
+        blocks must not be overwritten until ``handle.done()``; the blocks are visible only
+        once all their bytes are in; ``close()`` waits. Returns a
+        :class:`~kvstore.saves.PutHandle` (``wait()`` gives ``save_from``'s result)."""
+        self._check_open()
+        arr, nb, rows, ids = self._save_args(tokens, pool, block_ids)
+        arr = np.array(arr, copy=True)
+        tensors = list(rows) if isinstance(rows, paged.LayerRows) else [rows]
+
+        def job() -> int:
+            return self._save_rows(arr, nb, rows, ids, pool, timeout=self.timeout) if nb else 0
+        return self._saver.submit(job, *tensors)
+
+    def _save_args(self, tokens: Any, pool: Any, block_ids: Any) -> tuple[np.ndarray, int, paged.Rows, list[int]]:
         arr = tokens_to_array(tokens)
         bt = self.block_tokens
         nb = len(arr) // bt
         rows, num_blocks = paged.pool_rows(self.layout, bt, pool)
         ids = paged.block_ids(block_ids, nb, num_blocks, spare=1 if len(arr) % bt else 0)
-        if not nb:
-            return 0
-        kv6 = paged.take(rows, ids)
-        if kv6.device.type != "cpu":
-            kv6 = kv6.cpu()
-        _, args = self._ns_args(arr[:nb * bt])
-        lay = self.layout
-        return self._put_rows(args, kv6, lambda: kv6.permute(1, 2, 0, 3, 4, 5).reshape(
-            lay.num_layers, 2, nb * bt, lay.num_kv_heads, lay.head_dim))
+        return arr[:nb * bt], nb, rows, ids
 
-    def _copy_verified(self, result: dict, device: torch.device) -> torch.Tensor:
-        """Copy a lease's blocks out, verify our copy against the reply's checksums, release.
+    @_with_deadline
+    def _save_rows(self, arr: np.ndarray, nb: int, rows: paged.Rows, ids: list[int], pool: Any = None) -> int:
+        if pool is not None:
+            done = self._pool_op("save_pool", arr, pool, rows, ids)
+            if done is not None:
+                return done
+        _, args = self._ns_args(arr)
+        lay = self.layout
+
+        def jobs_for(dst: np.ndarray, slots: list[int]) -> list:
+            src = _pool_u8(rows) if paged.device_of(rows).type == "cpu" else None
+            if src is None:  # a GPU pool: one gather on the device, one DMA into the bounce buffer
+                return self._row_jobs(self._host_rows(paged.take(rows, ids)), dst, enumerate(slots))
+            return self._row_jobs(src, dst, zip(ids, slots))
+
+        def whole() -> torch.Tensor:
+            kv6 = paged.take(rows, ids).cpu()
+            return kv6.permute(1, 2, 0, 3, 4, 5).reshape(lay.num_layers, 2, nb * self.block_tokens,
+                                                        lay.num_kv_heads, lay.head_dim)
+        return self._put_rows(args, nb, jobs_for, whole)
+
+    def _copy_verified(self, result: dict) -> torch.Tensor:
+        """Copy a lease's blocks out into a new CPU tensor, hashing each piece from the cache
+        right after its copy, check against the reply's checksums, release.
 
         Raises ``BlockNotFoundError`` (after telling the sidecar, which drops them) when a
-        block's bytes changed after they were written. O(bytes)."""
+        block's bytes changed after they were written. O(bytes): one copy."""
         blocks = result["blocks"]
         nb, bt, lay = len(blocks), self.block_tokens, self.layout
-        out = torch.empty(lay.kv_shape(nb * bt), dtype=lay.dtype, device=device)
-        out6 = out.view(lay.num_layers, 2, nb, bt, lay.num_kv_heads, lay.head_dim).permute(2, 0, 1, 3, 4, 5)
+        nbytes = nb * bt * lay.kv_bytes_per_token
+        if nbytes >= _FRESH_MAPPING_BYTES:  # malloc would map fresh pages too: populate them at once
+            out = fresh_memory(nbytes).view(lay.dtype).view(lay.kv_shape(nb * bt))
+        else:  # malloc may hand back warm memory a previous result freed
+            out = torch.empty(lay.kv_shape(nb * bt), dtype=lay.dtype)
+        out6 = self._block_rows(out, nb)
         want = from_wire(result["sums"], nb)
-        # Pipelined: each piece is hashed on the pool while the next one is copied, so the
-        # verification adds about one piece's hash to the copy, not a second pass.
-        pieces = max(1, min(nb, 4 * self._hash_parts)) if device.type == "cpu" else 1
-        bounds = [nb * i // pieces for i in range(pieces + 1)]
-        futs = []
-        for a, b in zip(bounds, bounds[1:]):
-            for pos, seg, slot, k in _runs([(i, blocks[i][0], blocks[i][1]) for i in range(a, b)]):
-                out6[pos:pos + k].copy_(self._rows[seg][slot:slot + k])
-            futs.append(self._hasher.submit(digests, out6[a:b]) if pieces > 1 else None)
-        got = np.concatenate([f.result() for f in futs]) if pieces > 1 else digests(out6)
+        got = self._copy(self._seg_jobs(blocks, as_u8(out6), range(nb)), hash_dst=True)
         bad = [int(i) for i in (got != want).nonzero()[0]]
         if bad:
-            try:
-                self._request("release", {"claim": result["claim"], "corrupt": bad})
-            except RemoteError:  # reclaimed meanwhile: the sidecar finds them on its own reads
-                pass
+            self._report_corrupt(result["claim"], bad)
             raise BlockNotFoundError(f"{len(bad)} block(s) changed in shared memory after they were written "
                                      "and were dropped; recompute them")
         self._send_oneway("release", {"claim": result["claim"]})
@@ -599,6 +899,16 @@ class RemoteClient:
             raise StoreClosedError("the client is closed")
 
     def close(self) -> None:
+        """Wait for the saves in flight (``put_async``/``save_from_async``), give back the
+        registered GPU pools, then disconnect."""
+        if not self._closed:
+            self._saver.close()
+            for pid in list(self._gpu_pools.values()):
+                try:
+                    self._request("unregister_pool", {"ns": self.namespace, "pool": pid}, timeout=1.0)
+                except Exception:  # noqa: BLE001 -- the sidecar reaps it when this process exits
+                    pass
+            self._gpu_pools.clear()
         with self._lock:
             if self._closed:
                 return
@@ -616,7 +926,7 @@ class RemoteClient:
                 pass
         self._stage_claim, self._staged = None, []
         self._hasher.shutdown(wait=False)
-        self._rows = []
+        self._rows, self._rows_u8 = [], []
         if self._sock is not None:
             self._sock.setsockopt(zmq.LINGER, linger)
             self._sock.close()

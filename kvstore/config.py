@@ -71,9 +71,13 @@ class StoreConfig:
     #: or KVSTORE_REDIS_PASSWORD / KVSTORE_REDIS_USERNAME.
     remote_url: str | None = None
     remote_write: RemoteWriteMode = "through"
-    remote_ttl_s: float | None = None          # per-namespace expiry of remote blocks
-    remote_deadline_s: float = 0.5             # no remote call blocks the caller longer
-    remote_queue_bytes: int = 256 * MiB        # write-behind bound (beyond it, writes are dropped)
+    #: per-namespace expiry of remote blocks, refreshed whenever a store re-puts the block
+    #: (None: no expiry); finite, at least 1 ms, at most Redis' limit
+    remote_ttl_s: float | None = None
+    remote_deadline_s: float = 0.5             # one remote call (all of it) never blocks the caller longer
+    remote_queue_bytes: int = 256 * MiB        # write-behind bound (beyond it, writes are dropped and counted)
+    #: at close (a sidecar's SIGTERM) the write-behind queue drains for at most this long
+    remote_drain_s: float = 5.0
     #: how the host, disk and remote tiers store a block (``CODEC_NAMES``; docs/decisions.md
     #: "Codecs per tier"): capacity counts encoded bytes, lossy ones are read only where
     #: ``lossy_ok`` (or a get's ``exact=False``) allows. The remote tier carries raw blocks
@@ -139,13 +143,10 @@ class StoreConfig:
             out.append("namespace must be a non-empty string")
         if not isinstance(self.extra, dict):
             out.append(f"extra must be a table, got {type(self.extra).__name__}")
-        from kvstore.remote_tier import check_remote_config
+        from kvstore.remote_tier import remote_config_problems
 
-        try:
-            check_remote_config(self.remote_url, self.remote_write, self.remote_ttl_s, self.remote_deadline_s,
-                                self.remote_queue_bytes)
-        except ConfigError as exc:
-            out.append(str(exc))
+        out.extend(remote_config_problems(self.remote_url, self.remote_write, self.remote_ttl_s,
+                                          self.remote_deadline_s, self.remote_queue_bytes, self.remote_drain_s))
         return out
 
     def policy_for(self, tier: str) -> str:

@@ -143,7 +143,7 @@ class KVStore:
                     config.remote_url, layout_desc=repr(sorted(self.layout.to_dict().items())),
                     block_tokens=self.block_tokens, block_shape=self._block_shape, dtype=self.layout.dtype,
                     write=config.remote_write, ttl_s=config.remote_ttl_s, deadline_s=config.remote_deadline_s,
-                    queue_bytes=config.remote_queue_bytes, clock=clock)
+                    queue_bytes=config.remote_queue_bytes, drain_s=config.remote_drain_s, clock=clock)
             except BaseException:  # e.g. a wrong password: release the local tiers built so far
                 self.close()
                 raise
@@ -1239,7 +1239,40 @@ class KVStore:
             if res.done:  # nothing to write: record the use now (else at commit, as put orders it)
                 self._tiers.touch([e for e in present if e is not None and e.key in index])
                 res.cached = self._cached_blocks(keys) * self.block_tokens
-            return res
+        self._remote_recheck(keys, present)
+        return res
+
+    def _remote_recheck(self, keys: list[bytes], present: list) -> None:
+        """As ``put`` does for every block: the blocks a client's put found already cached
+        (so it sent no bytes for them) get the remote tier's check too, and those Redis lost
+        are refilled from the local copy. No lock held (a network round trip)."""
+        if self._remote is None:
+            return
+        held = [keys[i] for i, e in enumerate(present) if e is not None]
+        if held:
+            self._remote.put(held, lambda pos: self._local_rows([held[i] for i in pos]))
+
+    def _local_rows(self, keys: list[bytes]) -> torch.Tensor | None:
+        """The KV rows of locally held ``keys`` (for the remote tier to refill what Redis
+        lost), or None when one is no longer held or fails its checksum. O(bytes)."""
+        rows = torch.empty((len(keys), *self._block_shape), dtype=self.layout.dtype)
+        with self._lock:
+            by_tier: dict[int, tuple[list[int], list[int]]] = {}
+            for i, k in enumerate(keys):
+                e = self._tiers.index.get(k)
+                if e is None:
+                    return None
+                pos, slots = by_tier.setdefault(e.tier, ([], []))
+                pos.append(i)
+                slots.append(e.slot)
+            for t, (pos, slots) in by_tier.items():
+                part = torch.empty((len(pos), *self._block_shape), dtype=self.layout.dtype)
+                try:
+                    self._tiers.tiers[t].arena.read(slots, part)
+                except CorruptSlotError:
+                    return None
+                rows[pos] = part
+        return rows
 
     def commit(self, res: "KVStore.Reservation", sums: np.ndarray | None = None) -> int:
         """Make a reservation's written blocks visible; returns the cached prefix length in
@@ -1350,6 +1383,7 @@ class KVStore:
             rows = self._rows_for_remote(t, used)  # what the client wrote in place goes remote too
         if rows is not None:
             self._remote.put([keys[i] for i in new], rows)
+        self._remote_recheck(keys, present)
         return cached, used
 
     def lease_checksums(self, lease: "KVStore.Lease") -> np.ndarray:

@@ -48,7 +48,8 @@ class RedisServer:
     stop and continue it (a hung shard)."""
 
     def __init__(self, *, password: str | None = None, maxmemory: int | None = None,
-                 policy: str = "allkeys-lru", cluster: bool = False, tls: bool = False) -> None:
+                 policy: str = "allkeys-lru", cluster: bool = False, tls: bool = False, port: int | None = None,
+                 extra: tuple[str, ...] = ()) -> None:
         self.dir = tempfile.mkdtemp(prefix="kvstore-redis-")
         self.password = password
         self.tls = tls
@@ -61,7 +62,7 @@ class RedisServer:
                             self.cert, "-days", "1", "-subj", "/CN=127.0.0.1", "-addext",
                             "subjectAltName=IP:127.0.0.1"], check=True, capture_output=True, timeout=60)
         for attempt in range(5):
-            self.port = _free_port()
+            self.port = port if port is not None else _free_port()  # a given port: a restart in place
             ports = (["--port", "0", "--tls-port", str(self.port), "--tls-cert-file", self.cert, "--tls-key-file", key,
                       "--tls-ca-cert-file", self.cert, "--tls-auth-clients", "no"] if tls
                      else ["--port", str(self.port)])
@@ -75,6 +76,7 @@ class RedisServer:
             if cluster:
                 args += ["--cluster-enabled", "yes", "--cluster-config-file", os.path.join(self.dir, "nodes.conf"),
                          "--cluster-node-timeout", "1000", "--cluster-require-full-coverage", "no"]
+            args += list(extra)
             self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             if self._wait_up(10.0):
                 return
@@ -116,6 +118,13 @@ class RedisServer:
             except OSError:
                 time.sleep(0.02)
         return False
+
+    def restart(self) -> None:
+        """Kill the server and start a new one on the same port, empty (no persistence)."""
+        self.kill()
+        fresh = RedisServer(password=self.password, port=self.port)
+        shutil.rmtree(self.dir, ignore_errors=True)
+        self.dir, self.proc = fresh.dir, fresh.proc
 
     def kill(self) -> None:
         if self.proc.poll() is None:

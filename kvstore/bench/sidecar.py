@@ -1,22 +1,24 @@
 """``kvstore bench sidecar``: the sidecar beside bare ZeroMQ and memcpy, in one run.
 
-Results (the bench shape, docs/decisions.md), each with the machine limit measured in the same run:
+Results (the bench shape, docs/decisions.md), each with the machine limit measured in the same run --
+for the data-path figures timed alternately with the op (limit, op, limit, ...; medians), so
+on a shared machine both see the same load:
 
 * ``lookup_p50_us`` / ``lookup_p99_us``: a ``lookup`` of a 32-block prefix over TCP vs a bare
-  pyzmq DEALER/ROUTER echo of the same request bytes (target ratio <= 1.5); the prompt is
-  asked about repeatedly, as an engine does while a request waits, so its block keys come
-  from the store's memo; ``lookup_unseen_p50_us`` is the same with a block no request named
-  before (hashing paid; no target);
+  pyzmq DEALER/ROUTER echo of the same request bytes, alternately (target p50 <= 1.3); the
+  prompt is asked about repeatedly, as an engine does while a request waits, so its block
+  keys come from the store's memo; ``lookup_unseen_p50_us`` is the same with a block no
+  request named before (hashing paid; no target);
 * ``shm_get_gbps`` / ``shm_put_gbps``: 64 MiB of KV through shared memory vs one memcpy of
   the same bytes (``clone`` for get, which returns a new tensor; ``copy_`` into existing
-  memory for put) (target >= 0.8); a put is one copy into staged slots with the xxh3 of the
-  source hashed beside it and one ``put_shm`` message, a get one copy out, one hash of the
-  private copy (verified against the writer's checksums) and a release not waited for;
+  memory for put) (target >= 0.8); a put is one copy into staged slots, each cache-sized
+  piece of the source hashed (xxh3) right after its copy, on every core, and one ``put_shm``
+  message; a get one copy out, each piece of the private copy hashed right after its copy
+  and verified against the writer's checksums, and a release not waited for;
 * ``shm_load_into_gbps`` / ``shm_save_from_gbps``: the same KV between the sidecar and an
   engine's cross-layer paged pool at shuffled block ids, vs one memcpy (``copy_``) of the
-  same bytes (no target: ``load_into`` is the verified copy out plus one copy into the
-  pool, ``save_from`` one gather out of the pool plus the put, two passes each, so 0.5 is
-  their bound here);
+  same bytes (target >= 0.8): one copy each, slot -> pool rows (verified in the pool) and
+  pool rows -> staged slots; ``shm_save_from_async_gbps``: ``save_from_async(...).wait()``;
 * ``tcp_get_gbps`` / ``tcp_put_gbps``: the same KV as ZeroMQ frames vs a bare zmq transfer
   of the same bytes (target >= 0.7);
 * ``lookup_ops_per_s_8_clients``: 8 client processes doing lookups vs 8 processes echoing.

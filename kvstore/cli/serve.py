@@ -50,6 +50,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--remote-ttl", type=float, default=None, help="seconds remote blocks live (default: forever)")
     parser.add_argument("--remote-deadline", type=float, default=None,
                         help="seconds a remote call may take before its blocks count as misses")
+    parser.add_argument("--remote-queue-bytes", type=_size, default=None,
+                        help="write-behind queue bound (beyond it, puts' remote writes are dropped and counted)")
+    parser.add_argument("--remote-drain", type=float, default=None,
+                        help="seconds SIGTERM waits for the write-behind queue to reach Redis before exit "
+                             "(what is still queued then is dropped and counted)")
     for tier in ("host", "disk", "remote"):
         parser.add_argument(f"--{tier}-codec", default=None,
                             help=f"how the {tier} tier stores blocks: none, lossless, fp8, int8 or int4 (README: codecs)")
@@ -77,6 +82,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port")
     parser.add_argument("--metrics-addr", default="127.0.0.1", help="address for the metrics endpoint")
     parser.add_argument("--max-tokens", type=int, default=1 << 20, help="tokens one request may name")
+    parser.add_argument("--max-reply-bytes", type=_size, default=1 << 30,
+                        help="bytes of replies not yet read by their peers the sidecar holds in all (beyond: busy)")
+    parser.add_argument("--max-reply-bytes-per-peer", type=_size, default=256 << 20,
+                        help="the same for one connection")
     parser.add_argument("--max-inflight", type=int, default=64,
                         help="requests one connection may have queued or running (more get a busy error)")
     parser.add_argument("--curve-secret", default=None,
@@ -97,6 +106,7 @@ def build(args: argparse.Namespace):
                  "disk_path": args.disk_path, "policy": args.policy, "fsync": args.fsync, "persist": args.persist,
                  "device": args.device, "remote_url": args.remote_url, "remote_write": args.remote_write,
                  "remote_ttl_s": args.remote_ttl, "remote_deadline_s": args.remote_deadline,
+                 "remote_queue_bytes": args.remote_queue_bytes, "remote_drain_s": args.remote_drain}
                  "host_codec": args.host_codec, "disk_codec": args.disk_codec, "remote_codec": args.remote_codec,
                  "lossy_ok": args.lossy_ok}
     if args.config:
@@ -111,7 +121,9 @@ def build(args: argparse.Namespace):
                             max_inflight_per_client=args.max_inflight, curve_secret=args.curve_secret,
                             curve_allow=args.curve_allow, insecure_allow_remote=args.insecure_allow_remote,
                             max_slots_per_namespace=args.max_slots_per_namespace,
-                            max_namespaces_per_key=args.max_namespaces_per_key, max_claims_per_client=args.max_claims)
+                            max_namespaces_per_key=args.max_namespaces_per_key, max_claims_per_client=args.max_claims,
+                            max_reply_bytes=args.max_reply_bytes,
+                            max_reply_bytes_per_peer=args.max_reply_bytes_per_peer)
     return args.endpoint, config, options
 
 
@@ -165,8 +177,19 @@ def run(args: argparse.Namespace) -> int:
         print(f"kvstore serve: {exc}", file=sys.stderr)
         return 2
 
+    stopping = []
+
     def on_signal(signum, _frame):
-        log.warning("received %s: finishing in-flight requests", signal.Signals(signum).name)
+        # Once only: a second signal can land while the first handler is inside
+        # Event.set() (its lock is not re-entrant), which deadlocked the process.
+        if stopping:
+            log.warning("received %s again: already stopping (write-behind queues drain for up to "
+                        "remote_drain_s = %s s)", signal.Signals(signum).name, config.remote_drain_s)
+            return
+        stopping.append(signum)
+        drain = (f", then draining write-behind queues for up to {config.remote_drain_s} s"
+                 if config.remote_url and config.remote_write == "back" else "")
+        log.warning("received %s: finishing in-flight requests%s", signal.Signals(signum).name, drain)
         server.request_stop()
 
     signal.signal(signal.SIGTERM, on_signal)

@@ -57,6 +57,10 @@ def _table(stats: dict) -> str:
         ("requests", "requests"), ("errors", "errors"), ("open_claims", "open leases"), ("reclaimed", "reclaimed"),
         ("unauthorised", "unauthorised"), ("busy", "busy")) if key in s)  # a CurveZMQ tenant sees fewer
     lines = [f"sidecar {s['endpoint']}  protocol v{s['version']}  up {s['uptime_s']:.0f} s{counters}"]
+    r = s.get("replies")
+    if r:
+        lines.append(f"unread replies {r['queued_bytes']} B (peak {r['peak_bytes']} B) of at most {r['max_bytes']} B, "
+                     f"{r['max_bytes_per_peer']} B per connection; refused {r['refused']}")
     if "namespace" in stats:
         namespaces = {stats["namespace"]["namespace"]: stats["namespace"]}
     else:
@@ -74,6 +78,9 @@ def _table(stats: dict) -> str:
             lines.append(f"    remote {r['url']}  {'DEGRADED' if r['degraded'] else 'ok'}  hits {r['hit_blocks']} "
                          f"misses {r['miss_blocks']} written {r['written_blocks']} queued {r['queued_blocks']} "
                          f"errors {r['errors']} ({r['write']})")
+            lines.append(f"      dropped unsent {r.get('dropped_unsent_blocks', 0)}  refilled "
+                         f"{r.get('refilled_blocks', 0)}  wrong-type deleted {r.get('wrong_type_blocks', 0)}  "
+                         f"pool waits expired {r.get('pool_timeouts', 0)}  refused by ACL {r.get('denied', 0)}")
     return "\n".join(lines)
 
 

@@ -9,6 +9,11 @@
   the open file, so it is seen across pid namespaces and released when the holder dies,
   even by SIGKILL: whoever holds a directory's lock knows every arena file in it is its own
   or a dead sidecar's.
+* :class:`ReplyBudget`: bytes of replies handed to ZeroMQ that its socket has not yet taken
+  (written to the kernel, or dropped with their peer), per peer and in all. ZeroMQ's send
+  high-water mark counts messages, so a peer that never reads could pin ``send_hwm`` x its
+  largest reply; the budget bounds the bytes instead, and a ``get`` over it is answered
+  ``busy`` before its reply is built.
 * :class:`OwnerCheck`: may a claim's named owner keep it past its expiry? Only a live
   process that really maps this namespace's shared arenas (a client can name any pid, e.g.
   pid 1, as its owner; a process that does not map our arenas cannot be writing into them).
@@ -25,8 +30,13 @@ import hashlib
 import logging
 import os
 from pathlib import Path
+import threading
+from typing import Any
 
-from kvstore.errors import CapacityError, ConfigError
+import torch
+
+from allocator.shm import fresh_memory
+from kvstore.errors import BusyError, CapacityError, ConfigError
 from kvstore.sidecar.procinfo import owner_alive
 
 log = logging.getLogger(__name__)
@@ -139,6 +149,98 @@ def sweep_dir(directory: str) -> int:
     return removed
 
 
+class ReplyBudget:
+    """Bytes of large replies not yet taken by the socket, per peer and in all.
+
+    A worker reserves a reply's size before it builds it (over either budget:
+    ``busy``, nothing allocated; a reply larger than the per-peer budget could never be
+    sent: ``too_large``); after the send it hands the send's ``MessageTracker`` to
+    :meth:`track`; :meth:`sweep` (the loop calls it every pass) releases the bytes of replies
+    ZeroMQ has let go of. So the memory that replies can hold in the sidecar is at most
+    ``total`` bytes, whatever the peers do. O(1) per reserve/release, O(pending) per sweep.
+    """
+
+    def __init__(self, per_peer: int, total: int) -> None:
+        self.per_peer = int(per_peer)
+        self.total = int(total)
+        self._lock = threading.Lock()
+        self._of: dict[bytes, int] = {}
+        self._queued = 0
+        self._pending: list[tuple[Any, bytes, int]] = []
+        self.admitted = 0
+        self.refused = 0
+        self.peak = 0
+
+    def reserve(self, peer: bytes, nbytes: int) -> None:
+        """Count ``nbytes`` of a reply to ``peer`` as queued, or raise ``BusyError``."""
+        from kvstore.sidecar.protocol import MessageTooLargeError
+
+        if nbytes > self.per_peer:
+            with self._lock:
+                self.refused += 1
+            raise MessageTooLargeError(f"a reply of {nbytes} bytes exceeds the sidecar's reply budget per peer "
+                                       f"({self.per_peer} bytes, max_reply_bytes_per_peer); ask for fewer tokens")
+        self.sweep()
+        with self._lock:
+            mine = self._of.get(peer, 0)
+            if mine + nbytes > self.per_peer or self._queued + nbytes > self.total:
+                self.refused += 1
+                raise BusyError(f"replies not yet read hold {mine} bytes for this connection and {self._queued} in "
+                                f"all; a reply of {nbytes} more would pass the budget (max_reply_bytes_per_peer="
+                                f"{self.per_peer}, max_reply_bytes={self.total}): read the replies, then retry")
+            self._of[peer] = mine + nbytes
+            self._queued += nbytes
+            self.admitted += 1
+            self.peak = max(self.peak, self._queued)
+
+    def release(self, peer: bytes, nbytes: int) -> None:
+        with self._lock:
+            left = self._of.get(peer, 0) - nbytes
+            if left > 0:
+                self._of[peer] = left
+            else:
+                self._of.pop(peer, None)
+            self._queued = max(0, self._queued - nbytes)
+
+    def track(self, tracker: Any, peer: bytes, nbytes: int) -> None:
+        """The reply was sent with ``tracker`` (None: its bytes are already gone)."""
+        if tracker is None or tracker.done:
+            self.release(peer, nbytes)
+            return
+        with self._lock:
+            self._pending.append((tracker, peer, nbytes))
+
+    def sweep(self) -> None:
+        """Release the bytes of every tracked reply ZeroMQ no longer holds."""
+        if not self._pending:
+            return
+        with self._lock:
+            keep: list[tuple[Any, bytes, int]] = []
+            done: list[tuple[Any, bytes, int]] = []
+            for p in self._pending:
+                (done if p[0].done else keep).append(p)
+            self._pending = keep
+        for _, peer, nbytes in done:
+            self.release(peer, nbytes)
+
+    def stats(self) -> dict:
+        """What ``kvstore stats`` shows: the bound and what is held now."""
+        self.sweep()
+        with self._lock:
+            return {"max_bytes": self.total, "max_bytes_per_peer": self.per_peer, "queued_bytes": self._queued,
+                    "peak_bytes": self.peak, "peers_holding": len(self._of), "admitted": self.admitted,
+                    "refused": self.refused}
+
+
+def reply_buffer(nbytes: int) -> torch.Tensor:
+    """``nbytes`` of fresh memory for one reply, as a uint8 tensor, in an anonymous mapping of
+    its own (:func:`allocator.shm.fresh_memory`): unmapped (given back to the OS) as soon as
+    the last reference goes -- when ZeroMQ lets go of the frame. From malloc, a freed 16 MiB
+    reply stays in a thread's arena (glibc raises its mmap threshold after such frees), so
+    RSS would keep what the budget already released. O(nbytes)."""
+    return fresh_memory(nbytes)
+
+
 def _mapped_paths(pid: int) -> set[str] | None:
     """Files ``pid`` maps (from /proc/<pid>/maps), or None when it cannot be read (another
     user's process, pid 1 as non-root, no /proc). O(mappings)."""
@@ -190,8 +292,12 @@ def option_problems(opts) -> list[str]:
     positive("lease_timeout_s", opts.lease_timeout_s, float)
     for name in ("max_message_bytes", "max_namespaces", "max_queued", "max_tokens", "max_inflight_per_client",
                  "max_slots_per_namespace", "max_namespaces_per_key", "max_claims_per_client", "send_hwm",
-                 "recv_hwm"):
+                 "recv_hwm", "max_reply_bytes", "max_reply_bytes_per_peer"):
         positive(name, getattr(opts, name))
+    if isinstance(opts.max_reply_bytes, int) and isinstance(opts.max_reply_bytes_per_peer, int) and \
+            opts.max_reply_bytes_per_peer > opts.max_reply_bytes:
+        out.append(f"max_reply_bytes_per_peer ({opts.max_reply_bytes_per_peer}) must not exceed max_reply_bytes "
+                   f"({opts.max_reply_bytes})")
     if not isinstance(opts.loop_lookup_tokens, int) or opts.loop_lookup_tokens < 0:
         out.append(f"loop_lookup_tokens must be a non-negative int, got {opts.loop_lookup_tokens!r}")
     if opts.metrics_port is not None and (not isinstance(opts.metrics_port, int) or not 0 <= opts.metrics_port < 65536):

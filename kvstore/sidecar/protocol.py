@@ -46,7 +46,7 @@ MAX_HEADER_MAP = 1024
 MAX_TENSOR_DIM = 1 << 40
 #: every op the server knows; ``capabilities`` in the hello reply lists what it serves
 OPS = ("hello", "lookup", "put", "get", "release", "reserve", "commit", "plan", "stats", "health", "clear",
-       "stage", "put_shm")
+       "stage", "put_shm", "register_pool", "load_pool", "save_pool", "unregister_pool")
 #: ops a client may resend after a timeout (same effect when done twice)
 IDEMPOTENT = frozenset({"hello", "lookup", "get", "plan", "stats", "health"})
 

@@ -69,7 +69,7 @@ from kvstore.sidecar.protocol import (MAGIC, OPS, VERSION, LayoutMismatchError, 
 from kvstore.sidecar.security import ZAP_DOMAIN, RefusalLog, ZapHandler, check_bind, handshake_failure, load_allow_dir, load_keys
 from kvstore.restore.summary import plan_result  # re-exported: the wire reply of ``plan``
 from kvstore.store import KVStore
-from kvstore.sidecar import shm_plane
+from kvstore.sidecar import gpu_pool, shm_plane
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +113,12 @@ class ServerOptions:
     send_hwm: int = 1024
     #: requests ZeroMQ queues from one connection before it stops reading from it
     recv_hwm: int = 1024
+    #: bytes of large replies (KV as frames) the sidecar holds for peers that have not read
+    #: them yet, in all: the bound on what unread replies can cost (see limits.ReplyBudget)
+    max_reply_bytes: int = 1 << 30
+    #: the same for one connection; a reply over what is left is ``busy``, one larger than
+    #: this is ``too_large``
+    max_reply_bytes_per_peer: int = 256 << 20
 
 
 @dataclass(frozen=True)
@@ -200,7 +206,9 @@ class _StoreCollector:
         cap = GaugeMetricFamily("kvstore_tier_capacity_bytes", "capacity per tier", labels=["namespace", "tier"])
         claims = GaugeMetricFamily("kvstore_open_claims", "leases and reservations held by clients")
         remote = {name: CounterMetricFamily(f"kvstore_remote_{name}", f"remote tier: {name}", labels=["namespace"])
-                  for name in ("hit_blocks", "miss_blocks", "written_blocks", "errors", "timeouts")}
+                  for name in ("hit_blocks", "miss_blocks", "written_blocks", "errors", "timeouts",
+                               "dropped_unsent_blocks", "refilled_blocks", "wrong_type_blocks", "pool_timeouts",
+                               "denied")}
         remote_queued = GaugeMetricFamily("kvstore_remote_queued_blocks", "remote write-behind queue",
                                           labels=["namespace"])
         remote_degraded = GaugeMetricFamily("kvstore_remote_degraded", "1 while a remote shard is failing",
@@ -274,6 +282,8 @@ class SidecarServer:
                          "unauthorised": 0, "busy": 0}
         self._counters_lock = threading.Lock()
         self._inflight: dict[bytes, int] = {}  # connection -> requests queued or running
+        self._gpu_pools = gpu_pool.GpuPools()  # engines' CUDA pools opened by CUDA IPC
+        self._replies = limits.ReplyBudget(self.options.max_reply_bytes_per_peer, self.options.max_reply_bytes)
         self._zap: ZapHandler | None = None
         self._monitor: zmq.Socket | None = None
         self._refusal_log = RefusalLog(log)
@@ -473,6 +483,7 @@ class SidecarServer:
         try:
             while not self._stop.is_set():
                 events = dict(poller.poll(100))
+                self._replies.sweep()
                 if pull in events:
                     self._forward_replies()
                 if self._monitor is not None and self._monitor in events:
@@ -518,8 +529,15 @@ class SidecarServer:
             self._claims_of.clear()
         for c in claims:
             self._drop_claim(c)
-        for ns in self.namespaces():
-            ns.store.close()
+        self._gpu_pools.clear()
+        # concurrently: each store's remote write-behind queue drains within its own grace
+        # period (remote_drain_s), not one namespace after another
+        closers = [threading.Thread(target=ns.store.close, name=f"kvs-close-{i}")
+                   for i, ns in enumerate(self.namespaces())]
+        for t in closers:
+            t.start()
+        for t in closers:
+            t.join()
         with self._push_lock:
             for s in self._push_sockets:
                 s.close(0)
@@ -542,7 +560,9 @@ class SidecarServer:
         self._stopped.set()
         log.info("sidecar stopped")
 
-    def _send_from_worker(self, msg: list) -> None:
+    def _send_from_worker(self, msg: list, track: bool = False) -> Any:
+        """Hand a reply to the loop (which forwards it to the peer); with ``track`` returns
+        the send's ``MessageTracker`` (done once ZeroMQ let go of the zero-copy frames)."""
         sock = getattr(self._local, "push", None)
         if sock is None:
             sock = self._ctx.socket(zmq.PUSH)
@@ -551,7 +571,12 @@ class SidecarServer:
             self._local.push = sock
             with self._push_lock:
                 self._push_sockets.append(sock)
-        sock.send_multipart(msg, copy=False)
+        if not track:
+            sock.send_multipart(msg, copy=False)
+            return None
+        for part in msg[:-1]:  # only a frame we made can be tracked: the last (the payload)
+            sock.send(part, zmq.SNDMORE, copy=False)
+        return sock.send(msg[-1], copy=False, track=True)
 
     def _on_request(self, frames: list) -> None:
         """Validate one request and answer it here or hand it to a worker. Never raises."""
@@ -630,10 +655,15 @@ class SidecarServer:
                     self._inflight[key] = left
                 else:
                     self._inflight.pop(key, None)
+        grant, self._local.grant = getattr(self._local, "grant", None), None
+        tracker = None
         try:
-            self._send_from_worker([ident, *reply])
+            tracker = self._send_from_worker([ident, *reply], track=grant is not None)
         except Exception:  # pragma: no cover - sending may fail on shutdown
             log.exception("worker failed to answer %s", op)
+        finally:
+            if grant is not None:
+                self._replies.track(tracker, *grant)
 
     def _run(self, op: str, args: dict, payload: list, rid: Any, received: float, deadline: float | None) -> list:
         """Run one handler and build its reply frames; every exception becomes an error reply."""
@@ -730,6 +760,8 @@ class SidecarServer:
         while not self._stop.wait(every):
             try:
                 self._reap(time.monotonic())
+                if len(self._gpu_pools):
+                    self._gpu_pools.reap()
             except Exception:  # pragma: no cover - keep reaping whatever one pass hit
                 log.exception("claim reaper pass failed")
 
@@ -956,7 +988,17 @@ class SidecarServer:
             if lease is not None:
                 cid = self._add_claim("lease", ns, lease, args)
                 return shm_plane.lease_reply(ns, cid, lease), []
-        kv = self._get_one_copy(ns, tokens, exact)
+        # The reply's bytes count against the reply budget until ZeroMQ lets go of them
+        # (reserved before the tensor is built: a peer over its budget costs nothing).
+        peer = args[PEER].ident
+        nbytes = (len(tokens) // ns.block_tokens) * ns.block_tokens * ns.layout.kv_bytes_per_token
+        self._replies.reserve(peer, nbytes)
+        try:
+            kv = self._get_one_copy(ns, tokens, exact)
+        except BaseException:
+            self._replies.release(peer, nbytes)
+            raise
+        self._local.grant = (peer, nbytes)
         return {"mode": "frames", "kv": tensor_desc(kv)}, [tensor_frame(kv)]
 
     @staticmethod
@@ -972,7 +1014,7 @@ class SidecarServer:
         try:
             lay, bt, nb = store.layout, store.block_tokens, len(lease.blocks)
             block_shape = (lay.num_layers, 2, bt, lay.num_kv_heads, lay.head_dim)
-            out = torch.empty(lay.kv_shape(nb * bt), dtype=lay.dtype)
+            out = limits.reply_buffer(lay.kv_bytes_per_token * nb * bt).view(lay.dtype).view(lay.kv_shape(nb * bt))
             out6 = out.view(lay.num_layers, 2, nb, bt, lay.num_kv_heads, lay.head_dim).permute(2, 0, 1, 3, 4, 5)
             arenas = store.tier_arenas()
             runs: list[list[int]] = []
@@ -1047,13 +1089,29 @@ class SidecarServer:
         self._no_payload("stats", payload)
         visible = self._visible(args)
         server = {"endpoint": self.endpoint, "version": VERSION, "uptime_s": time.monotonic() - self._started,
-                  "open_claims": self._open_claims_in(visible)}
+                  "open_claims": self._open_claims_in(visible), "replies": self._replies.stats()}
         if not self.curve:  # one tenant: the server-wide counters are its own
             with self._counters_lock:
                 server.update(self.counters)
         if args.get("ns") is not None:
             return {"server": server, "namespace": self._namespace(args).store.stats()}, []
         return {"server": server, "namespaces": {ns.name: ns.store.stats() for ns in visible}}, []
+
+    def _op_register_pool(self, args: dict, payload: list) -> tuple[Any, list]:
+        self._no_payload("register_pool", payload)
+        return gpu_pool.op_register_pool(self, args), []
+
+    def _op_load_pool(self, args: dict, payload: list) -> tuple[Any, list]:
+        self._no_payload("load_pool", payload)
+        return gpu_pool.op_load_pool(self, args), []
+
+    def _op_save_pool(self, args: dict, payload: list) -> tuple[Any, list]:
+        self._no_payload("save_pool", payload)
+        return gpu_pool.op_save_pool(self, args), []
+
+    def _op_unregister_pool(self, args: dict, payload: list) -> tuple[Any, list]:
+        self._no_payload("unregister_pool", payload)
+        return gpu_pool.op_unregister_pool(self, args), []
 
     def _op_clear(self, args: dict, payload: list) -> tuple[Any, list]:
         self._no_payload("clear", payload)

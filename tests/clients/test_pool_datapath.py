@@ -9,9 +9,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from clients import connect
+from clients import BlockLoadError, LoadResult, connect
 from kvstore import BlockNotFoundError, InvalidInputError
-from tests.clients.conftest import BT
+from tests.clients.conftest import BT, KINDS
 from tests.clients.test_shm_integrity import _scribble, _server, _slots_of
 from tests.kvstore.test_datapath import blocks_of, make_kv, pool_blocks, pools
 
@@ -114,9 +114,12 @@ def test_another_tenants_blocks_cannot_be_loaded(make_client, layout, device):
         assert b.lookup(tokens) == 0
 
 
-def test_a_block_changed_in_shared_memory_never_reaches_the_pool(tmp_path, layout, device):
-    """A process that maps the arena scribbles over a slot after the put: ``load_into``
-    reads a private copy, finds the block changed and raises, and the pool stays as it was."""
+@pytest.mark.parametrize("pool_kind", POOL_KINDS)
+def test_a_block_changed_in_shared_memory_is_named_and_never_used(tmp_path, layout, device, pool_kind):
+    """A process that maps the arena scribbles over a slot after the put. ``load_into``
+    copies each block once, slot -> pool, and verifies the pool rows: the changed block is
+    reported (its pool id named unusable, the sidecar drops it), every other named block
+    holds exact bytes, and pool blocks not named are never written."""
     shm_dir = tmp_path / "shm"
     shm_dir.mkdir()
     srv = _server("tcp://127.0.0.1:*", tmp_path, shm_dir)
@@ -127,13 +130,32 @@ def test_a_block_changed_in_shared_memory_never_reaches_the_pool(tmp_path, layou
             kv = make_kv(layout, 16, 6, device)
             assert c.save_from(tokens, _filled(layout, kv, device), [3, 0, 2, 1]) == 16
             _scribble(*_slots_of(srv, "pool", tokens)[1], 0)
-            pool = pools(layout, 4, device)["xlayer"]
-            with pytest.raises(BlockNotFoundError, match="changed"):
-                c.load_into(tokens, pool, [0, 1, 2, 3])
-            assert _untouched(pool)
+            pool = pools(layout, 6, device)[pool_kind]
+            ids = [4, 1, 0, 3]
+            with pytest.raises(BlockLoadError, match="changed") as err:
+                c.load_into(tokens, pool, ids)
+            assert isinstance(err.value, BlockNotFoundError)
+            assert err.value.failed_block_ids == (1,) and err.value.failed_positions == (1,)
+            assert int(err.value.result) == 4  # the prefix before the first failed block
+            for pos in (0, 2, 3):
+                assert torch.equal(pool_blocks(pool, [ids[pos]]), blocks_of(kv[:, :, 4 * pos:4 * pos + 4]))
+            assert not pool_blocks(pool, [2, 5]).any()  # never named, never written
             assert c.lookup(tokens) == 4  # the changed block and what hangs off it are gone
-            assert c.load_into(tokens[:4], pool, [2]) == 4
-            assert torch.equal(pool_blocks(pool, [2]), blocks_of(kv[:, :, :4]))
+            # a missing block fails before the pool is touched; "report" names every id
+            fresh = pools(layout, 6, device)[pool_kind]
+            res = c.load_into(tokens, fresh, ids, on_error="report")
+            assert int(res) == 0 and res.failed_block_ids == tuple(ids) and _untouched(fresh)
+            with pytest.raises(BlockNotFoundError):
+                c.load_into(tokens, fresh, ids)
+            ok = c.load_into(tokens[:4], fresh, [2])
+            assert ok == 4 and ok.failed_block_ids == () and ok.ok
+            assert torch.equal(pool_blocks(fresh, [2]), blocks_of(kv[:, :, :4]))
+            # "report" mode with a changed block: returned, not raised
+            assert c.put(tokens, kv) == 16
+            _scribble(*_slots_of(srv, "pool", tokens)[2], 3)
+            res = c.load_into(tokens, fresh, ids, on_error="report")
+            assert int(res) == 8 and res.failed_block_ids == (0,) and res.failed_positions == (2,)
+            assert c.lookup(tokens) == 8
     finally:
         srv.stop(timeout=10)
 
@@ -175,3 +197,26 @@ def test_a_sidecar_restart_under_a_live_pool_client(tmp_path, layout, device):
         a.close()
         b.close()
         srv.stop(timeout=10)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_load_into_reports_alike_on_every_client_kind(make_client, layout, kind, device):
+    """``on_error`` has one meaning everywhere: a miss raises by default, and in "report" mode
+    returns a ``LoadResult`` of 0 tokens naming every pool block asked for (none written)."""
+    c = make_client(kind)
+    kv = make_kv(layout, 2 * BT, 4, device)
+    c.put(list(range(2 * BT)), kv)
+    pool = pools(layout, 5, device)["xlayer"]
+    ok = c.load_into(list(range(2 * BT)), pool, [4, 2], on_error="report")
+    assert isinstance(ok, LoadResult) and ok == 2 * BT and ok.ok and ok.failed_block_ids == ()
+    assert torch.equal(pool_blocks(pool, [4, 2]), blocks_of(kv))
+    fresh = pools(layout, 5, device)["xlayer"]
+    miss = list(range(3 * BT))
+    res = c.load_into(miss, fresh, [0, 3, 1], on_error="report")
+    assert int(res) == 0 and res.failed_block_ids == (0, 3, 1) and res.failed_positions == (0, 1, 2)
+    assert _untouched(fresh)
+    with pytest.raises(BlockNotFoundError):
+        c.load_into(miss, fresh, [0, 3, 1])
+    with pytest.raises(InvalidInputError, match="on_error"):
+        c.load_into(list(range(2 * BT)), fresh, [0, 1], on_error="ignore")
+    assert _untouched(fresh)
