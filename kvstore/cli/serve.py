@@ -106,7 +106,7 @@ def build(args: argparse.Namespace):
                  "disk_path": args.disk_path, "policy": args.policy, "fsync": args.fsync, "persist": args.persist,
                  "device": args.device, "remote_url": args.remote_url, "remote_write": args.remote_write,
                  "remote_ttl_s": args.remote_ttl, "remote_deadline_s": args.remote_deadline,
-                 "remote_queue_bytes": args.remote_queue_bytes, "remote_drain_s": args.remote_drain}
+                 "remote_queue_bytes": args.remote_queue_bytes, "remote_drain_s": args.remote_drain,
                  "host_codec": args.host_codec, "disk_codec": args.disk_codec, "remote_codec": args.remote_codec,
                  "lossy_ok": args.lossy_ok}
     if args.config:
