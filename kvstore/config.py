@@ -80,8 +80,8 @@ class StoreConfig:
     remote_drain_s: float = 5.0
     #: how the host, disk and remote tiers store a block (``CODEC_NAMES``; docs/decisions.md
     #: "Codecs per tier"): capacity counts encoded bytes, lossy ones are read only where
-    #: ``lossy_ok`` (or a get's ``exact=False``) allows. The remote tier carries raw blocks
-    #: in this version: ``remote_codec`` other than "none" is refused.
+    #: ``lossy_ok`` (or a get's ``exact=False``) allows. Remote values of one codec live under
+    #: their own keys: stores on different codecs share nothing (docs/decisions.md).
     host_codec: str = "none"
     disk_codec: str = "none"
     remote_codec: str = "none"
@@ -200,9 +200,6 @@ def codec_problems(config: "StoreConfig") -> list[str]:
 
             if importlib.util.find_spec("numcodecs") is None:
                 out.append(f"{tier}_codec = 'lossless' needs numcodecs: pip install 'kvstore[codecs]'")
-    if config.remote_codec not in ("none",) and config.remote_codec in CODEC_NAMES:
-        out.append(f"remote_codec = {config.remote_codec!r}: the remote tier carries raw blocks in this "
-                   "version (codecs apply to the host and disk tiers); use 'none'")
     return out
 
 

@@ -108,6 +108,7 @@ class KVStore:
         self._lock = threading.RLock()
         self._closed = False
         self._remote: RemoteTier | None = None  # the shared tier below disk (kvstore.remote_tier)
+        self._remote_lossy = config.remote_codec in ("fp8", "int8", "int4")  # its blocks come back approximated
         self._tmpdir: str | None = None
         self.device = torch.device(config.device) if config.device else default_device()
         self.act_block_bytes = self.layout.act_block_bytes(self.block_tokens)
@@ -143,7 +144,8 @@ class KVStore:
                     config.remote_url, layout_desc=repr(sorted(self.layout.to_dict().items())),
                     block_tokens=self.block_tokens, block_shape=self._block_shape, dtype=self.layout.dtype,
                     write=config.remote_write, ttl_s=config.remote_ttl_s, deadline_s=config.remote_deadline_s,
-                    queue_bytes=config.remote_queue_bytes, drain_s=config.remote_drain_s, clock=clock)
+                    queue_bytes=config.remote_queue_bytes, drain_s=config.remote_drain_s, clock=clock,
+                    codec=self._codec("remote"))
             except BaseException:  # e.g. a wrong password: release the local tiers built so far
                 self.close()
                 raise
@@ -452,7 +454,8 @@ class KVStore:
             self._check_open()
             n = self._cached_prefix(keys, adapter or self.adapter, self._refuse_lossy(exact))
             self._counters["lookups"] += 1
-            remote = self._remote is not None and n < len(keys)
+            remote = self._remote is not None and n < len(keys) \
+                and not (self._remote_lossy and self._refuse_lossy(exact))
             if not remote:
                 self._counters["hits"] += n
                 self._counters["misses"] += total - n
@@ -489,7 +492,7 @@ class KVStore:
         bt = self.block_tokens
         out_device = torch.device(device) if device is not None else self.device
         adapter = adapter or self.adapter
-        if self._remote is not None:
+        if self._remote is not None and not (self._remote_lossy and refuse_lossy):
             kv = self._get_with_remote(arr, keys, adapter, exact=asked, out=out, on_layer=on_layer,
                                        device=out_device)
             if kv is not None:
@@ -1028,6 +1031,11 @@ class KVStore:
         if pos and self.config.promote_on_hit and not self._closed:
             src = rows[[p - start for p in pos]] if len(pos) < len(rows) else rows
             self._tiers.add([keys[p] for p in pos], [keys[p - 1] if p > 0 else None for p in pos], src)
+            if self._remote_lossy:  # decoded from a lossy remote codec: approximate wherever it lands
+                for p in pos:
+                    e = self._tiers.index.get(keys[p])
+                    if e is not None:
+                        e.lossy = True
 
     def _get_with_remote(self, arr: np.ndarray, keys: list[bytes], adapter: Recomputer | None, *, exact: bool,
                          out: torch.Tensor | None, on_layer: Callable[[int], None] | None,

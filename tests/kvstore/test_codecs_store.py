@@ -192,7 +192,7 @@ def test_persisted_encoded_blocks_survive_a_restart_and_another_codec_starts_emp
 @pytest.mark.parametrize("kw,match", [
     ({"host_codec": "int3"}, "host_codec must be one of"),
     ({"disk_codec": "INT8"}, "disk_codec must be one of"),
-    ({"remote_codec": "int8"}, "remote tier carries raw blocks"),
+    ({"remote_codec": "int9"}, "remote_codec must be one of"),
     ({"lossy_ok": "yes"}, "lossy_ok must be true or false"),
 ])
 def test_config_errors_at_start(kw, match):
