@@ -1102,7 +1102,10 @@ class KVStore:
         if profile is not None:
             from kvstore.restore.planner import remote_worth_reading
 
-            if not remote_worth_reading(profile, self.layout, self.block_tokens, want, self._remote.link):
+            rc = self._remote.codec
+            codec = TierCodec(rc.encoded_bytes, rc.raw_bytes / (decode_rate(profile, rc.name) or DEFAULT_DECODE_BPS)) \
+                if rc is not None else None
+            if not remote_worth_reading(profile, self.layout, self.block_tokens, want, self._remote.link, codec=codec):
                 return 0
         rows, m = self._remote.fetch(keys[n:n + want])
         if m:

@@ -662,7 +662,7 @@ def _weak_lower_bound(blocks: Sequence[BlockForms], costs: _Costs, layout: Model
 
 
 def remote_worth_reading(profile: CostProfile, layout: ModelLayout, block_tokens: int, n_blocks: int,
-                         observed: tuple[float, float] | None = None) -> bool:
+                         observed: tuple[float, float] | None = None, *, codec: TierCodec | None = None) -> bool:
     """Whether reading ``n_blocks`` KV blocks from the remote tier (one batched round trip:
     ``latency + bytes / bandwidth`` on ``"remote->host"``, else the store's ``observed``
     ``(latency_s, bandwidth_Bps)``) finishes before prefilling their tokens. The restore
@@ -675,5 +675,7 @@ def remote_worth_reading(profile: CostProfile, layout: ModelLayout, block_tokens
         link = LinkCost(max(observed[1], 1.0), max(observed[0], 0.0)) if observed[1] > 0 else None
     if link is None or n_blocks <= 0:
         return n_blocks > 0
-    read_s = link.seconds(n_blocks * layout.kv_block_bytes(block_tokens))
+    # a remote codec (issue 24): its encoded bytes cross the link, then each block decodes
+    nbytes = codec.encoded_bytes if codec is not None else layout.kv_block_bytes(block_tokens)
+    read_s = link.seconds(n_blocks * nbytes) + (n_blocks * codec.decode_s if codec is not None else 0.0)
     return read_s < profile.prefill_s(layout, n_blocks * block_tokens)

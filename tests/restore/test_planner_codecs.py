@@ -52,3 +52,17 @@ def test_store_hands_its_codecs_to_the_planner(tmp_path):
     codec = st._tiers.tiers[0].arena.codec
     assert codecs == {"host": TierCodec(codec.encoded_bytes, codec.raw_bytes / 4e9)}
     st.close()
+
+
+def test_remote_read_is_priced_in_encoded_bytes_plus_decode():
+    from kvstore.restore.planner import remote_worth_reading
+
+    prof = CostProfile(links={"disk->host": LinkCost(1e9), "host->device": LinkCost(20e9),
+                              "remote->host": LinkCost(1e8, 1e-3)},
+                       recompute=ComputeCost(1e13), prefill=ComputeCost(1e12))  # 256 tokens: ~26 ms
+    n = 16
+    assert not remote_worth_reading(prof, LAYOUT, BT, n)  # raw over a 100 MB/s link: prefill is faster
+    fast = TierCodec(encoded_bytes=RAW // 4, decode_s=RAW / 4e9)
+    assert remote_worth_reading(prof, LAYOUT, BT, n, codec=fast)  # a quarter of the bytes wins
+    slow = TierCodec(encoded_bytes=RAW // 4, decode_s=1.0)
+    assert not remote_worth_reading(prof, LAYOUT, BT, n, codec=slow)  # unless decoding costs more
