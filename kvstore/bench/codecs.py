@@ -14,7 +14,8 @@ Blocks are bf16 KV of a typical shape (``--layers`` 32, ``--kv-heads`` 8, ``--he
   store whose only tier is ``host`` or ``disk`` with that codec (disk: page cache dropped
   before each read), limit: the same restore with ``none`` in the same run (ratio = coded /
   raw; target for int8 from disk: <= 0.6 where the disk link is the bottleneck -- on a
-  machine whose disk reads outrun the decode it is not, and the ratio says so).
+  machine whose disk reads outrun the decode it is not, and the ratio says so). With
+  ``--remote-url`` the same from Redis (a store with no local copy of the blocks).
 
 Each figure is the median of ``--repeats`` runs, ours and the limit interleaved.
 """
@@ -40,6 +41,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--block-tokens", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--codecs", default=",".join(CODECS), help="comma-separated codecs to measure")
+    parser.add_argument("--remote-url", default=None,
+                        help="also restore from this Redis (flushed namespace 'bench-codecs-*' keys only)")
 
 
 def _kv(layers: int, tokens: int, heads: int, dim: int):
@@ -95,7 +98,8 @@ def _codec_speed(report: Report, names: list[str], kv, block_shape: tuple[int, .
             raise AssertionError(f"{name} did not decode to the same bytes")
 
 
-def _restores(report: Report, names: list[str], kv, bt: int, workdir: Path, repeats: int) -> None:
+def _restores(report: Report, names: list[str], kv, bt: int, workdir: Path, repeats: int,
+              remote_url: str | None = None) -> None:
     import torch
 
     from kvstore import KVStore, ModelLayout, StoreConfig
@@ -105,18 +109,24 @@ def _restores(report: Report, names: list[str], kv, bt: int, workdir: Path, repe
     tokens = list(range(T))
     raw = kv.numel() * kv.element_size()
     out = torch.empty_like(kv)
-    for tier in ("host", "disk"):
+    block = layout.kv_block_bytes(bt)
+    for tier in ("host", "disk") + (("remote",) if remote_url else ()):
         stores = {}
         try:
             for name in ["none"] + [c for c in names if c != "none"]:
                 size = raw + 64 * MiB
                 cfg = StoreConfig(layout=layout, block_tokens=bt, device_bytes=0, device="cpu",
-                                  host_bytes=size if tier == "host" else 0,
+                                  host_bytes=size if tier == "host" else block if tier == "remote" else 0,
                                   disk_bytes=size if tier == "disk" else 0,
                                   disk_path=str(workdir / f"{tier}-{name}") if tier == "disk" else None,
+                                  remote_url=remote_url if tier == "remote" else None,
+                                  namespace=f"bench-codecs-{name}",
                                   promote_on_hit=False, lossy_ok=True, **{f"{tier}_codec": name})
                 st = KVStore(cfg)
                 st.put(tokens, kv)
+                if tier == "remote":
+                    st.flush_remote(60.0)
+                    st.clear()  # every block now comes from Redis
                 stores[name] = st
 
             def restore(st) -> None:
@@ -151,5 +161,5 @@ def run(args: argparse.Namespace) -> Report:
     repeats = 3 if args.quick else args.repeats
     _codec_speed(report, names, kv, block_shape, repeats)
     with tempfile.TemporaryDirectory(dir=args.dir) as d:
-        _restores(report, names, kv, args.block_tokens, Path(d), repeats)
+        _restores(report, names, kv, args.block_tokens, Path(d), repeats, args.remote_url)
     return report
