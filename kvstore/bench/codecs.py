@@ -119,7 +119,7 @@ def _restores(report: Report, names: list[str], kv, bt: int, workdir: Path, repe
                                   host_bytes=size if tier == "host" else block if tier == "remote" else 0,
                                   disk_bytes=size if tier == "disk" else 0,
                                   disk_path=str(workdir / f"{tier}-{name}") if tier == "disk" else None,
-                                  remote_url=remote_url if tier == "remote" else None,
+                                  remote_url=remote_url if tier == "remote" else None, remote_deadline_s=120.0,
                                   namespace=f"bench-codecs-{name}",
                                   promote_on_hit=False, lossy_ok=True, **{f"{tier}_codec": name})
                 st = KVStore(cfg)
