@@ -21,6 +21,7 @@ import numpy as np
 
 from allocator.arena import Arena, CorruptSlotError
 from allocator.checksum import digests
+from allocator.codec_arena import CodecArena, same_encoding
 from allocator.disk import DiskArena, _runs
 from allocator.memory import MemoryArena
 from allocator.rowcopy import DEFAULT_COPIER, Copier
@@ -117,6 +118,9 @@ def transfer(src: Arena, src_slots: Sequence[int], dst: Arena, dst_slots: Sequen
     if not len(src_slots):
         return
     src_slots, dst_slots = list(src_slots), list(dst_slots)
+    if isinstance(src, CodecArena) or isinstance(dst, CodecArena):
+        _transfer_coded(src, src_slots, dst, dst_slots, keys, parents)
+        return
     src_sums: np.ndarray | None = getattr(src, "checksums", None)
     copier = copier_of(dst, src)
     if isinstance(dst, DiskArena):
@@ -183,3 +187,40 @@ def transfer(src: Arena, src_slots: Sequence[int], dst: Arena, dst_slots: Sequen
         bad = [s for s, g, want in zip(src_slots, got, src_sums[src_slots]) if int(g) != int(want)]
         if bad:
             raise CorruptSlotError(bad, f"{len(bad)} shared slot(s) failed their checksum while moved: {bad[:8]}")
+
+
+def _transfer_coded(src: Arena, src_slots: list[int], dst: Arena, dst_slots: list[int],
+                    keys: Sequence[bytes] | None, parents: Sequence[bytes | None] | None) -> None:
+    """A copy where one side (or both) stores encoded blocks. Same encoding on both sides:
+    the encoded rows move as they are (no decode). Otherwise decode into raw staging on the
+    source's side and encode into the destination, chunk by chunk (bounded staging). Rows
+    whose encoded bytes fail their check are not written; :class:`CorruptSlotError` names
+    their source slots after the others moved. O(bytes)."""
+    if same_encoding(src, dst):
+        transfer(src.inner, src_slots, dst.inner, dst_slots, keys=keys, parents=parents)
+        return
+    coded = src if isinstance(src, CodecArena) else dst
+    codec = coded.codec
+    disk_dst = isinstance(dst, DiskArena) or (isinstance(dst, CodecArena) and dst.is_disk)
+    per = max(1, (16 << 20) // codec.raw_bytes)
+    bad: list[int] = []
+    for lo in range(0, len(src_slots), per):
+        part, dparts = src_slots[lo:lo + per], dst_slots[lo:lo + per]
+        staging = torch.empty((len(part), *codec.block_shape), dtype=codec.dtype, device=src.device)
+        failed: set[int] = set()
+        try:
+            src.read(part, staging)
+        except CorruptSlotError as exc:
+            failed = set(exc.slots)
+            bad.extend(exc.slots)
+        keep = [i for i, s in enumerate(part) if s not in failed]
+        if not keep:
+            continue
+        rows = staging if len(keep) == len(part) else staging[keep]
+        kw = {}
+        if disk_dst:
+            kw = {"keys": [keys[lo + i] for i in keep] if keys is not None else None,
+                  "parents": [parents[lo + i] for i in keep] if parents is not None else None}
+        dst.write([dparts[i] for i in keep], rows, **kw)  # a shared arena's write records its checksums
+    if bad:
+        raise CorruptSlotError(bad, f"{len(bad)} encoded slot(s) failed their checksum while moved: {bad[:8]}")

@@ -44,18 +44,18 @@ class EmbeddedClient:
     def put(self, tokens: Any, kv: torch.Tensor, activations: torch.Tensor | None = None) -> int:
         return self._check().put(tokens, kv, activations)
 
-    def lookup(self, tokens: Any) -> int:
-        return self._check().lookup(tokens)
+    def lookup(self, tokens: Any, *, exact: bool | None = None) -> int:
+        return self._check().lookup(tokens, exact=exact)
 
-    def get(self, tokens: Any, device: torch.device | str | None = None) -> torch.Tensor:
-        return self._check().get(tokens, device=device)
+    def get(self, tokens: Any, device: torch.device | str | None = None, *, exact: bool | None = None) -> torch.Tensor:
+        return self._check().get(tokens, device=device, exact=exact)
 
     def put_async(self, tokens: Any, kv: torch.Tensor, activations: torch.Tensor | None = None) -> PutHandle:
         """``KVStore.put_async``: returns a handle at once; visible once all bytes are in."""
         return self._check().put_async(tokens, kv, activations)
 
     def load_into(self, tokens: Any, pool: torch.Tensor | list[torch.Tensor], block_ids: Any, *,
-                  on_error: str = "raise") -> LoadResult:
+                  on_error: str = "raise", exact: bool | None = None) -> LoadResult:
         """``KVStore.load_into`` with the remote client's reporting (see
         ``RemoteClient.load_into``): the store verifies every block before the pool is
         written, so a failure leaves the pool untouched; ``on_error="report"`` then returns a
@@ -64,7 +64,7 @@ class EmbeddedClient:
             raise InvalidInputError(f"on_error must be 'raise' or 'report', got {on_error!r}")
         store = self._check()
         try:
-            return LoadResult(store.load_into(tokens, pool, block_ids))
+            return LoadResult(store.load_into(tokens, pool, block_ids, exact=exact))
         except BlockNotFoundError as exc:
             if on_error == "raise":
                 raise

@@ -558,10 +558,12 @@ class RemoteClient:
         return int(res["tokens"])
 
     @_with_deadline
-    def lookup(self, tokens: Any) -> int:
-        """Cached prefix length in tokens (a multiple of block_tokens)."""
+    def lookup(self, tokens: Any, *, exact: bool | None = None) -> int:
+        """Cached prefix length in tokens (a multiple of block_tokens); ``exact`` as ``get``."""
         self._check_open()
         _, args = self._ns_args(tokens)
+        if exact is not None:
+            args["exact"] = bool(exact)
         result, _ = self._request("lookup", args)
         return int(result)
 
@@ -576,10 +578,14 @@ class RemoteClient:
         return result, frames
 
     @_with_deadline
-    def get(self, tokens: Any, device: torch.device | str | None = None) -> torch.Tensor:
-        """The KV of ``tokens`` (whole, fully cached blocks), bytes equal to what was put."""
+    def get(self, tokens: Any, device: torch.device | str | None = None, *, exact: bool | None = None) -> torch.Tensor:
+        """The KV of ``tokens`` (whole, fully cached blocks), bytes equal to what was put --
+        or, where a tier's lossy codec stored them and ``exact`` (None: the namespace's
+        ``lossy_ok``) allows, their decoded approximation (``KVStore.get``)."""
         self._check_open()
         arr, args = self._ns_args(tokens)
+        if exact is not None:
+            args["exact"] = bool(exact)
         out_device = torch.device(device) if device is not None else self.device
         if self._rows:
             result, frames = self._lease(args)
@@ -614,7 +620,7 @@ class RemoteClient:
 
     @_with_deadline
     def load_into(self, tokens: Any, pool: torch.Tensor | list[torch.Tensor], block_ids: Any, *,
-                  on_error: str = "raise") -> LoadResult:
+                  on_error: str = "raise", exact: bool | None = None) -> LoadResult:
         """``KVStore.load_into`` over the sidecar: block ``i`` of ``tokens``' (whole, fully
         cached) prefix lands in pool block ``block_ids[i]``; the pool layouts and errors are
         the store's. The pool and ids are checked before anything is sent.
@@ -650,7 +656,7 @@ class RemoteClient:
         if nb == 0:
             return LoadResult(0)
         try:
-            bad = self._load_blocks(arr, rows, ids, pool)
+            bad = self._load_blocks(arr, rows, ids, pool, exact=exact)
         except BlockNotFoundError:
             if on_error == "raise":
                 raise
@@ -724,14 +730,17 @@ class RemoteClient:
             return None
         return int(res)
 
-    def _load_blocks(self, arr: np.ndarray, rows: paged.Rows, ids: list[int], pool: Any = None) -> list[int]:
+    def _load_blocks(self, arr: np.ndarray, rows: paged.Rows, ids: list[int], pool: Any = None, *,
+                     exact: bool | None = None) -> list[int]:
         """Copy the blocks of ``arr`` into pool ``rows`` at ``ids``; returns the positions of
         blocks that failed verification (their rows named unusable). Raises
         ``BlockNotFoundError`` (pool untouched) when a block is not cached."""
         nb = len(ids)
-        if pool is not None and self._pool_op("load_pool", arr, pool, rows, ids) is not None:
+        if exact is None and pool is not None and self._pool_op("load_pool", arr, pool, rows, ids) is not None:
             return []  # verified by the sidecar before the DMA: any failure raised, pool untouched
         _, args = self._ns_args(arr)
+        if exact is not None:  # issue 24: the namespace's lossy_ok decides unless the caller says
+            args["exact"] = bool(exact)
         if self._rows:
             result, frames = self._lease(args)
             if result["mode"] == "shm":

@@ -22,6 +22,9 @@ FsyncMode = Literal["always", "interval", "never"]
 ActivationsMode = Literal["none", "beside", "instead"]
 RemoteWriteMode = Literal["through", "back"]
 ACTIVATION_MODES = ("none", "beside", "instead")
+#: block codecs a tier may store with (allocator.codecs); the device tier always stores raw
+CODEC_NAMES = ("none", "lossless", "fp8", "int8", "int4")
+LOSSY_CODECS = ("fp8", "int8", "int4")
 
 
 @dataclass
@@ -75,6 +78,16 @@ class StoreConfig:
     remote_queue_bytes: int = 256 * MiB        # write-behind bound (beyond it, writes are dropped and counted)
     #: at close (a sidecar's SIGTERM) the write-behind queue drains for at most this long
     remote_drain_s: float = 5.0
+    #: how the host, disk and remote tiers store a block (``CODEC_NAMES``; docs/decisions.md
+    #: "Codecs per tier"): capacity counts encoded bytes, lossy ones are read only where
+    #: ``lossy_ok`` (or a get's ``exact=False``) allows. Remote values of one codec live under
+    #: their own keys: stores on different codecs share nothing (docs/decisions.md).
+    host_codec: str = "none"
+    disk_codec: str = "none"
+    remote_codec: str = "none"
+    #: whether gets of this namespace accept blocks a lossy codec stored when the caller does
+    #: not say (``exact=None``); False: such blocks count as missing unless ``exact=False``
+    lossy_ok: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -104,7 +117,8 @@ class StoreConfig:
         if self.disk_path is not None and not isinstance(self.disk_path, (str, os.PathLike)):
             out.append(f"disk_path must be a directory path (a string), got {type(self.disk_path).__name__}")
         out.extend(policy_problems(self.policy))
-        for name in ("promote_on_hit", "persist", "disk_preallocate"):
+        out.extend(codec_problems(self))
+        for name in ("promote_on_hit", "persist", "disk_preallocate", "lossy_ok"):
             if not isinstance(getattr(self, name), bool):
                 out.append(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.fsync not in ("always", "interval", "never"):
@@ -165,6 +179,28 @@ class StoreConfig:
             raise ConfigError(problems[0] if len(problems) == 1 else
                               f"{len(problems)} problems in {path}:\n  - " + "\n  - ".join(problems), problems)
         return config
+
+
+def codec_problems(config: "StoreConfig") -> list[str]:
+    """Unknown codec names and codecs this process cannot run (fp8 without float8 in torch,
+    lossless without numcodecs). Imports torch only when fp8 is named. O(1)."""
+    out: list[str] = []
+    for tier in ("host", "disk", "remote"):
+        name = getattr(config, f"{tier}_codec")
+        if name not in CODEC_NAMES:
+            out.append(f"{tier}_codec must be one of {', '.join(CODEC_NAMES)}, got {name!r}"
+                       + (_did_you_mean(name, CODEC_NAMES) if isinstance(name, str) else ""))
+        elif name == "fp8":
+            import torch
+
+            if not hasattr(torch, "float8_e4m3fn"):
+                out.append(f"{tier}_codec = 'fp8' needs a torch with float8_e4m3fn (this is torch {torch.__version__})")
+        elif name == "lossless":
+            import importlib.util
+
+            if importlib.util.find_spec("numcodecs") is None:
+                out.append(f"{tier}_codec = 'lossless' needs numcodecs: pip install 'kvstore[codecs]'")
+    return out
 
 
 def _is_int(value: Any) -> bool:

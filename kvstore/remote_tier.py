@@ -129,7 +129,8 @@ class RemoteTier:
     def __init__(self, url: str, *, layout_desc: str, block_tokens: int, block_shape: tuple[int, ...],
                  dtype: torch.dtype, write: str = "through", ttl_s: float | None = None,
                  deadline_s: float = 0.5, queue_bytes: int = 256 << 20, drain_s: float = 5.0,
-                 clock: Callable[[], float] = time.monotonic, max_connections: int = 16) -> None:
+                 clock: Callable[[], float] = time.monotonic, max_connections: int = 16,
+                 codec: Any = None) -> None:
         check_remote_config(url, write, ttl_s, deadline_s, queue_bytes, drain_s)
         self.backend = RemoteBackend(parse_remote_url(url), deadline_s=deadline_s, clock=clock,
                                      max_connections=max_connections)
@@ -139,8 +140,16 @@ class RemoteTier:
         self.block_shape = tuple(block_shape)
         self.dtype = dtype
         self.block_bytes = int(np.prod(block_shape)) * torch.empty((), dtype=dtype).element_size()
-        self.value_bytes = HEADER_BYTES + self.block_bytes
-        self.fingerprint = layout_fingerprint(layout_desc, block_tokens, FORM_KV)
+        #: issue 24: a block codec (``allocator.codecs``) the values carry (None: raw). Values
+        #: of a codec live under their own key prefix and fingerprint, so stores on different
+        #: codecs never read -- nor delete as "damaged" -- each other's values: a fleet on
+        #: mixed codecs shares nothing between codecs (refuses), and each part works alone.
+        self.codec = codec if codec is not None and codec.name != "none" else None
+        self.payload_bytes = self.codec.encoded_bytes if self.codec is not None else self.block_bytes
+        self.value_bytes = HEADER_BYTES + self.payload_bytes
+        self.fingerprint = layout_fingerprint(layout_desc + (f"\x00codec={self.codec.spec()}" if self.codec else ""),
+                                              block_tokens, FORM_KV)
+        self._prefix = KEY_PREFIX if self.codec is None else KEY_PREFIX + f"{self.codec.name}:".encode()
         self._lock = threading.Lock()
         self._view: OrderedDict[bytes, None] = OrderedDict()
         self._scratch = threading.local()
@@ -177,7 +186,12 @@ class RemoteTier:
     # -- keys and values -------------------------------------------------------------------
     @staticmethod
     def redis_key(key: bytes) -> bytes:
+        """The Redis key of a raw block (a coded tier's keys: :meth:`rkey`)."""
         return KEY_PREFIX + key
+
+    def rkey(self, key: bytes) -> bytes:
+        """This tier's Redis key of ``key`` (its codec's prefix)."""
+        return self._prefix + key
 
     def _deadline_at(self) -> float:
         return time.monotonic() + self.backend.deadline_s
@@ -188,10 +202,10 @@ class RemoteTier:
         every put), up to :data:`SCRATCH_LIMIT` bytes; write-behind values outlive the call."""
         size = n * self.value_bytes
         if not reuse or size > SCRATCH_LIMIT:
-            return block_buffer(n, self.block_bytes)
+            return block_buffer(n, self.payload_bytes)
         buf = getattr(self._scratch, "buf", None)
         if buf is None or buf.shape[0] < n:
-            buf = self._scratch.buf = block_buffer(n, self.block_bytes)
+            buf = self._scratch.buf = block_buffer(n, self.payload_bytes)
         return buf[:n]
 
     def _encode(self, keys: Sequence[bytes], blocks: torch.Tensor, reuse: bool = False) -> list[memoryview]:
@@ -204,6 +218,9 @@ class RemoteTier:
         if src.stride(-1) != 1:
             src = src.contiguous()
         buf = self._send_buffer(n, reuse)
+        if self.codec is not None:  # encoded straight into the send buffer's payloads
+            self.codec.encode(src, torch.from_numpy(buf[:, HEADER_BYTES:]))
+            return seal_blocks(buf, keys, FORM_KV, self.fingerprint)
         dst = buf[:, HEADER_BYTES:]
         dst.shape = (n, *self.block_shape[:-1], self.block_shape[-1] * src.element_size())  # a view, never a copy
         # numpy's copy is single-threaded: torch's intra-op threads stall badly on a busy host
@@ -269,7 +286,7 @@ class RemoteTier:
             known = [i for i, k in enumerate(keys) if k in self._view]
         todo = sorted(set(range(len(keys))) - set(known))
         if known:  # one cheap check round trip per shard (and the TTL refreshed): heals the view
-            lengths = self.backend.strlen_many([self.redis_key(keys[i]) for i in known], self.ttl_s,
+            lengths = self.backend.strlen_many([self.rkey(keys[i]) for i in known], self.ttl_s,
                                                deadline_at=deadline_at)
             missing, wrong = self._classify([keys[i] for i in known], lengths)
             gone = [keys[known[j]] for j in missing]
@@ -324,7 +341,7 @@ class RemoteTier:
         return len(values)
 
     def _send(self, keys: Sequence[bytes], values: Sequence[memoryview], deadline_at: float | None = None) -> int:
-        ok = self.backend.set_many([self.redis_key(k) for k in keys], values, self.ttl_s, deadline_at=deadline_at)
+        ok = self.backend.set_many([self.rkey(k) for k in keys], values, self.ttl_s, deadline_at=deadline_at)
         if self.backend.left_running():  # a late send may still read the scratch buffer: let it have it
             self._scratch.buf = None
         done = [k for k, good in zip(keys, ok) if good]
@@ -387,7 +404,7 @@ class RemoteTier:
         retry: list = []
         refused = 0
         if checks:
-            lengths = self.backend.strlen_many([self.redis_key(e[0]) for e in checks], self.ttl_s)
+            lengths = self.backend.strlen_many([self.rkey(e[0]) for e in checks], self.ttl_s)
             missing, wrong = self._classify([e[0] for e in checks], lengths)
             self._forget([checks[j][0] for j in missing])
             with self._lock:
@@ -395,7 +412,7 @@ class RemoteTier:
                 self.counters["wrong_type_blocks"] += len(wrong)
         if writes:
             keys = [e[0] for e in writes]
-            ok = self.backend.set_many([self.redis_key(k) for k in keys], [e[1] for e in writes], self.ttl_s)
+            ok = self.backend.set_many([self.rkey(k) for k in keys], [e[1] for e in writes], self.ttl_s)
             denied = set(self.backend.denied())
             done = [k for k, good in zip(keys, ok) if good]
             self._remember(done)
@@ -424,7 +441,7 @@ class RemoteTier:
         deleted and counted (nothing of ours can use it; a put replaces it)."""
         if not keys:
             return 0
-        rkeys = [self.redis_key(k) for k in keys]
+        rkeys = [self.rkey(k) for k in keys]
         deadline_at = self._deadline_at()
         lengths = self.backend.strlen_many(rkeys, deadline_at=deadline_at)
         missing, wrong = self._classify(keys, lengths)
@@ -462,7 +479,7 @@ class RemoteTier:
             return torch.empty((0, *self.block_shape), dtype=self.dtype), 0
         deadline_at = self._deadline_at()
         t0 = time.perf_counter()
-        values = self.backend.get_many([self.redis_key(k) for k in keys], deadline_at=deadline_at)
+        values = self.backend.get_many([self.rkey(k) for k in keys], deadline_at=deadline_at)
         elapsed = time.perf_counter() - t0
         unanswered = set(self.backend.unanswered())
         payloads: list[memoryview] = []
@@ -474,7 +491,7 @@ class RemoteTier:
                 if "WRONGTYPE" in str(v):
                     wrong.append(k)
                 break
-            p = unpack_block(v, k, FORM_KV, self.fingerprint, self.block_bytes)
+            p = unpack_block(v, k, FORM_KV, self.fingerprint, self.payload_bytes)
             if p is None:
                 if v is not None:
                     damaged.append(k)
@@ -488,20 +505,26 @@ class RemoteTier:
         # blocks after a gap are useless to a prefix, but still valid remotely: leave them be
         self._forget(gone + damaged + wrong)
         if damaged:
-            self.backend.delete_many([self.redis_key(k) for k in damaged], deadline_at=deadline_at)
+            self.backend.delete_many([self.rkey(k) for k in damaged], deadline_at=deadline_at)
         if wrong:
-            self._delete_wrong_type([self.redis_key(k) for k in wrong], deadline_at)
+            self._delete_wrong_type([self.rkey(k) for k in wrong], deadline_at)
         with self._lock:
             self.counters["fetches"] += 1
             self.counters["hit_blocks"] += m
             self.counters["miss_blocks"] += len(keys) - m
             self.counters["damaged_blocks"] += len(damaged)
             if m and elapsed > self._rtt_s:
-                bw = m * self.block_bytes / (elapsed - self._rtt_s)
+                bw = m * self.payload_bytes / (elapsed - self._rtt_s)
                 self.link = (self._rtt_s, bw if self.link is None else 0.8 * self.link[1] + 0.2 * bw)
         if not m:
             return torch.empty((0, *self.block_shape), dtype=self.dtype), 0
         rows = out[:m] if out is not None else torch.empty((m, *self.block_shape), dtype=self.dtype)
+        if self.codec is not None:  # checked payloads -> one buffer -> decoded straight into the rows
+            enc = np.empty((m, self.payload_bytes), dtype=np.uint8)
+            for i, p in enumerate(payloads):
+                enc[i] = np.frombuffer(p, dtype=np.uint8)
+            self.codec.decode(torch.from_numpy(enc), rows)
+            return rows, m
         dst = rows.view(torch.uint8).numpy()  # numpy's copy: single-threaded, no intra-op stalls
         row_shape = dst.shape[1:]
         for i, p in enumerate(payloads):

@@ -23,6 +23,8 @@ import numpy as np
 import torch
 
 from allocator import CorruptSlotError, DiskArena, FileOps, MemoryArena, default_device, slots_for_bytes
+from allocator.codec_arena import CodecArena, base_arena
+from allocator.codecs import Codec, CodecUnavailableError, make_codec
 from allocator.disk import KIND_ACT, KIND_KV, SlabIdentityError, SlabInUseError, SlabMismatchError, slab_file_bytes
 from allocator.transfer import copier_of
 from allocator.fileops import UnsafePathError
@@ -31,7 +33,8 @@ from kvstore.saves import AsyncSaver, PutHandle
 from eviction import make_policy
 from kvstore.activations import ActDiskArena, put_forms
 from kvstore.config import TIERS, StoreConfig
-from kvstore.restore.costmodel import ComputeCost, CostModel, CostProfile, LinkCost
+from kvstore.restore.costmodel import (DEFAULT_DECODE_BPS, ComputeCost, CostModel, CostProfile, LinkCost,
+                                       decode_rate)
 from kvstore.errors import (BlockNotFoundError, ConfigError, InvalidInputError, NamespaceOwnerError,
                             StoreClosedError)
 from kvstore.restore.executor import Executor, Recomputer, Source, Timings
@@ -39,7 +42,7 @@ from kvstore.hashing import KeyMemo, iter_block_keys, namespace_salt, tokens_to_
 from kvstore.layout import ModelLayout
 from kvstore.validate import check_act, check_kv, check_whole_blocks
 from kvstore.remote_tier import RemoteTier
-from kvstore.restore.planner import BlockForms, Plan, plan_restore
+from kvstore.restore.planner import BlockForms, Plan, TierCodec, plan_restore
 from kvstore.tiers import BlockEntry, Tier, TierManager
 
 log = logging.getLogger(__name__)
@@ -105,6 +108,7 @@ class KVStore:
         self._lock = threading.RLock()
         self._closed = False
         self._remote: RemoteTier | None = None  # the shared tier below disk (kvstore.remote_tier)
+        self._remote_lossy = config.remote_codec in ("fp8", "int8", "int4")  # its blocks come back approximated
         self._tmpdir: str | None = None
         self.device = torch.device(config.device) if config.device else default_device()
         self.act_block_bytes = self.layout.act_block_bytes(self.block_tokens)
@@ -122,7 +126,7 @@ class KVStore:
         disk = self._tiers.tiers[-1].arena
         act_disk = self._acts.tiers[-1].arena if self._acts is not None else None
         act_records = act_disk.recovered if config.persist and isinstance(act_disk, DiskArena) else []
-        kv_records = disk.recovered if config.persist and isinstance(disk, DiskArena) else []
+        kv_records = disk.recovered if config.persist and isinstance(base_arena(disk), DiskArena) else []
         if kv_records or act_records:
             kv_records = [r for r in kv_records if r.kind == KIND_KV]
             act_records = [r for r in act_records if r.kind == KIND_ACT]
@@ -133,14 +137,15 @@ class KVStore:
         self._saver = AsyncSaver()
         self._counters = dict(lookups=0, puts=0, gets=0, hits=0, misses=0, put_blocks=0,
                               dedup_blocks=0, get_blocks=0, corrupt_blocks=0, rejected_blocks=0,
-                              put_act_blocks=0, recomputed_blocks=0, loads=0)
+                              put_act_blocks=0, recomputed_blocks=0, loads=0, lossy_refused=0)
         if config.remote_url:
             try:
                 self._remote = RemoteTier(
                     config.remote_url, layout_desc=repr(sorted(self.layout.to_dict().items())),
                     block_tokens=self.block_tokens, block_shape=self._block_shape, dtype=self.layout.dtype,
                     write=config.remote_write, ttl_s=config.remote_ttl_s, deadline_s=config.remote_deadline_s,
-                    queue_bytes=config.remote_queue_bytes, drain_s=config.remote_drain_s, clock=clock)
+                    queue_bytes=config.remote_queue_bytes, drain_s=config.remote_drain_s, clock=clock,
+                    codec=self._codec("remote"))
             except BaseException:  # e.g. a wrong password: release the local tiers built so far
                 self.close()
                 raise
@@ -151,8 +156,10 @@ class KVStore:
         activations ``act_share`` (a tier whose share is below one activation block holds none)."""
         cfg = self.config
         tiers: list[Tier] = []
-        slot = self.block_bytes if form == "kv" else self.act_block_bytes
         for name in TIERS:
+            codec = self._codec(name) if form == "kv" else None
+            slot = (self.block_bytes if form == "kv" else self.act_block_bytes) if codec is None \
+                else codec.encoded_bytes
             total = getattr(cfg, f"{name}_bytes")
             act_part = int(total * cfg.act_share)
             capacity = total - act_part if form == "kv" else act_part
@@ -163,9 +170,15 @@ class KVStore:
                                   f"{cfg.act_share}), below one block ({slot} bytes "
                                   f"for block_tokens={self.block_tokens}); use 0 to disable the tier"
                                   if cfg.act_share else
-                                  f"{name}_bytes={capacity} is below one block ({self.block_bytes} bytes "
-                                  f"for block_tokens={self.block_tokens}); use 0 to disable the tier")
-            if name == "disk":
+                                  f"{name}_bytes={capacity} is below one block ({slot} bytes "
+                                  f"for block_tokens={self.block_tokens}"
+                                  + (f", encoded by {codec.name}" if codec is not None else "")
+                                  + "); use 0 to disable the tier")
+            if codec is not None:  # encoded rows in a private arena (never shared with clients)
+                inner = self._make_disk_arena(capacity, form, codec) if name == "disk" else \
+                    MemoryArena(capacity // slot, slot, device=torch.device("cpu"), pin=self._pins_host(name))
+                arena = CodecArena(inner, codec)
+            elif name == "disk":
                 arena = self._make_disk_arena(capacity, form)
             elif form == "act":  # never shared with sidecar clients: a plain arena
                 dev = self.device if name == "device" else torch.device("cpu")
@@ -188,9 +201,20 @@ class KVStore:
                                    f"({slot} bytes)")
         return tiers
 
-    def _make_disk_arena(self, capacity: int, form: str = "kv") -> DiskArena:
+    def _codec(self, tier: str) -> Codec | None:
+        """The codec of ``tier``'s KV (None: raw). The device tier is always raw: the engine
+        reads it. Raises ConfigError when the codec cannot run here (checked at start)."""
+        name = getattr(self.config, f"{tier}_codec", "none") if tier != "device" else "none"
+        if name == "none":
+            return None
+        try:
+            return make_codec(name, self._block_shape, self.layout.dtype)
+        except (ValueError, CodecUnavailableError) as exc:
+            raise ConfigError(f"{tier}_codec = {name!r}: {exc}") from None
+
+    def _make_disk_arena(self, capacity: int, form: str = "kv", codec: Codec | None = None) -> DiskArena:
         cfg = self.config
-        slot = self.block_bytes if form == "kv" else self.act_block_bytes
+        slot = (self.block_bytes if form == "kv" else self.act_block_bytes) if codec is None else codec.encoded_bytes
         if cfg.persist and cfg.disk_path is None:
             raise ConfigError("persist = true needs a disk_path (a temporary directory would not survive)")
         if cfg.disk_path is None:
@@ -210,7 +234,9 @@ class KVStore:
             raise ConfigError(f"disk_bytes={capacity} is below one block on disk "
                               f"({slab_file_bytes(1, slot)} bytes with header and alignment)")
         need = slab_file_bytes(num_slots, slot)
-        path = directory / slab_filename(cfg.namespace, form, self.owner)
+        # another codec writes other rows: its own slab file, so a restart with a changed
+        # codec never reads one codec's rows with another (same-size int8/fp8 rows included)
+        path = directory / slab_filename(cfg.namespace, form if codec is None else f"{form}-{codec.name}", self.owner)
         try:
             existing = path.lstat().st_size
         except FileNotFoundError:
@@ -379,29 +405,32 @@ class KVStore:
                 self._acts.touch([e for e in present_act if e is not None and e.key in act_index])
             return self._cached_prefix(keys, self.adapter) * bt
 
-    def _cached_prefix(self, keys: list[bytes], adapter: Recomputer | None) -> int:
+    def _cached_prefix(self, keys: list[bytes], adapter: Recomputer | None, refuse_lossy: bool = False) -> int:
         """Blocks of the longest prefix with KV, or activations when ``adapter`` can recompute
-        them (never counting a block the caller could not restore). Under the lock; O(blocks)."""
+        them (never counting a block the caller could not restore; with ``refuse_lossy`` a
+        block whose KV went through a lossy codec counts only through its activations).
+        Under the lock; O(blocks)."""
         index = self._tiers.index
         n = 0
-        if self._acts is not None and adapter is not None:
-            act_index = self._acts.index
-            for key in keys:
-                if key not in index and key not in act_index:
-                    break
-                n += 1
-            return n
+        act_index = self._acts.index if self._acts is not None and adapter is not None else {}
         for key in keys:
-            if key not in index:
+            e = index.get(key)
+            if (e is None or (refuse_lossy and e.lossy)) and key not in act_index:
                 break
             n += 1
         return n
 
-    def lookup(self, tokens: TokensLike, adapter: Recomputer | None = None) -> int:
+    def _refuse_lossy(self, exact: bool | None) -> bool:
+        """Whether a read must not return KV a lossy codec stored: ``exact`` when the caller
+        says, else the namespace's ``lossy_ok`` decides (docs/decisions.md, "Codecs per tier")."""
+        return (not self.config.lossy_ok) if exact is None else bool(exact)
+
+    def lookup(self, tokens: TokensLike, adapter: Recomputer | None = None, *, exact: bool | None = None) -> int:
         """Length in tokens of the longest cached prefix of ``tokens`` (a multiple of block_tokens).
 
         A block kept only as activations counts when a recompute adapter is known (``adapter``
-        or the store's own); without one it is a miss.
+        or the store's own); without one it is a miss. A block stored by a lossy codec counts
+        only where a ``get`` with the same ``exact`` would return it (see :meth:`get`).
         """
         self._check_open()
         arr = tokens_to_array(tokens)
@@ -423,9 +452,10 @@ class KVStore:
                 self._key_memo.remember(arr, keys)
         with self._lock:
             self._check_open()
-            n = self._cached_prefix(keys, adapter or self.adapter)
+            n = self._cached_prefix(keys, adapter or self.adapter, self._refuse_lossy(exact))
             self._counters["lookups"] += 1
-            remote = self._remote is not None and n < len(keys)
+            remote = self._remote is not None and n < len(keys) \
+                and not (self._remote_lossy and self._refuse_lossy(exact))
             if not remote:
                 self._counters["hits"] += n
                 self._counters["misses"] += total - n
@@ -437,7 +467,7 @@ class KVStore:
             return n * self.block_tokens
 
     def get(self, tokens: TokensLike, device: torch.device | str | None = None, *,
-            adapter: Recomputer | None = None, exact: bool = False, out: torch.Tensor | None = None,
+            adapter: Recomputer | None = None, exact: bool | None = None, out: torch.Tensor | None = None,
             on_layer: Callable[[int], None] | None = None) -> torch.Tensor:
         """The KV of ``tokens`` (all full blocks).
 
@@ -449,23 +479,30 @@ class KVStore:
         ``exact=True`` recomputes only blocks that have no KV), and the executor runs reads
         and recompute overlapped into ``out`` (if given), calling ``on_layer(i)`` as layer
         ``i`` becomes usable. Every block stays pinned until the restore completes.
+
+        Lossy codecs (``host_codec``/``disk_codec`` of fp8, int8, int4): ``exact=True`` never
+        returns KV that went through one (such a block counts as missing), ``exact=False``
+        accepts it, and ``None`` (the default) follows the namespace's ``lossy_ok``. For
+        recompute, ``None`` is ``False``. Encoded blocks decode straight into ``out``.
         """
         self._check_open()
+        refuse_lossy = self._refuse_lossy(exact)
+        asked, exact = exact, bool(exact)
         arr, keys = self._whole_block_keys(tokens)
         bt = self.block_tokens
         out_device = torch.device(device) if device is not None else self.device
         adapter = adapter or self.adapter
-        if self._remote is not None:
-            kv = self._get_with_remote(arr, keys, adapter, exact=exact, out=out, on_layer=on_layer,
+        if self._remote is not None and not (self._remote_lossy and refuse_lossy):
+            kv = self._get_with_remote(arr, keys, adapter, exact=asked, out=out, on_layer=on_layer,
                                        device=out_device)
             if kv is not None:
                 return kv
         if (adapter is not None and self._acts is not None) or on_layer is not None:
             kv, _, _, _ = self._restore(keys, adapter, allow_prefill=False, exact=exact, out=out,
-                                        on_layer=on_layer, device=out_device)
+                                        on_layer=on_layer, device=out_device, refuse_lossy=refuse_lossy)
             return kv
         result = self._output(len(keys) * bt, out, out_device)
-        placed, _ = self._pin_prefix(keys, len(arr))
+        placed, _ = self._pin_prefix(keys, len(arr), refuse_lossy)
         target = result
         if result.device.type == "cpu" and placed and all(
                 self._tiers.tiers[t].arena.device.type == "cuda" for _, t, _ in placed):
@@ -497,25 +534,33 @@ class KVStore:
         bt = self.block_tokens
         return kv.view(L, 2, T // bt, bt, H, D).permute(2, 0, 1, 3, 4, 5)
 
-    def _pin_prefix(self, keys: list[bytes], num_tokens: int) -> tuple[list[tuple[BlockEntry, int, int]],
-                                                                       list[BlockEntry]]:
+    def _pin_prefix(self, keys: list[bytes], num_tokens: int, refuse_lossy: bool = False,
+                    ) -> tuple[list[tuple[BlockEntry, int, int]], list[BlockEntry]]:
         """Count a get of ``keys`` and pin all their blocks, or raise :class:`BlockNotFoundError`
-        (counted as misses) when one is missing. Returns ``(entry, tier, slot)`` per block. O(blocks)."""
+        (counted as misses) when one is missing -- or, with ``refuse_lossy``, was stored by a
+        lossy codec. Returns ``(entry, tier, slot)`` per block. O(blocks)."""
         bt = self.block_tokens
         with self._lock:
             self._check_open()
             self._counters["gets"] += 1
             entries: list[BlockEntry] = []
+            lossy = False
             for k in keys:
                 e = self._tiers.index.get(k)
                 if e is None:
+                    break
+                if refuse_lossy and e.lossy:
+                    lossy = True
+                    self._counters["lossy_refused"] += 1
                     break
                 entries.append(e)
             if len(entries) < len(keys):
                 self._counters["misses"] += len(keys) - len(entries)
                 self._counters["hits"] += len(entries)
                 raise BlockNotFoundError(f"only {len(entries) * bt} of {num_tokens} tokens are cached "
-                                         f"(block {len(entries)} is missing)")
+                                         + (f"exactly (block {len(entries)} was stored by a lossy codec; "
+                                            "exact=False or lossy_ok accepts it)" if lossy else
+                                            f"(block {len(entries)} is missing)"))
             self._counters["hits"] += len(entries)
             self._tiers.touch(entries)
             placed = [(e, e.tier, e.slot) for e in entries]
@@ -550,7 +595,7 @@ class KVStore:
                                      "recompute them")
 
     def load_into(self, tokens: TokensLike, pool: torch.Tensor | Sequence[torch.Tensor],
-                  block_ids: Sequence[int] | torch.Tensor) -> int:
+                  block_ids: Sequence[int] | torch.Tensor, *, exact: bool | None = None) -> int:
         """Copy the KV of ``tokens`` (whole blocks, fully cached) straight into an engine's
         paged KV pool: block ``i`` of the prefix lands in pool block ``block_ids[i]``.
 
@@ -561,7 +606,9 @@ class KVStore:
         (``len(tokens)``); raises :class:`BlockNotFoundError` when a block is missing (the
         pool is then untouched) and :class:`InvalidInputError` on a bad pool or ids (checked
         before anything is read). Pool blocks not named are never written. Costs as ``get``:
-        O(bytes) + O(runs of slots) (times layers for a per-layer pool).
+        O(bytes) + O(runs of slots) (times layers for a per-layer pool). ``exact``: as
+        :meth:`get` (a block a lossy codec stored is missing unless accepted); encoded
+        blocks decode straight into the pool's rows.
         """
         self._check_open()
         arr, keys = self._whole_block_keys(tokens)
@@ -569,7 +616,7 @@ class KVStore:
         ids = paged.block_ids(block_ids, len(keys), num_blocks)
         if not keys:
             return 0
-        placed, _ = self._pin_prefix(keys, len(arr))
+        placed, _ = self._pin_prefix(keys, len(arr), self._refuse_lossy(exact))
         self._read_pinned(placed, rows, ids)
         return len(arr)
 
@@ -598,7 +645,8 @@ class KVStore:
         return self._write_reserved(arr, write, lambda: self._put_blocks(keys, paged.take(rows, ids), None))
 
     def load(self, tokens: TokensLike, adapter: Recomputer | None = None, *, device: torch.device | str | None = None,
-             out: torch.Tensor | None = None, on_layer: Callable[[int], None] | None = None) -> LoadResult:
+             out: torch.Tensor | None = None, on_layer: Callable[[int], None] | None = None,
+             exact: bool | None = None) -> LoadResult:
         """Restore as much of ``tokens``' cached prefix as is worth restoring.
 
         Unlike ``get``, the planner may leave a suffix of the cached blocks to the engine's
@@ -609,6 +657,9 @@ class KVStore:
         restored length, e.g. the whole prompt's) its leading tokens are filled and ``kv`` is
         a view of them. A block that fails its checksum ends the restored
         prefix there (it is dropped). Costs as ``get`` plus planning (bounded search).
+        ``exact`` as :meth:`get`: where lossy KV is refused, a block a lossy codec stored is
+        recomputed from its activations if it has them, else the restored prefix ends there
+        (the engine prefills from there).
         """
         self._check_open()
         arr, keys = self._keys(tokens)
@@ -617,7 +668,8 @@ class KVStore:
         if self._remote is not None:
             self._promote_from_remote(keys, adapter)
         return LoadResult(*self._restore(keys, adapter, allow_prefill=True, exact=False, out=out,
-                                         on_layer=on_layer, device=out_device))
+                                         on_layer=on_layer, device=out_device,
+                                         refuse_lossy=self._refuse_lossy(exact)))
 
     # -- planned restores --------------------------------------------------------------
     @property
@@ -641,9 +693,11 @@ class KVStore:
             return ex
 
     def _restore(self, keys: list[bytes], adapter: Recomputer | None, *, allow_prefill: bool, exact: bool,
-                 out: torch.Tensor | None, on_layer: Callable[[int], None] | None, device: torch.device
-                 ) -> tuple[torch.Tensor, int, Plan | None, Timings | None]:
+                 out: torch.Tensor | None, on_layer: Callable[[int], None] | None, device: torch.device,
+                 refuse_lossy: bool = False) -> tuple[torch.Tensor, int, Plan | None, Timings | None]:
         """Plan and run one restore of ``keys``' cached prefix (``get``: all of it or raise).
+        With ``refuse_lossy`` KV a lossy codec stored counts as absent (the block is then
+        recomputed from its activations, or missing).
 
         Pins every form of every block involved in both managers under the lock, plans and
         executes outside it, then unpins, drops corrupt blocks, and promotes blocks whose KV
@@ -659,6 +713,9 @@ class KVStore:
             for k in keys:
                 e = self._tiers.index.get(k)
                 a = acts.index.get(k) if acts is not None else None
+                if refuse_lossy and e is not None and e.lossy:
+                    self._counters["lossy_refused"] += 1
+                    e = None
                 if e is None and a is None:
                     break
                 kv_es.append(e)
@@ -690,7 +747,9 @@ class KVStore:
             if acts is None or all(f.act is None for f in forms):
                 plan = plan_restore(forms, self.layout, bt, _TRANSFER_ONLY, allow_prefill=False)
             else:
-                plan = plan_restore(forms, self.layout, bt, self.cost_model.profile, allow_prefill=allow_prefill)
+                profile = self.cost_model.profile
+                plan = plan_restore(forms, self.layout, bt, profile, allow_prefill=allow_prefill,
+                                    codecs=self.planner_codecs(profile))
             m = n - plan.prefill_tokens // bt
             shape = self.layout.kv_shape(m * bt)
             if out is None:
@@ -766,6 +825,9 @@ class KVStore:
         for t, idx in by_tier.items():
             arena = self._tiers.tiers[t].arena
             slots = [placed[i][2] for i in idx]
+            if isinstance(arena, CodecArena):
+                corrupt.extend(self._decode_into(t, arena, [placed[i] for i in idx], rows, [pos[i] for i in idx]))
+                continue
             if isinstance(arena, MemoryArena) and getattr(arena, "checksums", None) is None:
                 # only this process writes these slots: straight into the caller's layout.
                 # Shared-memory slots (others can write them) go through the arena's checked read.
@@ -788,6 +850,66 @@ class KVStore:
         paged.wait(rows)
         return corrupt
 
+    def planner_codecs(self, profile: CostProfile) -> dict[str, TierCodec]:
+        """Per coded tier, what the planner charges for its KV: encoded bytes on the links and
+        a decode time per block, from the profile's calibrated rate, else this store's own
+        measured one, else ``DEFAULT_DECODE_BPS``. O(tiers)."""
+        out: dict[str, TierCodec] = {}
+        for tier in self._tiers.tiers:
+            arena = tier.arena
+            if isinstance(arena, CodecArena) and arena.codec.name != "none":
+                rate = decode_rate(profile, arena.codec.name) or arena.decode_rate or DEFAULT_DECODE_BPS
+                out[tier.name] = TierCodec(arena.codec.encoded_bytes, arena.codec.raw_bytes / rate)
+        return out
+
+    def _decode_into(self, t: int, arena: CodecArena, placed: list[tuple[BlockEntry, int, int]],
+                     rows: torch.Tensor, pos: list[int]) -> list[BlockEntry]:
+        """Decode encoded blocks into ``rows[pos[i]]``. Runs of consecutive positions in a
+        tensor of rows are decoded straight into them (the codec writes the caller's rows); a
+        per-layer pool, or positions so scattered that runs are short (an engine's free
+        blocks), go through one chunk of staging at a time (bounded by the arena's chunk,
+        never the whole batch) and one scatter per chunk. Returns the entries whose encoded
+        bytes failed their check. O(bytes) + O(runs or chunks)."""
+        corrupt: list[BlockEntry] = []
+        runs = 1 + sum(1 for a, b in zip(pos, pos[1:]) if b != a + 1)
+        if isinstance(rows, paged.LayerRows) or runs > max(1, len(pos) // 4):
+            per = arena.blocks_per_chunk
+            dev = paged.device_of(rows)
+            for lo in range(0, len(pos), per):
+                part = placed[lo:lo + per]
+                slots = [p[2] for p in part]
+                staging = torch.empty((len(part), *self._block_shape), dtype=self.layout.dtype, device=dev)
+                bad: set[int] = set()
+                try:
+                    arena.read(slots, staging)
+                except CorruptSlotError as exc:
+                    bad = set(exc.slots)
+                except OSError as exc:
+                    with self._lock:
+                        self._tiers.fail(t, exc)
+                    bad = set(slots)
+                corrupt.extend(p[0] for p in part if p[2] in bad)
+                good = [j for j, p in enumerate(part) if p[2] not in bad]
+                paged.place(staging, good, rows, [pos[lo + j] for j in good])
+            return corrupt
+        i = 0
+        while i < len(pos):
+            j = i + 1
+            while j < len(pos) and pos[j] == pos[j - 1] + 1:
+                j += 1
+            slots = [placed[k][2] for k in range(i, j)]
+            try:
+                arena.read(slots, rows[pos[i]:pos[j - 1] + 1])
+            except CorruptSlotError as exc:
+                bad = set(exc.slots)
+                corrupt.extend(placed[k][0] for k in range(i, j) if placed[k][2] in bad)
+            except OSError as exc:
+                with self._lock:
+                    self._tiers.fail(t, exc)
+                corrupt.extend(placed[k][0] for k in range(i, j))
+            i = j
+        return corrupt
+
     def clear(self) -> int:
         """Drop every cached block (blocks being read survive until released)."""
         self._check_open()
@@ -797,21 +919,40 @@ class KVStore:
             return self._tiers.clear()
 
     @staticmethod
-    def _tier_stats(manager: TierManager, slot_bytes: int) -> dict[str, dict]:
+    def _tier_stats(manager: TierManager, block_bytes: int) -> dict[str, dict]:
+        """Per tier; bytes are what the tier holds (encoded blocks for a codec's tier)."""
         tiers = {}
         for tier in manager.tiers:
             c = tier.counters
+            slot_bytes = tier.arena.codec.encoded_bytes if isinstance(tier.arena, CodecArena) else block_bytes
             tiers[tier.name] = {
                 "capacity_blocks": tier.capacity, "used_blocks": tier.pool.used_count - tier.staged,
                 "capacity_bytes": tier.capacity * slot_bytes,
                 "used_bytes": (tier.pool.used_count - tier.staged) * slot_bytes,
                 "staged_blocks": tier.staged,
                 "policy": tier.policy.name, "device": str(tier.arena.device) if not tier.is_disk else "disk",
+                **KVStore._codec_stats(tier),
                 "hits": c.hits, "evictions": c.evictions, "demotions_in": c.demotions_in,
                 "promotions_in": c.promotions_in, "drops": c.drops,
                 "io_errors": c.io_errors, "degraded": tier.degraded,
             }
         return tiers
+
+    @staticmethod
+    def _codec_stats(tier: Tier) -> dict[str, Any]:
+        """The tier's codec, its encoded block size and ratio (raw bytes per byte of slot:
+        what capacity is multiplied by) and, for ``lossless``, the payload ratio achieved so far."""
+        arena = tier.arena
+        if not isinstance(arena, CodecArena):
+            return {"codec": "none", "codec_ratio": 1.0}
+        codec = arena.codec
+        out: dict[str, Any] = {"codec": codec.name, "encoded_block_bytes": codec.encoded_bytes,
+                               "codec_ratio": round(codec.ratio, 4), "lossy": codec.lossy,
+                               "decode_bytes_per_s": arena.decode_rate}
+        achieved = getattr(codec, "achieved_ratio", None)
+        if codec.name == "lossless":
+            out["payload_ratio"] = round(achieved, 4) if achieved is not None else None
+        return out
 
     def stats(self) -> dict[str, Any]:
         """Counters and per-tier occupancy (a plain dict, JSON-serialisable). The KV figures
@@ -890,6 +1031,11 @@ class KVStore:
         if pos and self.config.promote_on_hit and not self._closed:
             src = rows[[p - start for p in pos]] if len(pos) < len(rows) else rows
             self._tiers.add([keys[p] for p in pos], [keys[p - 1] if p > 0 else None for p in pos], src)
+            if self._remote_lossy:  # decoded from a lossy remote codec: approximate wherever it lands
+                for p in pos:
+                    e = self._tiers.index.get(keys[p])
+                    if e is not None:
+                        e.lossy = True
 
     def _get_with_remote(self, arr: np.ndarray, keys: list[bytes], adapter: Recomputer | None, *, exact: bool,
                          out: torch.Tensor | None, on_layer: Callable[[int], None] | None,
@@ -956,7 +1102,10 @@ class KVStore:
         if profile is not None:
             from kvstore.restore.planner import remote_worth_reading
 
-            if not remote_worth_reading(profile, self.layout, self.block_tokens, want, self._remote.link):
+            rc = self._remote.codec
+            codec = TierCodec(rc.encoded_bytes, rc.raw_bytes / (decode_rate(profile, rc.name) or DEFAULT_DECODE_BPS)) \
+                if rc is not None else None
+            if not remote_worth_reading(profile, self.layout, self.block_tokens, want, self._remote.link, codec=codec):
                 return 0
         rows, m = self._remote.fetch(keys[n:n + want])
         if m:
@@ -1014,7 +1163,7 @@ class KVStore:
         """``(tier name, arena)`` in tier order (the index a lease's blocks refer to)."""
         return [(t.name, t.arena) for t in self._tiers.tiers]
 
-    def lookup_nowait(self, tokens: TokensLike) -> int | None:
+    def lookup_nowait(self, tokens: TokensLike, *, exact: bool | None = None) -> int | None:
         """``lookup`` if the lock is free right now, else None (the caller defers it). O(tokens)."""
         if not self._lock.acquire(blocking=False):
             return None
@@ -1023,7 +1172,7 @@ class KVStore:
                 _, keys = self._keys(tokens)
                 if self._closed or self._cached_prefix(keys, self.adapter) < len(keys):
                     return None
-            return self.lookup(tokens)
+            return self.lookup(tokens, exact=exact)
         finally:
             self._lock.release()
 
@@ -1033,19 +1182,22 @@ class KVStore:
             n += 1
         return n
 
-    def acquire(self, tokens: TokensLike, tiers: Sequence[int]) -> "KVStore.Lease | None":
+    def acquire(self, tokens: TokensLike, tiers: Sequence[int], *, exact: bool | None = None,
+                ) -> "KVStore.Lease | None":
         """Pin a fully cached whole-block prefix whose blocks all sit in ``tiers``.
 
-        None when a block is missing or elsewhere (the caller falls back to ``get``, which
-        counts and raises the miss or promotes). Counts as a get; O(blocks).
+        None when a block is missing or elsewhere, or lossy where ``exact`` (as :meth:`get`)
+        refuses it (the caller falls back to ``get``, which counts and raises the miss or
+        promotes). Counts as a get; O(blocks).
         """
         self._check_open()
         arr, keys = self._whole_block_keys(tokens)
         allowed = set(tiers)
+        refuse_lossy = self._refuse_lossy(exact)
         with self._lock:
             self._check_open()
             entries = [self._tiers.index.get(k) for k in keys]
-            if any(e is None or e.tier not in allowed for e in entries):
+            if any(e is None or e.tier not in allowed or (refuse_lossy and e.lossy) for e in entries):
                 return None
             self._counters["gets"] += 1
             self._counters["hits"] += len(entries)

@@ -39,6 +39,7 @@ import time
 import torch
 
 from allocator import Arena, CorruptSlotError, DiskArena, SlotPool, SlotRecord, transfer
+from allocator.codec_arena import CodecArena, base_arena
 from eviction import EvictionPolicy, NoVictimError
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,9 @@ class BlockEntry:
     last_access: float = 0.0
     backup: int | None = None
     children: set[bytes] = field(default_factory=set)
+    #: its bytes went through a lossy codec (a lossy tier holds it, or held it before it was
+    #: promoted): an exact read must not return it
+    lossy: bool = False
 
 
 @dataclass
@@ -99,11 +103,20 @@ class Tier:
 
     @property
     def is_disk(self) -> bool:
-        return isinstance(self.arena, DiskArena)
+        return isinstance(base_arena(self.arena), DiskArena)
+
+    @property
+    def codec_name(self) -> str:
+        return self.arena.codec.name if isinstance(self.arena, CodecArena) else "none"
+
+    @property
+    def lossy(self) -> bool:
+        """Whether blocks stored here come back approximated (a lossy codec)."""
+        return isinstance(self.arena, CodecArena) and self.arena.codec.lossy
 
     def write(self, slots: Sequence[int], src: torch.Tensor, keys: Sequence[bytes],
               parents: Sequence[bytes | None]) -> None:
-        if isinstance(self.arena, DiskArena):
+        if self.is_disk:
             self.arena.write(slots, src, keys=keys, parents=parents)
         else:
             self.arena.write(slots, src)
@@ -192,6 +205,7 @@ class TierManager:
         for entry in backed:  # its durable copy becomes its only copy: no bytes move
             self._decref(t, entry.slot)
             entry.tier, entry.slot, entry.backup = nxt, entry.backup, None
+            entry.lossy = entry.lossy or self.tiers[nxt].lossy
         if to_copy:
             if nxt is not None:
                 room = self.make_room(nxt, len(to_copy))
@@ -240,6 +254,7 @@ class TierManager:
         for entry, slot in zip(entries, dst_slots):
             self._decref(src_t, entry.slot)
             entry.tier, entry.slot = dst_t, slot
+            entry.lossy = entry.lossy or dst.lossy
             if not (dst_t == self.disk and entry.key in dst.policy):
                 dst.policy.insert(entry.key, 1, None, entry.parent)
         if dst_t > src_t:
@@ -294,7 +309,7 @@ class TierManager:
         allocated them); write them through to disk when durable. Returns the entries."""
         now = self.clock()
         tier = self.tiers[t]
-        entries = [BlockEntry(k, p, t, s, last_access=now) for k, p, s in zip(keys, parents, slots)]
+        entries = [BlockEntry(k, p, t, s, last_access=now, lossy=tier.lossy) for k, p, s in zip(keys, parents, slots)]
         # Insert deepest first so that, for recency-based policies, a parent always looks
         # more recently used than its children: tails go before the prefixes they extend.
         for entry in reversed(entries):
@@ -393,7 +408,7 @@ class TierManager:
             disk.arena.invalidate(stale)
         now = self.clock()
         for r in usable:
-            self.index[r.key] = BlockEntry(r.key, r.parent, self.disk, r.slot, last_access=now)
+            self.index[r.key] = BlockEntry(r.key, r.parent, self.disk, r.slot, last_access=now, lossy=disk.lossy)
             disk.policy.insert(r.key, 1, None, r.parent)
         for r in usable:
             if r.parent is not None and r.parent in self.index:

@@ -55,6 +55,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--remote-drain", type=float, default=None,
                         help="seconds SIGTERM waits for the write-behind queue to reach Redis before exit "
                              "(what is still queued then is dropped and counted)")
+    for tier in ("host", "disk", "remote"):
+        parser.add_argument(f"--{tier}-codec", default=None,
+                            help=f"how the {tier} tier stores blocks: none, lossless, fp8, int8 or int4 (README: codecs)")
+    parser.add_argument("--lossy-ok", action="store_true", default=None,
+                        help="gets that do not say exact= accept blocks a lossy codec stored")
     parser.add_argument("--workers", type=int, default=4, help="threads serving blocking requests")
     parser.add_argument("--lease-timeout", type=float, default=30.0,
                         help="seconds after which a client's unreleased lease/reservation is reclaimed")
@@ -101,7 +106,9 @@ def build(args: argparse.Namespace):
                  "disk_path": args.disk_path, "policy": args.policy, "fsync": args.fsync, "persist": args.persist,
                  "device": args.device, "remote_url": args.remote_url, "remote_write": args.remote_write,
                  "remote_ttl_s": args.remote_ttl, "remote_deadline_s": args.remote_deadline,
-                 "remote_queue_bytes": args.remote_queue_bytes, "remote_drain_s": args.remote_drain}
+                 "remote_queue_bytes": args.remote_queue_bytes, "remote_drain_s": args.remote_drain,
+                 "host_codec": args.host_codec, "disk_codec": args.disk_codec, "remote_codec": args.remote_codec,
+                 "lossy_ok": args.lossy_ok}
     if args.config:
         config = StoreConfig.from_toml(args.config, **overrides)
     else:

@@ -235,6 +235,33 @@ def measure_remote(url: str, big: int, reps: int, block: int = 256 << 10) -> tup
     return _fit(4096, t_small, len(keys) * block, t_big)
 
 
+def measure_decode(device, reps: int, quick: bool) -> dict[str, float]:
+    """Decode rate (raw bytes out per second) of every block codec that runs here, on
+    ``device`` (where the store decodes: into the destination), from bf16 blocks of a
+    typical shape (32 layers, 8 KV heads, head_dim 128, 16 tokens: 2 MiB raw), decoded into
+    a strided view like a caller's KV. Median of ``reps``. O(codecs x batch bytes)."""
+    import torch
+
+    from allocator.codecs import codec_problem, make_codec
+
+    shape = (8 if quick else 32, 2, 16, 8, 128)
+    n = 4 if quick else 8
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, *shape, generator=g).to(torch.bfloat16).to(device)
+    sync = device_sync(device)
+    rates: dict[str, float] = {}
+    for name in ("lossless", "fp8", "int8", "int4"):
+        if codec_problem(name):
+            continue
+        codec = make_codec(name, shape, torch.bfloat16)
+        enc = torch.empty((n, codec.encoded_bytes), dtype=torch.uint8, device=device)
+        codec.encode(x, enc)
+        out = torch.empty_like(x)
+        seconds = _median_time(lambda: codec.decode(enc, out), reps, sync)
+        rates[name] = n * codec.raw_bytes / max(seconds, 1e-9)
+    return rates
+
+
 def measure(args: argparse.Namespace):
     """Run every measurement and return a ``CostProfile``."""
     from kvstore.restore.costmodel import ComputeCost, CostProfile, LinkCost
@@ -263,11 +290,14 @@ def measure(args: argparse.Namespace):
     if getattr(args, "remote_url", None):
         log.info("measuring remote->host")
         links["remote->host"] = LinkCost(*measure_remote(args.remote_url, big, reps))
+    log.info("measuring codec decode rates")
+    decode = measure_decode(device, reps, quick)
     return CostProfile(
         links=links,
         recompute=ComputeCost(r_rate, r_lat), prefill=ComputeCost(p_rate, p_lat), device=kind,
         shared_compute=(kind == "cpu"), meta={"measured_at": time.time(), "quick": quick, "shapes": {"tokens": tokens, "hidden": hidden,
-                                                                      "kv_dim": kvd}})
+                                                                      "kv_dim": kvd},
+                                                                      "decode_Bps": decode})
 
 
 def load_or_measure(path: Path, refresh: bool, args: argparse.Namespace):

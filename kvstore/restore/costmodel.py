@@ -142,6 +142,19 @@ class CostProfile:
                    shared_compute=bool(d.get("shared_compute", False)))
 
 
+#: decode rate (raw bytes out per second) assumed for a codec no calibration measured: the
+#: slowest CPU figure of ``kvstore bench codecs`` on a shared 2-core box, so a codec is never
+#: assumed cheaper to decode than it is
+DEFAULT_DECODE_BPS = 2e8
+
+
+def decode_rate(profile: CostProfile, codec: str) -> float | None:
+    """The calibrated decode rate of ``codec`` (raw bytes/s) in ``profile``, or None.
+    ``kvstore calibrate`` keeps them in ``meta["decode_Bps"]``. O(1)."""
+    rate = (profile.meta.get("decode_Bps") or {}).get(codec)
+    return float(rate) if isinstance(rate, (int, float)) and rate > 0 else None
+
+
 def default_profile() -> CostProfile:
     """Order-of-magnitude defaults for a machine never calibrated (NVMe, PCIe 4, one GPU)."""
     return CostProfile(

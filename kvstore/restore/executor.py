@@ -50,7 +50,7 @@ from typing import Any, Protocol
 
 import torch
 
-from allocator import Arena, CorruptSlotError, MemoryArena
+from allocator import Arena, CorruptSlotError, DiskArena, MemoryArena
 from allocator.rowcopy import DEFAULT_COPIER, Copier, copy_rows
 from kvstore.restore.costmodel import CostModel
 from kvstore.errors import InvalidInputError
@@ -301,6 +301,8 @@ class _RunState:
             ch.blocks, ch.slots = [], []
             rows = rows[:0]
         ch.rows = rows
+        if not isinstance(ch.arena, DiskArena):
+            return 0  # an encoded tier: its time is read + decode, not the disk link's (not observed)
         return rows.numel() * rows.element_size()
 
     def _source(self, ch: _Chunk) -> tuple[torch.Tensor, bool]:
@@ -502,8 +504,9 @@ class _RunState:
             self.next_callback += 1
 
     def run(self, chunks: list[_Chunk]) -> None:
-        disk_chunks = [c for c in chunks if c.tier == "disk"]
-        mem_chunks = [c for c in chunks if c.tier != "disk"]
+        # encoded tiers (a codec arena) decode into staging like a disk read
+        disk_chunks = [c for c in chunks if c.tier == "disk" or not isinstance(c.arena, MemoryArena)]
+        mem_chunks = [c for c in chunks if c.tier != "disk" and isinstance(c.arena, MemoryArena)]
         self.act_left = sum(1 for c in chunks if c.payload == "act")
         arrived: queue.Queue = queue.Queue()  # disk chunks as read; None ends
         L = self.ex.layout.num_layers

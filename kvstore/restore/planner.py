@@ -75,7 +75,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -138,6 +138,15 @@ class Plan:
 
 
 @dataclass(frozen=True)
+class TierCodec:
+    """A tier's codec as the planner sees it: bytes one KV block occupies (and crosses links
+    as) there, and the seconds to decode one block into its destination."""
+
+    encoded_bytes: int
+    decode_s: float = 0.0
+
+
+@dataclass(frozen=True)
 class _Costs:
     """Per-block durations derived from layout and profile (computed once per plan)."""
 
@@ -147,12 +156,25 @@ class _Costs:
     shared: bool = False  # host->device and compute share the same cores (CPU-only)
 
     @classmethod
-    def of(cls, layout: ModelLayout, block_tokens: int, profile: CostProfile) -> "_Costs":
+    def of(cls, layout: ModelLayout, block_tokens: int, profile: CostProfile,
+           codecs: Mapping[str, TierCodec] | None = None) -> "_Costs":
+        """Payloads are ``"act"`` and ``"kv@<tier>"``: KV from a tier with a codec crosses its
+        links as encoded bytes, and its decode (into the destination, on the device) is
+        charged to the last hop of its route -- serialised with the copy, so an estimate
+        that never favours a codec more than it should."""
         direct = profile.link("disk->device") is not None
         routes = {"device": (), "host": ("host->device",),
                   "disk": ("disk->device",) if direct else ("disk->host", "host->device")}
-        sizes = {"kv": layout.kv_block_bytes(block_tokens), "act": layout.act_block_bytes(block_tokens)}
-        link_s = {(name, p): cost.seconds(sizes[p]) for name, cost in profile.links.items() for p in sizes}
+        raw = layout.kv_block_bytes(block_tokens)
+        sizes = {"act": layout.act_block_bytes(block_tokens)}
+        link_s = {(name, "act"): cost.seconds(sizes["act"]) for name, cost in profile.links.items()}
+        for tier in ("host", "disk"):
+            codec = (codecs or {}).get(tier)
+            nbytes = codec.encoded_bytes if codec is not None else raw
+            for name, cost in profile.links.items():
+                last = name == routes[tier][-1]
+                link_s[(name, f"kv@{tier}")] = cost.seconds(nbytes) + (codec.decode_s if codec is not None and last
+                                                                          else 0.0)
         return cls(routes=routes, link_s=link_s, recompute_s=profile.recompute_s(layout, block_tokens),
                    shared=profile.shared_compute)
 
@@ -190,7 +212,8 @@ def _schedule(blocks: Sequence[BlockForms], actions: Sequence[Action], costs: _C
         payload = "kv" if act == "kv" else "act"
         tier = b.kv if act == "kv" else b.act
         assert tier is not None, f"block {i}: {act} without that form"
-        chain = [(link, payload, costs.link_s[(link, payload)]) for link in costs.routes[tier]]
+        key = f"kv@{tier}" if payload == "kv" else "act"
+        chain = [(link, payload, costs.link_s[(link, key)]) for link in costs.routes[tier]]
         if act == "recompute":
             chain.append(("compute", "recompute", costs.recompute_s))
         chains[i] = chain
@@ -244,7 +267,8 @@ def _schedule(blocks: Sequence[BlockForms], actions: Sequence[Action], costs: _C
 
 
 def simulate(blocks: Sequence[BlockForms], actions: Sequence[Action], layout: ModelLayout,
-             block_tokens: int, profile: CostProfile) -> tuple[float, float]:
+             block_tokens: int, profile: CostProfile, codecs: Mapping[str, TierCodec] | None = None,
+             ) -> tuple[float, float]:
     """(makespan, policy-free lower bound) of one explicit assignment; validates it.
 
     Raises ``ValueError`` for an infeasible assignment (a missing form, prefill not a suffix).
@@ -252,7 +276,7 @@ def simulate(blocks: Sequence[BlockForms], actions: Sequence[Action], layout: Mo
     """
     _check(blocks, block_tokens)
     _validate(blocks, actions)
-    costs = _Costs.of(layout, block_tokens, profile)
+    costs = _Costs.of(layout, block_tokens, profile, codecs)
     restore, _, loads = _schedule(blocks, actions, costs)
     return _total(restore, loads, actions, layout, block_tokens, profile)
 
@@ -341,7 +365,7 @@ def _fast_restore(groups: dict[tuple[str, str], int], costs: _Costs) -> tuple[fl
         t = t + ls[(first, "act")]
         disk_act.append(t)
     for _ in range(n("kv", "disk")):
-        t = t + ls[(first, "kv")]
+        t = t + ls[(first, "kv@disk")]
         disk_kv.append(t)
     if disk_act or disk_kv:
         loads[first] = t
@@ -355,7 +379,7 @@ def _fast_restore(groups: dict[tuple[str, str], int], costs: _Costs) -> tuple[fl
         pending_act, pending_kv = disk_act, disk_kv
     # host->device: act(host) > act(disk, once arrived) > kv(host) > kv(disk, once arrived).
     hd = "host->device"
-    da, dk = ls.get((hd, "act"), 0.0), ls.get((hd, "kv"), 0.0)
+    da, dk, dkd = ls.get((hd, "act"), 0.0), ls.get((hd, "kv@host"), 0.0), ls.get((hd, "kv@disk"), 0.0)
     t = 0.0
     busy = 0.0
     for _ in range(n("act", "host")):
@@ -375,8 +399,8 @@ def _fast_restore(groups: dict[tuple[str, str], int], costs: _Costs) -> tuple[fl
             busy += dk
             kv_host -= 1
         elif ik < len(pending_kv) and pending_kv[ik] <= t:
-            t = t + dk
-            busy += dk
+            t = t + dkd
+            busy += dkd
             ik += 1
         else:
             t = min(pending_act[ia] if ia < len(pending_act) else float("inf"),
@@ -406,7 +430,7 @@ def _fast_restore_memory(a: int, k: int, kd: int, costs: _Costs) -> tuple[float,
     ``kd`` device-resident activation blocks, then each arriving one (arrival ``i * da``):
     ``t_i = max(t_{i-1}, i * da) + r`` ends at ``max((kd + a) r, a da + r if da >= r else da + a r)``."""
     hd = "host->device"
-    da, dk = costs.link_s.get((hd, "act"), 0.0), costs.link_s.get((hd, "kv"), 0.0)
+    da, dk = costs.link_s.get((hd, "act"), 0.0), costs.link_s.get((hd, "kv@host"), 0.0)
     loads: dict[str, float] = {}
     end = 0.0
     busy = a * da + k * dk
@@ -424,8 +448,12 @@ def _fast_restore_memory(a: int, k: int, kd: int, costs: _Costs) -> tuple[float,
 
 
 def plan_restore(blocks: Sequence[BlockForms], layout: ModelLayout, block_tokens: int,
-                 profile: CostProfile, *, max_evals: int = 2000, allow_prefill: bool = True) -> Plan:
+                 profile: CostProfile, *, max_evals: int = 2000, allow_prefill: bool = True,
+                 codecs: Mapping[str, TierCodec] | None = None) -> Plan:
     """The fastest plan for restoring ``blocks`` (see module doc for model and derivation).
+
+    ``codecs``: per tier (``"host"``, ``"disk"``) the codec its KV is stored with
+    (:class:`TierCodec`): those blocks cross as encoded bytes and pay their decode.
 
     ``allow_prefill=False`` restores every block (``KVStore.get``: the caller wants the whole
     prefix's KV, not a suffix left to its prefill), so only ``m = n`` is searched.
@@ -436,7 +464,7 @@ def plan_restore(blocks: Sequence[BlockForms], layout: ModelLayout, block_tokens
     """
     _check(blocks, block_tokens)
     n = len(blocks)
-    costs = _Costs.of(layout, block_tokens, profile)
+    costs = _Costs.of(layout, block_tokens, profile, codecs)
     memo: dict[tuple, tuple[float, float]] = {}
     best: dict = {"key": None, "t": float("inf")}
     lb_min = [float("inf")]
@@ -534,7 +562,7 @@ def _memory_grid(n: int, forced, prefix_classes, costs: _Costs, layout: ModelLay
     if any(t == "disk" for key in forced[n] for t in key[1:]):
         return None
     hd = "host->device"
-    da, dk = costs.link_s.get((hd, "act"), 0.0), costs.link_s.get((hd, "kv"), 0.0)
+    da, dk = costs.link_s.get((hd, "act"), 0.0), costs.link_s.get((hd, "kv@host"), 0.0)
     r = costs.recompute_s
     ms = np.asarray(list(m_values), dtype=np.int64)
     size = np.array([prefix_classes[m].get(("host", "host"), 0) for m in ms], dtype=np.float64)[:, None]
@@ -614,7 +642,7 @@ def _weak_lower_bound(blocks: Sequence[BlockForms], costs: _Costs, layout: Model
     def block_load(b: BlockForms, res: str) -> float:
         opts = []
         if b.kv is not None:
-            opts.append(sum(costs.link_s[(l, "kv")] for l in costs.routes[b.kv] if l == res))
+            opts.append(sum(costs.link_s[(l, f"kv@{b.kv}")] for l in costs.routes[b.kv] if l == res))
         if b.act is not None:
             opts.append(sum(costs.link_s[(l, "act")] for l in costs.routes[b.act] if l == res)
                         + (costs.recompute_s if res == "compute" else 0.0))
@@ -634,7 +662,7 @@ def _weak_lower_bound(blocks: Sequence[BlockForms], costs: _Costs, layout: Model
 
 
 def remote_worth_reading(profile: CostProfile, layout: ModelLayout, block_tokens: int, n_blocks: int,
-                         observed: tuple[float, float] | None = None) -> bool:
+                         observed: tuple[float, float] | None = None, *, codec: TierCodec | None = None) -> bool:
     """Whether reading ``n_blocks`` KV blocks from the remote tier (one batched round trip:
     ``latency + bytes / bandwidth`` on ``"remote->host"``, else the store's ``observed``
     ``(latency_s, bandwidth_Bps)``) finishes before prefilling their tokens. The restore
@@ -647,5 +675,7 @@ def remote_worth_reading(profile: CostProfile, layout: ModelLayout, block_tokens
         link = LinkCost(max(observed[1], 1.0), max(observed[0], 0.0)) if observed[1] > 0 else None
     if link is None or n_blocks <= 0:
         return n_blocks > 0
-    read_s = link.seconds(n_blocks * layout.kv_block_bytes(block_tokens))
+    # a remote codec (issue 24): its encoded bytes cross the link, then each block decodes
+    nbytes = codec.encoded_bytes if codec is not None else layout.kv_block_bytes(block_tokens)
+    read_s = link.seconds(n_blocks * nbytes) + (n_blocks * codec.decode_s if codec is not None else 0.0)
     return read_s < profile.prefill_s(layout, n_blocks * block_tokens)

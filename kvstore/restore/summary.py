@@ -33,7 +33,7 @@ def plan_result(store: KVStore, tokens: Any, profile: dict | None = None) -> dic
         raise InvalidInputError(f"bad cost profile: {exc}") from None
     tiers = store.locate(tokens)
     blocks = [planner.BlockForms(kv=t) for t in tiers]
-    plan = planner.plan_restore(blocks, store.layout, store.block_tokens, prof)
+    plan = planner.plan_restore(blocks, store.layout, store.block_tokens, prof, codecs=store.planner_codecs(prof))
     return {"blocks": len(blocks), "cached_tokens": len(blocks) * store.block_tokens,
             "steps": [[s.block, s.action, s.tier] for s in plan.steps],
             "predicted_s": plan.predicted_s, "lower_bound_s": plan.lower_bound_s,

@@ -605,7 +605,9 @@ class SidecarServer:
             if op == "lookup":
                 ns = self._namespace(args)
                 tokens = self._tokens(args)
-                n = ns.store.lookup_nowait(tokens) if len(tokens) <= self.options.loop_lookup_tokens else None
+                exact = arg(args, "exact", bool, required=False)
+                n = ns.store.lookup_nowait(tokens, exact=exact) if len(tokens) <= self.options.loop_lookup_tokens \
+                    else None
                 if n is not None:
                     self._no_payload(op, payload)
                     self._router.send_multipart([ident, *reply_ok(rid, n)], copy=False)
@@ -963,7 +965,7 @@ class SidecarServer:
     def _op_lookup(self, args: dict, payload: list) -> tuple[Any, list]:
         self._no_payload("lookup", payload)
         ns = self._namespace(args)
-        return ns.store.lookup(self._tokens(args)), []
+        return ns.store.lookup(self._tokens(args), exact=arg(args, "exact", bool, required=False)), []
 
     def _op_put(self, args: dict, payload: list) -> tuple[Any, list]:
         ns = self._namespace(args)
@@ -980,8 +982,9 @@ class SidecarServer:
         self._no_payload("get", payload)
         ns = self._namespace(args)
         tokens = self._tokens(args)
+        exact = arg(args, "exact", bool, required=False)  # None: the namespace's lossy_ok decides
         if arg(args, "shm", bool, required=False, default=False) and ns.seg_of_tier:
-            lease = ns.store.acquire(tokens, list(ns.seg_of_tier))
+            lease = ns.store.acquire(tokens, list(ns.seg_of_tier), exact=exact)
             if lease is not None:
                 cid = self._add_claim("lease", ns, lease, args)
                 return shm_plane.lease_reply(ns, cid, lease), []
@@ -991,7 +994,7 @@ class SidecarServer:
         nbytes = (len(tokens) // ns.block_tokens) * ns.block_tokens * ns.layout.kv_bytes_per_token
         self._replies.reserve(peer, nbytes)
         try:
-            kv = self._get_one_copy(ns, tokens)
+            kv = self._get_one_copy(ns, tokens, exact)
         except BaseException:
             self._replies.release(peer, nbytes)
             raise
@@ -999,15 +1002,15 @@ class SidecarServer:
         return {"mode": "frames", "kv": tensor_desc(kv)}, [tensor_frame(kv)]
 
     @staticmethod
-    def _get_one_copy(ns: Namespace, tokens: Any) -> torch.Tensor:
+    def _get_one_copy(ns: Namespace, tokens: Any, exact: bool | None = None) -> torch.Tensor:
         """``store.get`` with one copy when every block is in a memory tier: pin the blocks,
         copy each run of consecutive slots straight into its place in the result, unpin.
         Blocks on disk (or a miss) take ``store.get``'s path (two copies, counts the miss)."""
         store = ns.store
         memory = [t for t, (_, arena) in enumerate(store.tier_arenas()) if isinstance(arena, MemoryArena)]
-        lease = store.acquire(tokens, memory) if memory else None
+        lease = store.acquire(tokens, memory, exact=exact) if memory else None
         if lease is None:
-            return store.get(tokens, device="cpu").contiguous()
+            return store.get(tokens, device="cpu", exact=exact).contiguous()
         try:
             lay, bt, nb = store.layout, store.block_tokens, len(lease.blocks)
             block_shape = (lay.num_layers, 2, bt, lay.num_kv_heads, lay.head_dim)
@@ -1029,7 +1032,7 @@ class SidecarServer:
             store.release(lease)
         # A shared slot changed after it was written: read again through the store, which
         # verifies each block, drops the corrupt ones and reports them missing.
-        return store.get(tokens, device="cpu").contiguous()
+        return store.get(tokens, device="cpu", exact=exact).contiguous()
 
     def _op_release(self, args: dict, payload: list) -> tuple[Any, list]:
         self._no_payload("release", payload)

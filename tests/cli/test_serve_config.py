@@ -45,6 +45,8 @@ def test_every_mistake_in_a_config_file_is_one_line_and_nothing_serves(tmp_path)
     (["--policy", "bogus"], "'bogus' is an unknown eviction policy"),
     (["--lease-timeout", "-1"], "lease_timeout_s must be a positive number"),
     (["--workers", "0"], "workers must be a positive int"),
+    (["--host-codec", "int3"], "host_codec must be one of"),
+    (["--disk-codec", "zstd"], "disk_codec must be one of"),
 ])
 def test_bad_flags_fail_at_start_not_at_the_first_hello(tmp_path, args, message):
     proc = serve("--endpoint", f"ipc://{tmp_path}/s.sock", *args)  # no --check: it would serve
@@ -87,3 +89,9 @@ def test_stats_before_any_namespace_exists(tmp_path, capsys):
         assert '"namespaces": {}' in capsys.readouterr().out
     finally:
         srv.stop(timeout=10)
+
+
+def test_codec_flags_check_ok(tmp_path):
+    proc = serve("--endpoint", f"ipc://{tmp_path}/s.sock", "--host-codec", "int4", "--disk-codec", "lossless",
+                 "--disk-bytes", "1MiB", "--disk-path", str(tmp_path / "d"), "--lossy-ok", "--check")
+    assert proc.returncode == 0 and "configuration OK" in proc.stderr, proc.stderr

@@ -22,6 +22,10 @@ def test_calibrate_measures_caches_and_refreshes(tmp_path, capsys) -> None:
         assert 1e6 < profile.links[link].bandwidth_Bps < 1e13
     assert 1e6 < profile.recompute.flops_per_s < 1e16
     assert 1e6 < profile.prefill.flops_per_s < 1e16
+    # decode rates of the block codecs (issue 24), as the planner reads them
+    from kvstore.restore.costmodel import decode_rate
+    for codec in ("lossless", "fp8", "int8", "int4"):
+        assert 1e6 < decode_rate(profile, codec) < 1e13, codec
 
     assert main(argv) == 0  # reused, not re-measured
     again = json.loads(capsys.readouterr().out)

@@ -352,3 +352,21 @@ def test_restore_into_cuda_out(tmp_path):
             assert _rel(s.load(ids[0]).kv, kv) < 1e-2
     finally:
         model.to("cpu")
+
+
+def test_exact_get_recomputes_blocks_a_lossy_codec_stored(tmp_path, seed):
+    """Issue 24: KV in an int4 host tier with activations beside it. An exact get must not
+    return the int4 KV: those blocks are recomputed from their activations (within the
+    recompute tolerance); a get that accepts lossy KV reads it (int4-sized error)."""
+    adapter = HFAdapter(_model("llama"))
+    ids = _ids(seed, 32)
+    kv, act = adapter.capture(ids)
+    with _store(adapter, tmp_path, host_codec="int4") as s:
+        assert s.put(ids[0], kv, activations=act) == 32
+        exact = s.get(ids[0], exact=True)
+        assert _rel(exact, kv) < 1e-4, "an exact get returned int4 KV"
+        assert s.stats()["lossy_refused"] >= 1
+        lossy = s.get(ids[0], exact=False)
+        assert 1e-3 < _rel(lossy, kv) < 0.15  # some blocks read as int4 (the plan chose KV)
+        res = s.load(ids[0], exact=True)
+        assert res.tokens_restored == 32 and _rel(res.kv, kv) < 1e-4
