@@ -104,7 +104,10 @@ class ConnectorOptions:
     ``shm``: the sidecar client's (None: shared memory where the sidecar offers it, False:
     never); ``save``: False to only read; ``save_min_new``: save a prompt only when at least this
     fraction of its full blocks is new to the store (a save copies the whole prompt's KV:
-    the store's keys chain from the first token, so a save cannot skip the known prefix).
+    the store's keys chain from the first token, so a save cannot skip the known prefix);
+    ``exact``: True never loads KV a lossy tier codec stored (such blocks count as not
+    cached and are prefilled), False accepts it, None (default) follows the namespace's
+    ``lossy_ok``.
     """
 
     endpoint: str
@@ -121,6 +124,7 @@ class ConnectorOptions:
     save: bool = True
     save_min_new: float = 0.25
     shm: bool | None = None
+    exact: bool | None = None
 
     @classmethod
     def from_extra(cls, extra: dict | None) -> "ConnectorOptions":
@@ -143,6 +147,8 @@ class ConnectorOptions:
             raise ConfigError(f"save_min_new must be a fraction in [0, 1], got {opts.save_min_new!r}")
         if opts.block_tokens is not None and (not isinstance(opts.block_tokens, int) or opts.block_tokens <= 0):
             raise ConfigError(f"block_tokens must be a positive int, got {opts.block_tokens!r}")
+        if opts.exact is not None and not isinstance(opts.exact, bool):
+            raise ConfigError(f"exact must be true, false or null, got {opts.exact!r}")
         if opts.pool_layout is not None:
             try:
                 PoolLayout(opts.pool_layout)
@@ -460,7 +466,7 @@ class KVStoreConnector(KVConnectorBase_V1, SupportsHMA):
         if not self._usable(client):
             return _Decision(0, 0, "store unavailable")
         try:
-            cached = client.lookup(tokens)
+            cached = client.lookup(tokens, exact=self.opts.exact)
             if not cached:
                 return _Decision(0, 0, "nothing cached")
             profile = self._prefill_profile()
@@ -629,11 +635,11 @@ class KVStoreConnector(KVConnectorBase_V1, SupportsHMA):
                 end = len(spec.tokens)
                 try:
                     t_get = time.perf_counter()
-                    kv = client.get(spec.tokens, device="cpu")
+                    kv = client.get(spec.tokens, device="cpu", exact=self.opts.exact)
                     self.counters.add(load_get_s=time.perf_counter() - t_get)
                 except BlockNotFoundError:  # lost since the lookup: load what is still there
-                    end = client.lookup(spec.tokens) // bs * bs
-                    kv = client.get(spec.tokens[:end], device="cpu") if end > spec.first_block * bs else None
+                    end = client.lookup(spec.tokens, exact=self.opts.exact) // bs * bs
+                    kv = client.get(spec.tokens[:end], device="cpu", exact=self.opts.exact) if end > spec.first_block * bs else None
                 if kv is not None:
                     L, _, T, H, D = kv.shape
                     rows = kv.view(L, 2, T // bt, bt, H, D).permute(2, 0, 1, 3, 4, 5)

@@ -361,3 +361,18 @@ def test_embedded_endpoint_where_one_process_holds_both_sides(world):
     assert again["tokens"] == first["tokens"]
     # vLLM's own prefix cache is off here: the second run's prefix came from the embedded store
     assert again["cached"][0] >= PREFIX, again
+
+
+@pytest.mark.parametrize("extra, fragment", [
+    ({"endpoint": "ipc:///tmp/x.sock", "exact": "yes"}, "exact must be"),
+    ({"endpoint": "ipc:///tmp/x.sock", "bogus": 1}, "unknown keys"),
+    ({"namespace": "n"}, "needs \"endpoint\""),
+    ({"endpoint": "ipc:///tmp/x.sock", "save_min_new": 2}, "save_min_new"),
+])
+def test_bad_extra_config_is_refused_when_the_engine_starts(extra, fragment):
+    from kvstore.errors import ConfigError
+    from kvstore.integrations.vllm import ConnectorOptions
+
+    with pytest.raises(ConfigError, match=re.escape(fragment)):
+        ConnectorOptions.from_extra(extra)
+    assert ConnectorOptions.from_extra({"endpoint": "ipc:///tmp/x.sock", "exact": True}).exact is True
