@@ -61,7 +61,7 @@ from kvstore.config import StoreConfig, sidecar_config
 from kvstore.errors import BusyError, CapacityError, ConfigError, ForbiddenError, InvalidInputError, NamespaceOwnerError
 from kvstore.sidecar import limits
 from kvstore.sidecar.procinfo import host_id, owner_from_wire  # host_id: re-exported for compatibility
-from kvstore.layout import ModelLayout
+from kvstore.layout import ModelLayout, as_block_rows
 from kvstore.sidecar.protocol import (MAGIC, OPS, VERSION, LayoutMismatchError, MessageTooLargeError, ProtocolError,
                               RemoteError, UnknownLeaseError, UnknownNamespaceError, arg,
                               check_header, error_code, layout_from_wire, parse_request, reply_error, reply_ok,
@@ -1013,9 +1013,9 @@ class SidecarServer:
             return store.get(tokens, device="cpu", exact=exact).contiguous()
         try:
             lay, bt, nb = store.layout, store.block_tokens, len(lease.blocks)
-            block_shape = (lay.num_layers, 2, bt, lay.num_kv_heads, lay.head_dim)
+            block_shape = lay.block_shape(bt)
             out = limits.reply_buffer(lay.kv_bytes_per_token * nb * bt).view(lay.dtype).view(lay.kv_shape(nb * bt))
-            out6 = out.view(lay.num_layers, 2, nb, bt, lay.num_kv_heads, lay.head_dim).permute(2, 0, 1, 3, 4, 5)
+            out6 = as_block_rows(out, bt, nb)
             arenas = store.tier_arenas()
             runs: list[list[int]] = []
             for pos, (t, slot) in enumerate(lease.blocks):
