@@ -7,6 +7,11 @@ from enum import Enum
 
 import torch
 
+from allocator.rowcopy import pair_runs, slot_runs  # runs of consecutive slots: owned by allocator, named here
+
+__all__ = ["ModelLayout", "PoolLayout", "as_block_rows", "dtype_from_name", "dtype_name", "from_block_rows",
+           "pair_runs", "slot_runs"]
+
 _DTYPES: dict[str, torch.dtype] = {
     "float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32,
     "float8_e4m3fn": torch.float8_e4m3fn, "float8_e5m2": torch.float8_e5m2,

@@ -54,7 +54,7 @@ from allocator import Arena, CorruptSlotError, DiskArena, MemoryArena
 from allocator.rowcopy import DEFAULT_COPIER, Copier, copy_rows
 from kvstore.restore.costmodel import CostModel
 from kvstore.errors import InvalidInputError
-from kvstore.layout import ModelLayout, as_block_rows
+from kvstore.layout import ModelLayout, as_block_rows, pair_runs, slot_runs
 from kvstore.restore.planner import Step
 
 _TIER_RANK = {"device": 0, "host": 1, "disk": 2}
@@ -111,14 +111,8 @@ class _Chunk:
 
 
 def _runs(blocks: Sequence[int], slots: Sequence[int] | None = None) -> list[tuple[int, int]]:
-    """Split positions into ``(start, end)`` runs of consecutive blocks (and slots, if given)."""
-    out, start = [], 0
-    for i in range(1, len(blocks) + 1):
-        if i == len(blocks) or blocks[i] != blocks[i - 1] + 1 or (
-                slots is not None and slots[i] != slots[i - 1] + 1):
-            out.append((start, i))
-            start = i
-    return out
+    """Split positions into ``(start, end)`` runs of consecutive blocks (and slots, if given). O(len)."""
+    return slot_runs(blocks) if slots is None else pair_runs(blocks, slots)
 
 
 #: disk chunk reads kept in flight during a restore
