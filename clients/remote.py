@@ -356,12 +356,12 @@ class RemoteClient:
         self._staged, self._stage_claim = [], None  # slots of arenas we no longer map
         if self._want_shm is False or not shm or shm.get("host") != host_id():
             return
-        L, H, D = self.layout.num_layers, self.layout.num_kv_heads, self.layout.head_dim
+        block_shape = self.layout.block_shape(self.block_tokens)
         rows, idents = [], []
         try:
             for seg in shm["segments"]:
                 data = map_shared(seg["path"], seg["num_slots"], seg["slot_bytes"])
-                rows.append(data.view(self.layout.dtype).view(seg["num_slots"], L, 2, self.block_tokens, H, D))
+                rows.append(data.view(self.layout.dtype).view(seg["num_slots"], *block_shape))
                 idents.append(int(seg["ident"]))
         except (OSError, KeyError, TypeError, ValueError, RuntimeError):
             return  # not mappable here: fall back to frames
