@@ -55,6 +55,7 @@ import xxhash
 
 from allocator.arena import Arena, CorruptSlotError
 from allocator.fileops import FileOps, UnsafePathError, check_private_file, open_private_dir
+from allocator.rowcopy import slot_runs
 
 PAGE = 4096
 HEADER_BYTES = 128
@@ -121,17 +122,6 @@ def slots_for_bytes(capacity_bytes: int, slot_bytes: int) -> int:
     while n > 0 and slab_file_bytes(n, slot_bytes) > capacity_bytes:
         n -= 1
     return n
-
-
-def _runs(slots: Sequence[int]) -> list[tuple[int, int]]:
-    """Split positions ``0..len(slots)`` into ``(start, end)`` runs of consecutive slots."""
-    runs = []
-    start = 0
-    for i in range(1, len(slots) + 1):
-        if i == len(slots) or slots[i] != slots[i - 1] + 1:
-            runs.append((start, i))
-            start = i
-    return runs
 
 
 class DiskArena(Arena):
@@ -334,7 +324,7 @@ class DiskArena(Arena):
             headers[off + _HEADER.size:off + _HEADER.size + 8] = _HEADER_CRC.pack(xxhash.xxh3_64_intdigest(h))
         mv = memoryview(headers)
         sorted_slots = [slots[i] for i in order]
-        for start, end in _runs(sorted_slots):
+        for start, end in slot_runs(sorted_slots):
             self.ops.pwrite(self.fd, mv[start * HEADER_BYTES:end * HEADER_BYTES],
                             self.header_offset + sorted_slots[start] * HEADER_BYTES)
         if bad:
@@ -394,7 +384,7 @@ class DiskArena(Arena):
         if not slots:
             return
         zero = bytes(HEADER_BYTES * len(slots))
-        for start, end in _runs(slots):
+        for start, end in slot_runs(slots):
             self.ops.pwrite(self.fd, zero[: (end - start) * HEADER_BYTES],
                             self.header_offset + slots[start] * HEADER_BYTES)
         self._checksums[slots] = 0

@@ -59,7 +59,10 @@ def pair_runs(src_idx: Sequence[int], dst_idx: Sequence[int]) -> list[tuple[int,
     return out
 
 
-def _runs(idx: Sequence[int]) -> list[tuple[int, int]]:
+def slot_runs(idx: Sequence[int]) -> list[tuple[int, int]]:
+    """``(i0, i1)`` position ranges where ``idx`` advances by one: runs of consecutive slots
+    (or blocks), each one slice on that side. The one grouping every batched move uses
+    (disk I/O, transfers, restores, replies). O(len)."""
     return pair_runs(idx, idx)
 
 
@@ -140,7 +143,7 @@ def gather(src: torch.Tensor, idx: Sequence[int], device: torch.device | None = 
     device = torch.device(device) if device is not None else src.device
     n = len(idx)
     if device == src.device or device.type == "cpu":
-        runs = _runs(idx)
+        runs = slot_runs(idx)
         if len(runs) == 1 and n:
             rows = src[idx[0]:idx[0] + n]
         else:
@@ -151,7 +154,7 @@ def gather(src: torch.Tensor, idx: Sequence[int], device: torch.device | None = 
         return rows.to(device) if rows.device != device else rows.contiguous()
     staging = torch.empty((n, *src.shape[1:]), dtype=src.dtype, device=device)
     pinned = src.is_pinned()
-    for i0, i1 in _runs(idx):
+    for i0, i1 in slot_runs(idx):
         run = src[idx[i0]:idx[i0] + (i1 - i0)]
         if pinned and not run.is_contiguous() and run[0].is_contiguous():
             # A strided pinned view (one layer of many slots) would be staged through pageable
@@ -189,7 +192,7 @@ def copy_rows(src: torch.Tensor, src_idx: Sequence[int], dst: torch.Tensor, dst_
             copy_rows(gather(src, src_idx, dst.device), range(n), dst, dst_idx)
         else:  # lay out on the device, one copy across
             staged = gather(src, src_idx, src.device)
-            d_runs = _runs(dst_idx)
+            d_runs = slot_runs(dst_idx)
             if len(d_runs) == 1:
                 dst[dst_idx[0]:dst_idx[0] + n].copy_(staged)
             else:
@@ -200,7 +203,7 @@ def copy_rows(src: torch.Tensor, src_idx: Sequence[int], dst: torch.Tensor, dst_
     if len(runs) <= _FEW_RUNS:
         _copy_runs(src, src_idx, dst, dst_idx, runs)
         return
-    s_runs, d_runs = _runs(src_idx), _runs(dst_idx)
+    s_runs, d_runs = slot_runs(src_idx), slot_runs(dst_idx)
     dev = dst.device
     if len(s_runs) == 1:  # consecutive slots to scattered pool blocks: one indexed pass
         dst.index_copy_(0, torch.as_tensor(list(dst_idx), dtype=torch.long, device=dev),

@@ -22,9 +22,9 @@ import numpy as np
 from allocator.arena import Arena, CorruptSlotError
 from allocator.checksum import digests
 from allocator.codec_arena import CodecArena, same_encoding
-from allocator.disk import DiskArena, _runs
+from allocator.disk import DiskArena
 from allocator.memory import MemoryArena
-from allocator.rowcopy import DEFAULT_COPIER, Copier
+from allocator.rowcopy import DEFAULT_COPIER, Copier, slot_runs
 
 
 def _wide(t: torch.Tensor) -> torch.Tensor:
@@ -80,7 +80,7 @@ def _index_copy(dst: torch.Tensor, idx: torch.Tensor, rows: torch.Tensor) -> Non
 
 def _rows(arena: MemoryArena, slots: Sequence[int]) -> torch.Tensor:
     """The rows of ``slots``: a view when they are one run, else a gathered copy."""
-    if len(slots) and slots[-1] - slots[0] == len(slots) - 1 and len(_runs(slots)) == 1:
+    if len(slots) and slots[-1] - slots[0] == len(slots) - 1 and len(slot_runs(slots)) == 1:
         return arena.data[slots[0]:slots[-1] + 1]
     return arena.gather(slots)
 
@@ -142,7 +142,7 @@ def transfer(src: Arena, src_slots: Sequence[int], dst: Arena, dst_slots: Sequen
     if not isinstance(dst, MemoryArena):
         raise TypeError(f"unsupported destination arena {type(dst).__name__}")
     src_data = src.data if isinstance(src, MemoryArena) else None
-    dst_runs = _runs(dst_slots)
+    dst_runs = slot_runs(dst_slots)
     if len(dst_runs) > max(1, len(dst_slots) // 8):
         # Scattered destination: one gather (a view when the source is one run), one copy
         # across when the devices differ, one scatter on the destination's device.

@@ -66,7 +66,7 @@ from kvstore import paged
 from clients.base import BlockLoadError, LoadResult
 from kvstore.errors import BlockNotFoundError, ConfigError, InvalidInputError, StoreClosedError
 from kvstore.hashing import tokens_to_array
-from kvstore.layout import ModelLayout
+from kvstore.layout import ModelLayout, as_block_rows, from_block_rows
 from kvstore.saves import AsyncSaver, PutHandle
 from kvstore.validate import check_whole_blocks
 from kvstore.sidecar.procinfo import self_identity
@@ -356,12 +356,12 @@ class RemoteClient:
         self._staged, self._stage_claim = [], None  # slots of arenas we no longer map
         if self._want_shm is False or not shm or shm.get("host") != host_id():
             return
-        L, H, D = self.layout.num_layers, self.layout.num_kv_heads, self.layout.head_dim
+        block_shape = self.layout.block_shape(self.block_tokens)
         rows, idents = [], []
         try:
             for seg in shm["segments"]:
                 data = map_shared(seg["path"], seg["num_slots"], seg["slot_bytes"])
-                rows.append(data.view(self.layout.dtype).view(seg["num_slots"], L, 2, self.block_tokens, H, D))
+                rows.append(data.view(self.layout.dtype).view(seg["num_slots"], *block_shape))
                 idents.append(int(seg["ident"]))
         except (OSError, KeyError, TypeError, ValueError, RuntimeError):
             return  # not mappable here: fall back to frames
@@ -427,8 +427,7 @@ class RemoteClient:
     def _block_rows(self, kv: torch.Tensor, nb: int) -> torch.Tensor:
         """The first ``nb`` blocks of ``kv`` (``[layers, 2, T, kv_heads, head_dim]``) as
         ``[nb, layers, 2, block_tokens, kv_heads, head_dim]`` rows: a strided view, no copy."""
-        bt = self.block_tokens
-        return kv.detach()[:, :, :nb * bt].unflatten(2, (nb, bt)).permute(2, 0, 1, 3, 4, 5)
+        return as_block_rows(kv.detach(), self.block_tokens, nb)
 
     def _bounce_rows(self, nb: int) -> torch.Tensor:
         """``nb`` rows of this client's reusable host buffer (pinned on CUDA hosts): where
@@ -440,7 +439,7 @@ class RemoteClient:
         me = threading.get_ident()
         buf = self._bounces.get(me)
         if buf is None or buf.shape[0] < nb:
-            shape = (nb, lay.num_layers, 2, bt, lay.num_kv_heads, lay.head_dim)
+            shape = (nb, *lay.block_shape(bt))
             buf = self._bounces[me] = torch.empty(shape, dtype=lay.dtype, pin_memory=torch.cuda.is_available())
         return buf[:nb]
 
@@ -828,7 +827,6 @@ class RemoteClient:
             if done is not None:
                 return done
         _, args = self._ns_args(arr)
-        lay = self.layout
 
         def jobs_for(dst: np.ndarray, slots: list[int]) -> list:
             src = _pool_u8(rows) if paged.device_of(rows).type == "cpu" else None
@@ -838,8 +836,7 @@ class RemoteClient:
 
         def whole() -> torch.Tensor:
             kv6 = paged.take(rows, ids).cpu()
-            return kv6.permute(1, 2, 0, 3, 4, 5).reshape(lay.num_layers, 2, nb * self.block_tokens,
-                                                        lay.num_kv_heads, lay.head_dim)
+            return from_block_rows(kv6)
         return self._put_rows(args, nb, jobs_for, whole)
 
     def _copy_verified(self, result: dict) -> torch.Tensor:

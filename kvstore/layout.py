@@ -7,6 +7,11 @@ from enum import Enum
 
 import torch
 
+from allocator.rowcopy import pair_runs, slot_runs  # runs of consecutive slots: owned by allocator, named here
+
+__all__ = ["ModelLayout", "PoolLayout", "as_block_rows", "dtype_from_name", "dtype_name", "from_block_rows",
+           "pair_runs", "slot_runs"]
+
 _DTYPES: dict[str, torch.dtype] = {
     "float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32,
     "float8_e4m3fn": torch.float8_e4m3fn, "float8_e5m2": torch.float8_e5m2,
@@ -72,6 +77,10 @@ class ModelLayout:
 
     def kv_shape(self, tokens: int) -> tuple[int, int, int, int, int]:
         return (self.num_layers, 2, tokens, self.num_kv_heads, self.head_dim)
+
+    def block_shape(self, block_tokens: int) -> tuple[int, int, int, int, int]:
+        """One block's KV, ``(layers, 2, block_tokens, kv_heads, head_dim)``: a store slot's shape. O(1)."""
+        return (self.num_layers, 2, block_tokens, self.num_kv_heads, self.head_dim)
 
     def act_shape(self, tokens: int) -> tuple[int, int, int]:
         return (self.num_layers, tokens, self.hidden_size)
@@ -149,3 +158,40 @@ class PoolLayout(str, Enum):
             _, bs, h, d = half.shape
             return half.view(n, split, bs // split, h, d)
         raise ValueError("a cross-layer pool has no per-layer tensors")
+
+
+def as_block_rows(kv: torch.Tensor, block_tokens: int, nb: int | None = None) -> torch.Tensor:
+    """KV ``[layers, 2, T, kv_heads, head_dim]`` seen as block rows ``[nb, layers, 2,
+    block_tokens, kv_heads, head_dim]``: row ``i`` is block ``i`` of the prefix, laid out like
+    a store slot, so tiers and copies take it row by row.
+
+    The one place this view is derived (the engine layouts and codecs build on it). ``nb``
+    defaults to the whole blocks in ``T``; a partial trailing block is left out. Always a
+    strided view sharing ``kv``'s storage (splitting the token axis never needs a copy), for
+    any strides and any device. O(1).
+    """
+    if kv.dim() != 5:
+        raise ValueError(f"KV must be [layers, 2, T, kv_heads, head_dim], got shape {tuple(kv.shape)}")
+    if block_tokens <= 0:
+        raise ValueError(f"block_tokens must be positive, got {block_tokens}")
+    whole = kv.shape[2] // block_tokens
+    if nb is None:
+        nb = whole
+    elif not 0 <= nb <= whole:
+        raise ValueError(f"{nb} blocks of {block_tokens} tokens do not fit in {kv.shape[2]} tokens")
+    return kv[:, :, : nb * block_tokens].unflatten(2, (nb, block_tokens)).permute(2, 0, 1, 3, 4, 5)
+
+
+def from_block_rows(rows: torch.Tensor) -> torch.Tensor:
+    """The inverse of :func:`as_block_rows`: rows ``[nb, layers, 2, bt, kv_heads, head_dim]``
+    as KV ``[layers, 2, nb * bt, kv_heads, head_dim]``.
+
+    A view (O(1)) when the rows' block and token axes can merge, i.e. the block stride is
+    ``bt`` times the token stride -- true of any :func:`as_block_rows` view of a
+    contiguous KV. Otherwise (e.g. contiguous rows, as a slot arena or a cross-layer pool
+    holds them, where a block's layers sit between its tokens and the next block's) no
+    such view exists and this returns a copy, O(nb * block bytes).
+    """
+    if rows.dim() != 6:
+        raise ValueError(f"block rows must be [nb, layers, 2, bt, kv_heads, head_dim], got shape {tuple(rows.shape)}")
+    return rows.permute(1, 2, 0, 3, 4, 5).flatten(2, 3)

@@ -97,7 +97,7 @@ def _engine_rows(layout: ModelLayout, block_tokens: int, pool: EnginePool) -> tu
     split = bs // block_tokens
     if not kind.per_layer:
         t = pool.tensors
-        block = (L, 2, bs, H, D)
+        block = layout.block_shape(bs)
         if not isinstance(t, torch.Tensor) or t.dim() != 6 or tuple(t.shape[1:]) != block:
             got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
             raise InvalidInputError(f"a cross-layer pool must be [num_blocks, {', '.join(map(str, block))}] "

@@ -39,7 +39,7 @@ from kvstore.errors import (BlockNotFoundError, ConfigError, InvalidInputError, 
                             StoreClosedError)
 from kvstore.restore.executor import Executor, Recomputer, Source, Timings
 from kvstore.hashing import KeyMemo, iter_block_keys, namespace_salt, tokens_to_array
-from kvstore.layout import ModelLayout
+from kvstore.layout import ModelLayout, as_block_rows
 from kvstore.validate import check_act, check_kv, check_whole_blocks
 from kvstore.remote_tier import RemoteTier
 from kvstore.restore.planner import BlockForms, Plan, TierCodec, plan_restore
@@ -100,8 +100,7 @@ class KVStore:
         self.layout: ModelLayout = config.layout
         self.block_tokens = config.block_tokens
         self.block_bytes = self.layout.kv_block_bytes(self.block_tokens)
-        self._block_shape = (self.layout.num_layers, 2, self.block_tokens, self.layout.num_kv_heads,
-                             self.layout.head_dim)
+        self._block_shape = self.layout.block_shape(self.block_tokens)
         self._salt = namespace_salt(config.namespace, repr(sorted(self.layout.to_dict().items())),
                                     self.block_tokens, owner=owner)
         self._key_memo = KeyMemo(self.block_tokens, self._salt)
@@ -308,7 +307,7 @@ class KVStore:
             return 0
         bt = self.block_tokens
         nb = len(keys)
-        blocks = kv[:, :, : nb * bt].unflatten(2, (nb, bt)).permute(2, 0, 1, 3, 4, 5)  # [nb, L, 2, bt, H, D]
+        blocks = as_block_rows(kv, bt, nb)  # [nb, L, 2, bt, H, D]
         if self._remote is not None:  # the shared tier holds every block's KV (outside the lock)
             self._remote.put(keys, blocks)
         return self._put_blocks(keys, blocks, activations)
@@ -338,7 +337,7 @@ class KVStore:
         if activations is not None and self._acts is not None:
             return self.put(arr, kv, activations)
         nb, bt = len(arr) // self.block_tokens, self.block_tokens
-        blocks = kv[:, :, : nb * bt].unflatten(2, (nb, bt)).permute(2, 0, 1, 3, 4, 5)
+        blocks = as_block_rows(kv, bt, nb)
 
         def write(arena: Any, pos: list[int], slots: list[int]) -> None:
             arena.write(slots, blocks[pos[0]:pos[-1] + 1] if pos[-1] - pos[0] == len(pos) - 1 else blocks[pos])
@@ -530,9 +529,7 @@ class KVStore:
     def _block_rows(self, kv: torch.Tensor) -> torch.Tensor:
         """``kv`` (``[layers, 2, T, kv_heads, head_dim]``) viewed as ``[T / bt, *block]`` rows: block
         ``i`` of the prefix is row ``i``, laid out like a slot (a strided view, no copy)."""
-        L, _, T, H, D = kv.shape
-        bt = self.block_tokens
-        return kv.view(L, 2, T // bt, bt, H, D).permute(2, 0, 1, 3, 4, 5)
+        return as_block_rows(kv, self.block_tokens)
 
     def _pin_prefix(self, keys: list[bytes], num_tokens: int, refuse_lossy: bool = False,
                     ) -> tuple[list[tuple[BlockEntry, int, int]], list[BlockEntry]]:
@@ -794,10 +791,8 @@ class KVStore:
                         self._tiers.tiers[kv_placed[b][1]].counters.hits += 1
                     low = [b for b in kv_steps if kv_placed[b][1] > 0]
                     if low and self.config.promote_on_hit and not self._closed:
-                        L, H, D = self.layout.num_layers, self.layout.num_kv_heads, self.layout.head_dim
-                        out6 = result.view(L, 2, result.shape[2] // bt, bt, H, D)
                         # where the restore put them (a CUDA result feeds a CUDA top tier directly)
-                        rows = out6[:, :, low].permute(2, 0, 1, 3, 4, 5)
+                        rows = as_block_rows(result, bt)[low]
                         self._tiers.promote([kv_placed[b][0] for b in low], rows)
         if corrupt:
             first = min(b for b, _ in corrupt)
@@ -1049,13 +1044,12 @@ class KVStore:
         if n == len(keys):
             return None
         nb = len(keys)
-        L, H, D = self.layout.num_layers, self.layout.num_kv_heads, self.layout.head_dim
         shape = self.layout.kv_shape(nb * bt)
         if out is not None and (tuple(out.shape) != shape or out.dtype != self.layout.dtype):
             raise InvalidInputError(f"out must be a {shape} tensor of {self.layout.dtype}, "
                                     f"got {tuple(out.shape)} {out.dtype}")
         kv = torch.empty(self.layout.kv_shape(nb * bt), dtype=self.layout.dtype)
-        blocks = kv.view(L, 2, nb, bt, H, D).permute(2, 0, 1, 3, 4, 5)  # block i's KV, in place
+        blocks = as_block_rows(kv, bt)  # block i's KV, in place
         _, m = self._remote.fetch(keys[n:], out=blocks[n:])  # lands in the result: one copy
         with self._lock:
             self._counters["gets"] += 1
@@ -1083,7 +1077,7 @@ class KVStore:
         else:
             kv = kv.to(device)
         if on_layer is not None:
-            for layer in range(L):
+            for layer in range(self.layout.num_layers):
                 on_layer(layer)
         return kv
 

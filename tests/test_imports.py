@@ -203,3 +203,16 @@ def test_importing_the_sidecar_client_loads_neither_the_server_nor_the_store_cor
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                          timeout=120, check=True).stdout.strip()
     assert out == "[]", f"importing clients.remote loaded {out}"
+
+
+LAYOUT_MODULE = ROOT / "kvstore" / "layout.py"
+HAND_DERIVED_LAYOUT = ("permute(2, 0, 1, 3, 4, 5)", "unflatten(2, (")
+
+
+def test_only_the_layout_module_derives_block_rows():
+    """KV as block rows is derived in ``kvstore/layout.py`` alone (``as_block_rows`` and
+    ``from_block_rows``), so a new engine layout or codec is one change, not a hunt."""
+    found = [f"{path.relative_to(ROOT)}:{n}: {needle}"
+             for pkg in ("kvstore", "clients") for path in sorted((ROOT / pkg).rglob("*.py")) if path != LAYOUT_MODULE
+             for n, line in enumerate(path.read_text().splitlines(), 1) for needle in HAND_DERIVED_LAYOUT if needle in line]
+    assert not found, "use kvstore.layout.as_block_rows/from_block_rows:\n" + "\n".join(found)

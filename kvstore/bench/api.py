@@ -100,6 +100,7 @@ def _scenario(report: Report, workdir: Path, tier: str, block_bytes: int, total:
     import torch
 
     from kvstore import KVStore, ModelLayout, StoreConfig
+    from kvstore.layout import as_block_rows
 
     layout = ModelLayout(num_layers=8, num_kv_heads=8, head_dim=128, hidden_size=1024, dtype=torch.bfloat16)
     bt = block_bytes // layout.kv_bytes_per_token
@@ -178,8 +179,8 @@ def _scenario(report: Report, workdir: Path, tier: str, block_bytes: int, total:
                 got = pool.index_select(0, idx)
             else:
                 got = torch.stack([p.index_select(1, idx) for p in pool])  # [L, 2, nb, bt, H, D]
-                got = got.permute(2, 0, 1, 3, 4, 5)
-            want = kv.view(layout.num_layers, 2, nb, bt, layout.num_kv_heads, layout.head_dim).permute(2, 0, 1, 3, 4, 5)
+                got = as_block_rows(got.flatten(2, 3), bt, nb)
+            want = as_block_rows(kv, bt, nb)
             if not torch.equal(got, want):
                 raise AssertionError(f"{label}: load_into({name}) put other bytes in the pool")
             ours, lim = _pair(lambda: store.save_from(tokens, pool, ids), put_limit, repeats, before=store.clear)

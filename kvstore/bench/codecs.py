@@ -58,11 +58,11 @@ def _codec_speed(report: Report, names: list[str], kv, block_shape: tuple[int, .
     import torch
 
     from allocator.codecs import make_codec
+    from kvstore.layout import as_block_rows
 
-    L, _, T, H, D = kv.shape
     bt = block_shape[2]
-    n = T // bt
-    blocks = kv.view(L, 2, n, bt, H, D).permute(2, 0, 1, 3, 4, 5).contiguous()
+    n = kv.shape[2] // bt
+    blocks = as_block_rows(kv, bt, n).contiguous()
     raw = blocks.numel() * blocks.element_size()
     dst = torch.empty_like(blocks)
     for name in names:

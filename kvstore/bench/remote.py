@@ -194,7 +194,7 @@ def _throughput(report: Report, url: str, block_bytes: int, blocks: int, batch: 
     from kvstore.remote_tier import RemoteTier
 
     layout = layout_for(block_bytes)
-    shape = (layout.num_layers, 2, BT, layout.num_kv_heads, layout.head_dim)
+    shape = layout.block_shape(BT)
     tier = RemoteTier(url, layout_desc=repr(sorted(layout.to_dict().items())), block_tokens=BT, block_shape=shape,
                       dtype=layout.dtype, deadline_s=30.0)
     bare = _bare_client(url)

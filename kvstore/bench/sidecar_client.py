@@ -17,7 +17,7 @@ import torch
 import zmq
 
 from clients import connect
-from kvstore.layout import ModelLayout
+from kvstore.layout import ModelLayout, as_block_rows
 from kvstore.sidecar.protocol import request_frames
 
 BT = 16
@@ -220,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
         assert torch.equal(c.get(tokens), kv)
         # the engine's own paged pool (cross-layer blocks at scattered ids)
         nb = ntok // BT
-        blocks = kv.view(lay.num_layers, 2, nb, BT, lay.num_kv_heads, lay.head_dim).permute(2, 0, 1, 3, 4, 5)
+        blocks = as_block_rows(kv, BT, nb)
         pool = torch.zeros_like(blocks.contiguous())
         ids = torch.randperm(nb, generator=torch.Generator().manual_seed(0))
         load_lim, load_s = _paired(copy, lambda: c.load_into(tokens, pool, ids), reps)

@@ -61,7 +61,7 @@ import torch
 
 from clients import connect
 from kvstore.errors import BlockNotFoundError, ConfigError, InvalidInputError, KVStoreError
-from kvstore.layout import ModelLayout, PoolLayout
+from kvstore.layout import ModelLayout, PoolLayout, as_block_rows
 from kvstore import paged
 from kvstore.restore.costmodel import ComputeCost, CostProfile, default_profile, prefill_flops_per_token
 from kvstore.restore.planner import remote_worth_reading
@@ -641,8 +641,7 @@ class KVStoreConnector(KVConnectorBase_V1, SupportsHMA):
                     end = client.lookup(spec.tokens, exact=self.opts.exact) // bs * bs
                     kv = client.get(spec.tokens[:end], device="cpu", exact=self.opts.exact) if end > spec.first_block * bs else None
                 if kv is not None:
-                    L, _, T, H, D = kv.shape
-                    rows = kv.view(L, 2, T // bt, bt, H, D).permute(2, 0, 1, 3, 4, 5)
+                    rows = as_block_rows(kv, bt)
                     loaded = end // bs - spec.first_block
                     first = spec.first_block * (bs // bt)
                     src = range(first, end // bt)

@@ -54,7 +54,7 @@ from allocator import Arena, CorruptSlotError, DiskArena, MemoryArena
 from allocator.rowcopy import DEFAULT_COPIER, Copier, copy_rows
 from kvstore.restore.costmodel import CostModel
 from kvstore.errors import InvalidInputError
-from kvstore.layout import ModelLayout
+from kvstore.layout import ModelLayout, as_block_rows, pair_runs, slot_runs
 from kvstore.restore.planner import Step
 
 _TIER_RANK = {"device": 0, "host": 1, "disk": 2}
@@ -111,14 +111,8 @@ class _Chunk:
 
 
 def _runs(blocks: Sequence[int], slots: Sequence[int] | None = None) -> list[tuple[int, int]]:
-    """Split positions into ``(start, end)`` runs of consecutive blocks (and slots, if given)."""
-    out, start = [], 0
-    for i in range(1, len(blocks) + 1):
-        if i == len(blocks) or blocks[i] != blocks[i - 1] + 1 or (
-                slots is not None and slots[i] != slots[i - 1] + 1):
-            out.append((start, i))
-            start = i
-    return out
+    """Split positions into ``(start, end)`` runs of consecutive blocks (and slots, if given). O(len)."""
+    return slot_runs(blocks) if slots is None else pair_runs(blocks, slots)
 
 
 #: disk chunk reads kept in flight during a restore
@@ -144,7 +138,7 @@ class Executor:
         self.clock = clock
         self.chunk_bytes = chunk_bytes
         L, bt = layout.num_layers, block_tokens
-        self.kv_slot_shape = (L, 2, bt, layout.num_kv_heads, layout.head_dim)
+        self.kv_slot_shape = layout.block_shape(bt)
         self.act_slot_shape = (L, bt, layout.hidden_size)
 
     # ------------------------------------------------------------------ planning the chunks
@@ -221,8 +215,8 @@ class _RunState:
     def __init__(self, ex: Executor, out: torch.Tensor, adapter: Recomputer | None, timings: Timings,
                  on_layer: Callable[[int], None] | None) -> None:
         self.ex, self.out, self.adapter, self.timings, self.on_layer = ex, out, adapter, timings, on_layer
-        lay, bt = ex.layout, ex.block_tokens
-        self.out6 = out.view(lay.num_layers, 2, out.shape[2] // bt, bt, lay.num_kv_heads, lay.head_dim)
+        bt = ex.block_tokens
+        self.out_rows = as_block_rows(out, bt)  # [blocks, L, 2, bt, H, D]: block b is row b
         self.cuda = out.device.type == "cuda"
         self.copy_stream = torch.cuda.Stream(device=out.device) if self.cuda else None
         self.compute_stream = torch.cuda.Stream(device=out.device) if self.cuda else None
@@ -343,7 +337,7 @@ class _RunState:
         (one strided copy per run; across devices runs of slots by DMA, re-layout on the device). Bytes."""
         rows, by_slot = self._source(ch)
         src_idx = ch.slots if by_slot else range(len(ch.blocks))
-        dst = self.out6.permute(2, 0, 1, 3, 4, 5)  # [blocks, L, 2, bt, H, D]: block b is row b
+        dst = self.out_rows
         if layer is None:
             copy_rows(rows, src_idx, dst, ch.blocks)
         else:

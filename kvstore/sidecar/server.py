@@ -44,6 +44,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 import dataclasses
+import itertools
 from dataclasses import dataclass
 import logging
 import os
@@ -61,7 +62,7 @@ from kvstore.config import StoreConfig, sidecar_config
 from kvstore.errors import BusyError, CapacityError, ConfigError, ForbiddenError, InvalidInputError, NamespaceOwnerError
 from kvstore.sidecar import limits
 from kvstore.sidecar.procinfo import host_id, owner_from_wire  # host_id: re-exported for compatibility
-from kvstore.layout import ModelLayout
+from kvstore.layout import ModelLayout, as_block_rows, slot_runs
 from kvstore.sidecar.protocol import (MAGIC, OPS, VERSION, LayoutMismatchError, MessageTooLargeError, ProtocolError,
                               RemoteError, UnknownLeaseError, UnknownNamespaceError, arg,
                               check_header, error_code, layout_from_wire, parse_request, reply_error, reply_ok,
@@ -1013,19 +1014,15 @@ class SidecarServer:
             return store.get(tokens, device="cpu", exact=exact).contiguous()
         try:
             lay, bt, nb = store.layout, store.block_tokens, len(lease.blocks)
-            block_shape = (lay.num_layers, 2, bt, lay.num_kv_heads, lay.head_dim)
+            block_shape = lay.block_shape(bt)
             out = limits.reply_buffer(lay.kv_bytes_per_token * nb * bt).view(lay.dtype).view(lay.kv_shape(nb * bt))
-            out6 = out.view(lay.num_layers, 2, nb, bt, lay.num_kv_heads, lay.head_dim).permute(2, 0, 1, 3, 4, 5)
+            out6 = as_block_rows(out, bt, nb)
             arenas = store.tier_arenas()
-            runs: list[list[int]] = []
-            for pos, (t, slot) in enumerate(lease.blocks):
-                if runs and runs[-1][1] == t and slot == runs[-1][2] + runs[-1][3]:
-                    runs[-1][3] += 1
-                else:
-                    runs.append([pos, t, slot, 1])
-            for pos, t, slot, k in runs:
+            for t, in_tier in itertools.groupby(enumerate(lease.blocks), key=lambda e: e[1][0]):
+                pos, slots = zip(*((p, slot) for p, (_, slot) in in_tier))
                 rows = arenas[t][1].rows(lay.dtype, block_shape)
-                out6[pos:pos + k].copy_(rows[slot:slot + k])
+                for i0, i1 in slot_runs(slots):
+                    out6[pos[i0]:pos[i0] + i1 - i0].copy_(rows[slots[i0]:slots[i0] + i1 - i0])
             if shm_plane.copy_is_intact(store, lease, out6):
                 return out
         finally:
