@@ -158,8 +158,16 @@ def _pool_key(pool: Any) -> tuple:
 
 
 def _pool_u8(rows: paged.Rows) -> "np.ndarray | _PerLayer | None":
-    """A CPU pool's rows as uint8 numpy views (no copy), or None when a view is impossible."""
+    """A CPU pool's rows as uint8 numpy views (no copy), or None when a view is impossible.
+
+    The fused copy treats store block ``b`` as row ``b`` of each view, one contiguous run of
+    bytes: that holds for a cross-layer pool and per-layer block-major ``[n, bt, H, D]``
+    rows, not where an engine block holds several store blocks (``split > 1``) nor for
+    head-major layouts (a store block's rows are strided there). Those go through the
+    reusable bounce rows (``paged.take`` / ``paged.place``)."""
     if isinstance(rows, paged.LayerRows):
+        if rows.split != 1 or any(r.dim() != 4 or (r.shape[0] and not r[0].is_contiguous()) for r in rows):
+            return None
         views = [as_u8(r) for r in rows]
         return None if any(v is None for v in views) else _PerLayer(views)  # type: ignore[arg-type]
     return as_u8(rows)

@@ -13,7 +13,10 @@ from clients import BlockLoadError, LoadResult, connect
 from kvstore import BlockNotFoundError, InvalidInputError
 from tests.clients.conftest import BT, KINDS
 from tests.clients.test_shm_integrity import _scribble, _server, _slots_of
+from kvstore.layout import PoolLayout
+from kvstore.paged import EnginePool
 from tests.kvstore.test_datapath import blocks_of, make_kv, pool_blocks, pools
+from tests.kvstore.test_pool_layouts import make_pool, token_kv
 
 POOL_KINDS = ["xlayer", "layers"]
 
@@ -220,3 +223,28 @@ def test_load_into_reports_alike_on_every_client_kind(make_client, layout, kind,
     with pytest.raises(InvalidInputError, match="on_error"):
         c.load_into(list(range(2 * BT)), fresh, [0, 1], on_error="ignore")
     assert _untouched(fresh)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("pool_layout", list(PoolLayout))
+@pytest.mark.parametrize("split", [1, 2])
+def test_every_engine_pool_layout_round_trips_through_every_client_kind(make_client, layout, kind, pool_layout,
+                                                                        split, rng, seed, device):
+    """What the vLLM connector does over a sidecar: save_from an engine pool of each layout
+    (block size ``split`` store blocks), load_into another pool of that layout at other ids;
+    token-for-token equal, nothing else written. Head-major and split pools are strided, so
+    the client must not take them for rows of contiguous blocks."""
+    c = make_client(kind)
+    bs = BT * split
+    gen = torch.Generator().manual_seed(seed)
+    src = make_pool(pool_layout, layout, 6, bs, device, gen)
+    dst = make_pool(pool_layout, layout, 6, bs, device)
+    src_ids, dst_ids = rng.sample(range(6), 2), rng.sample(range(6), 2)
+    tokens = [rng.randrange(1000) for _ in range(2 * bs)]
+    sp, dp = EnginePool(src, pool_layout, bs), EnginePool(dst, pool_layout, bs)
+    assert c.save_from(tokens, sp, sp.store_ids(src_ids, BT)) == len(tokens)
+    want = token_kv(pool_layout, src, src_ids, bs)
+    assert torch.equal(c.get(tokens, device=device), want)
+    assert c.load_into(tokens, dp, dp.store_ids(dst_ids, BT)) == len(tokens)
+    assert torch.equal(token_kv(pool_layout, dst, dst_ids, bs), want)
+    assert not token_kv(pool_layout, dst, [b for b in range(6) if b not in dst_ids], bs).any()
