@@ -651,6 +651,10 @@ class KVStoreConnector(KVConnectorBase_V1, SupportsHMA):
                 if not isinstance(exc, BlockNotFoundError):
                     self.health.failed(exc, "load")
                 loaded = 0
+            except Exception:  # a fault of ours costs this request a recompute, never the engine
+                log.exception("kvstore-connector: request %s: the load failed unexpectedly", spec.req_id)
+                self.counters.add(load_unexpected_errors=1)
+                loaded = 0
         failed = spec.block_ids[loaded:]
         self._load_errors.update(failed)
         if failed:
@@ -698,6 +702,10 @@ class KVStoreConnector(KVConnectorBase_V1, SupportsHMA):
         except KVStoreError as exc:
             self.health.failed(exc, "save")
             self.counters.add(save_errors=1)
+            return 0
+        except Exception:  # on the save thread nobody would see it: say so, count it, go on
+            log.exception("kvstore-connector: request %s: the save failed unexpectedly", spec.req_id)
+            self.counters.add(save_errors=1, save_unexpected_errors=1)
             return 0
         self.counters.add(saves=1, saved_tokens=len(spec.tokens), save_s=time.perf_counter() - t0)
         return n
