@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from allocator.rowcopy import DEFAULT_COPIER
 from kvstore import paged
 from kvstore.errors import BusyError, InvalidInputError
 from kvstore.layout import dtype_from_name, dtype_name
@@ -163,24 +164,26 @@ def op_register_pool(server, args: dict) -> dict:
     return {"pool": server._gpu_pools.add(Registered(ns, pool, getattr(peer, "ident", None), owner))}
 
 
-def op_load_pool(server, args: dict) -> int:
-    """``load_pool {ns, pool, tokens, block_ids}``: the store's ``load_into`` straight into a
-    registered GPU pool; answered once the bytes are in (the stream synchronised)."""
+def _on_pool(server, args: dict, call) -> int:
+    """Run ``call(store, tokens, pool, block_ids)`` on a registered GPU pool, then wait for the
+    streams of the pool's own device(s) (not the worker thread's current device)."""
     ns = server._namespace(args)
     reg = server._gpu_pools.get(args.get("pool"), ns)
-    n = ns.store.load_into(server._tokens(args), reg.pool, arg(args, "block_ids", list))
-    torch.cuda.synchronize()
+    n = call(ns.store, server._tokens(args), reg.pool, arg(args, "block_ids", list))
+    DEFAULT_COPIER.wait(*([reg.pool] if isinstance(reg.pool, torch.Tensor) else reg.pool))
     return int(n)
+
+
+def op_load_pool(server, args: dict) -> int:
+    """``load_pool {ns, pool, tokens, block_ids}``: the store's ``load_into`` straight into a
+    registered GPU pool; answered once the bytes are in."""
+    return _on_pool(server, args, lambda store, *a: store.load_into(*a))
 
 
 def op_save_pool(server, args: dict) -> int:
     """``save_pool {ns, pool, tokens, block_ids}``: the store's ``save_from`` straight out of
     a registered GPU pool; the blocks are visible once this answers."""
-    ns = server._namespace(args)
-    reg = server._gpu_pools.get(args.get("pool"), ns)
-    n = ns.store.save_from(server._tokens(args), reg.pool, arg(args, "block_ids", list))
-    torch.cuda.synchronize()
-    return int(n)
+    return _on_pool(server, args, lambda store, *a: store.save_from(*a))
 
 
 def op_unregister_pool(server, args: dict) -> bool:
