@@ -207,6 +207,7 @@ class RemoteClient:
         self._lock = threading.RLock()
         self._tls = threading.local()  # .end: the deadline of the public call in progress
         self._closed = False
+        self._oneway_sent = False  # a request went out whose reply we do not wait for
         self._rows: list[torch.Tensor] = []  # mapped shared segments as [slots, L, 2, bt, H, D]
         self._rows_u8: list[np.ndarray] = []  # the same as uint8 numpy views (what the copies use)
         self._writing: set[int] = set()  # staged slots a put in progress is writing (not free)
@@ -387,6 +388,7 @@ class RemoteClient:
             try:
                 self._sock.send_multipart(request_frames(next(self._ids), op, args, int(self.timeout * 1000)),
                                           copy=False, flags=zmq.NOBLOCK)
+                self._oneway_sent = True
             except zmq.ZMQError:
                 pass  # the claim expires on the server anyway
 
@@ -922,12 +924,15 @@ class RemoteClient:
             self._teardown()
 
     def _teardown(self) -> None:
-        linger = 0
+        # Releases sent without waiting (ours below, a get's) may still sit in the socket's
+        # queue: give them long enough to reach a local sidecar, else they are lost and what
+        # they free stays held until the lease times out.
+        linger = 200 if self._oneway_sent else 0
         if self._stage_claim is not None and self._sock is not None:
             try:  # give our staged slots back now rather than at the lease timeout
                 self._sock.send_multipart(request_frames(next(self._ids), "release", {"claim": self._stage_claim},
-                                                         1000), flags=zmq.NOBLOCK)
-                linger = 200  # long enough for a local sidecar to receive it
+                                                         int(self.timeout * 1000)), flags=zmq.NOBLOCK)
+                linger = 200
             except zmq.ZMQError:
                 pass
         self._stage_claim, self._staged = None, []

@@ -49,6 +49,10 @@ OPS = ("hello", "lookup", "put", "get", "release", "reserve", "commit", "plan", 
        "stage", "put_shm", "register_pool", "load_pool", "save_pool", "unregister_pool")
 #: ops a client may resend after a timeout (same effect when done twice)
 IDEMPOTENT = frozenset({"hello", "lookup", "get", "plan", "stats", "health"})
+#: ops that give something back (a lease, reserved or staged slots, a registered pool). The
+#: sidecar runs them however late and however busy it is: refusing one only keeps what it
+#: frees held until its lease times out, and a client sends most of them without waiting.
+GIVE_BACK = frozenset({"release", "unregister_pool"})
 
 
 #: code -> exception class raised by clients; store errors keep their embedded classes

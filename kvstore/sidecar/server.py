@@ -63,7 +63,7 @@ from kvstore.errors import BusyError, CapacityError, ConfigError, ForbiddenError
 from kvstore.sidecar import limits
 from kvstore.sidecar.procinfo import host_id, owner_from_wire  # host_id: re-exported for compatibility
 from kvstore.layout import ModelLayout, as_block_rows, slot_runs
-from kvstore.sidecar.protocol import (MAGIC, OPS, VERSION, LayoutMismatchError, MessageTooLargeError, ProtocolError,
+from kvstore.sidecar.protocol import (GIVE_BACK, MAGIC, OPS, VERSION, LayoutMismatchError, MessageTooLargeError, ProtocolError,
                               RemoteError, UnknownLeaseError, UnknownNamespaceError, arg,
                               check_header, error_code, layout_from_wire, parse_request, reply_error, reply_ok,
                               tensor_desc, tensor_frame, tensor_from_frame, tokens_from_wire)
@@ -617,11 +617,13 @@ class SidecarServer:
             if op == "health":
                 self._router.send_multipart([ident, *self._run(op, args, payload, rid, received, None)], copy=False)
                 return
+            give_back = op in GIVE_BACK
             with self._queued_lock:
-                if self._queued >= self.options.max_queued:
+                # give-backs have a reserve of their own (still bounded: twice max_queued)
+                if self._queued >= self.options.max_queued * (2 if give_back else 1):
                     raise BusyError(f"server busy: {self._queued} requests queued")
                 mine = self._inflight.get(ident_bytes, 0)
-                if mine >= self.options.max_inflight_per_client:
+                if mine >= self.options.max_inflight_per_client and not give_back:
                     raise BusyError(f"this connection has {mine} requests in flight, the limit is "
                                     f"{self.options.max_inflight_per_client}; wait for replies")
                 self._queued += 1
@@ -670,7 +672,7 @@ class SidecarServer:
         """Run one handler and build its reply frames; every exception becomes an error reply."""
         code = "ok"
         try:
-            if deadline is not None and time.monotonic() - received > deadline:
+            if deadline is not None and time.monotonic() - received > deadline and op not in GIVE_BACK:
                 raise RemoteError(f"{op} waited {time.monotonic() - received:.3f} s in the queue, past its "
                                   f"deadline of {deadline:.3f} s", "deadline_exceeded")
             result, out = self._handlers[op](args, payload)

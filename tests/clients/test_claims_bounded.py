@@ -136,3 +136,43 @@ def test_reaping_many_claims_does_not_stall_other_clients(tmp_path, layout):
     finally:
         ctx.destroy(0)
         srv.stop()
+
+
+def test_give_backs_run_however_late_and_however_busy(tmp_path, layout):
+    """A release is sent without waiting for its answer (after a get, at close). One that
+    waited in a clogged queue past its deadline, or arrived while its connection was at its
+    in-flight cap, must still run: refusing it kept the claim open until the lease timed out
+    (the 32-client load test saw 9 claims left after every client had closed)."""
+    import threading
+
+    srv = start_server("tcp://127.0.0.1:*", tmp_path, workers=1, lease_timeout_s=60.0, max_inflight_per_client=1)
+    slow = threading.Event()
+    orig = srv._handlers["stats"]
+
+    def clogged(args, payload):
+        slow.wait(10)
+        return orig(args, payload)
+
+    try:
+        with connect(srv.endpoint, layout=layout, namespace="late", block_tokens=BT, timeout=0.3, shm=True) as a:
+            assert a.uses_shm
+            a.put(TOKENS, make_kv(layout, 16, 5))
+            _, args = a._ns_args(TOKENS)
+            lease, _ = a._lease(args)  # a get's lease, as get() holds it while it copies
+            assert lease["mode"] == "shm" and srv.open_claims() == 2  # + the staged spare slots
+            srv._handlers["stats"] = clogged
+            with connect(srv.endpoint, layout=layout, namespace="late", block_tokens=BT, timeout=30) as b:
+                blocker = threading.Thread(target=b.stats, daemon=True)
+                blocker.start()
+                wait_until(lambda: srv._queued == 0 and srv._inflight, timeout=5, what="stats to hold the one worker")
+                a._send_oneway("release", {"claim": lease["claim"]})  # queued behind stats
+                a.close()  # the staged slots' release: past the connection's in-flight cap of 1
+                time.sleep(0.6)  # both releases' 0.3 s deadlines pass in the queue
+                assert srv.open_claims() == 2
+                slow.set()
+                blocker.join(10)
+        wait_until(lambda: srv.open_claims() == 0, timeout=5, what="both late releases to run")
+    finally:
+        slow.set()
+        srv._handlers["stats"] = orig
+        srv.stop()
