@@ -3,18 +3,18 @@
 Thread safety: one re-entrant lock guards the index and the tiers. ``get`` pins its blocks
 under the lock, copies them out *without* holding it (disk reads and large copies do not
 stall other callers), then takes the lock again to unpin and promote.
+
+The store is the embedded API only. Its tiers are built by :mod:`kvstore.builder` (arenas,
+slab files, crash recovery, codecs on tiers, the remote tier), and the lease/staging
+protocol another process (the sidecar) uses is its port, ``store.port``
+(:class:`kvstore.port.StorePort`), not methods of its own.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-import hashlib
 import logging
-import os
-from pathlib import Path
-import re
 import shutil
-import tempfile
 import threading
 import time
 from typing import Any, NamedTuple
@@ -22,21 +22,18 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from allocator import CorruptSlotError, DiskArena, FileOps, MemoryArena, default_device, slots_for_bytes
-from allocator.codec_arena import CodecArena, base_arena
-from allocator.codecs import Codec, CodecUnavailableError, make_codec
-from allocator.disk import KIND_ACT, KIND_KV, SlabIdentityError, SlabInUseError, SlabMismatchError, slab_file_bytes
+from allocator import CorruptSlotError, FileOps, MemoryArena, default_device
+from allocator.codec_arena import CodecArena
 from allocator.transfer import copier_of
-from allocator.fileops import UnsafePathError
 from kvstore import paged
 from kvstore.saves import AsyncSaver, PutHandle
-from eviction import make_policy
-from kvstore.activations import ActDiskArena, put_forms
-from kvstore.config import TIERS, StoreConfig
+from kvstore.activations import put_forms
+from kvstore.builder import build_store_tiers, slab_filename  # noqa: F401 (slab_filename: re-exported)
+from kvstore.config import StoreConfig
 from kvstore.restore.costmodel import (DEFAULT_DECODE_BPS, ComputeCost, CostModel, CostProfile, LinkCost,
                                        decode_rate)
-from kvstore.errors import (BlockNotFoundError, ConfigError, InvalidInputError, NamespaceOwnerError,
-                            StoreClosedError)
+from kvstore.errors import BlockNotFoundError, ConfigError, InvalidInputError, StoreClosedError
+from kvstore.port import StorePort
 from kvstore.restore.executor import Executor, Recomputer, Source, Timings
 from kvstore.hashing import KeyMemo, iter_block_keys, namespace_salt, tokens_to_array
 from kvstore.layout import ModelLayout, as_block_rows
@@ -48,19 +45,6 @@ from kvstore.tiers import BlockEntry, Tier, TierManager
 log = logging.getLogger(__name__)
 
 TokensLike = Sequence[int] | np.ndarray | torch.Tensor
-
-
-def slab_filename(namespace: str, form: str, owner: str | None = None) -> str:
-    """The slab file of ``namespace``'s ``form`` ("kv" / "act") for ``owner`` (a CurveZMQ
-    key's name; None without CURVE): a readable escape of the name plus a hash of the exact
-    name and owner, so two names never share a file (``a/b`` and ``a_b``, two non-ASCII
-    names, two long names with one start), nor two keys' namespaces of one name (each key
-    has its own). The slab also records the exact name and owner and refuses another.
-    O(len(namespace))."""
-    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", namespace)[:48]
-    exact = namespace if owner is None else f"{namespace}\x00owner={owner}"
-    digest = hashlib.sha256(exact.encode("utf-8", "surrogatepass")).hexdigest()[:20]
-    return f"{safe}-{digest}-{form}.slab"
 
 
 #: Planning without activations: only the KV route exists, so the costs are irrelevant.
@@ -82,7 +66,8 @@ class KVStore:
     """A paged, tiered store of KV blocks keyed by token prefix. See docs/architecture.md.
 
     ``put``/``lookup``/``get`` cost O(tokens) for hashing plus O(blocks) index work plus the
-    bytes moved; none depends on how many blocks are stored.
+    bytes moved; none depends on how many blocks are stored. ``port`` (made once with the
+    store) is the lease/staging protocol for another process (:mod:`kvstore.port`).
     """
 
     def __init__(self, config: StoreConfig, *, clock=time.monotonic, arena_factory=None,
@@ -92,8 +77,6 @@ class KVStore:
         # It is recorded in the slabs (a restart reopens them for that owner only) and salts
         # the block keys, so ownership lives with the data, not in a server's memory.
         self.owner = owner
-        self._file_ops = file_ops  # injectable disk operations (fault-injection tests)
-        self._arena_factory = arena_factory  # sidecar: (tier, num_slots, slot_bytes, device) -> Arena
         if config.layout is None:
             raise ConfigError("StoreConfig.layout is required")
         self.config = config
@@ -116,153 +99,19 @@ class KVStore:
         if adapter is not None and getattr(adapter, "layout", self.layout) != self.layout:
             raise ConfigError(f"adapter layout {adapter.layout} differs from the store's {self.layout}")
         self._cost_model = cost_model
-        self._tiers = TierManager(self._build_tiers(), clock=clock, durable=config.persist)
-        # Activations: a second manager (own slots, arenas, policies), keyed like the KV one.
-        self._acts: TierManager | None = None
-        if config.act_share > 0:
-            self._acts = TierManager(self._build_tiers("act"), clock=clock, durable=config.persist)
-        self.recovered_blocks = 0
-        disk = self._tiers.tiers[-1].arena
-        act_disk = self._acts.tiers[-1].arena if self._acts is not None else None
-        act_records = act_disk.recovered if config.persist and isinstance(act_disk, DiskArena) else []
-        kv_records = disk.recovered if config.persist and isinstance(base_arena(disk), DiskArena) else []
-        if kv_records or act_records:
-            kv_records = [r for r in kv_records if r.kind == KIND_KV]
-            act_records = [r for r in act_records if r.kind == KIND_ACT]
-            self.recovered_blocks = self._tiers.restore(kv_records, present={r.key for r in act_records})
-            if self._acts is not None:
-                self._acts.restore(act_records, present={r.key for r in kv_records})
-            log.info("recovered %d blocks from %s", self.recovered_blocks, getattr(disk, "path", "?"))
+        self.port: StorePort = StorePort(self)  # the lease/staging protocol for the sidecar
+        # arenas, slabs, crash recovery and the remote tier: kvstore.builder (it cleans up after itself)
+        built = build_store_tiers(config, device=self.device, owner=owner, clock=clock, file_ops=file_ops,
+                                  arena_factory=arena_factory)
+        self._tiers: TierManager = built.tiers
+        self._acts: TierManager | None = built.acts  # activations: a second manager, keyed like the KV one
+        self._tmpdir = built.tmpdir
+        self.recovered_blocks = built.recovered_blocks
+        self._remote = built.remote
         self._saver = AsyncSaver()
         self._counters = dict(lookups=0, puts=0, gets=0, hits=0, misses=0, put_blocks=0,
                               dedup_blocks=0, get_blocks=0, corrupt_blocks=0, rejected_blocks=0,
                               put_act_blocks=0, recomputed_blocks=0, loads=0, lossy_refused=0)
-        if config.remote_url:
-            try:
-                self._remote = RemoteTier(
-                    config.remote_url, layout_desc=repr(sorted(self.layout.to_dict().items())),
-                    block_tokens=self.block_tokens, block_shape=self._block_shape, dtype=self.layout.dtype,
-                    write=config.remote_write, ttl_s=config.remote_ttl_s, deadline_s=config.remote_deadline_s,
-                    queue_bytes=config.remote_queue_bytes, drain_s=config.remote_drain_s, clock=clock,
-                    codec=self._codec("remote"))
-            except BaseException:  # e.g. a wrong password: release the local tiers built so far
-                self.close()
-                raise
-
-    # -- construction ------------------------------------------------------------------
-    def _build_tiers(self, form: str = "kv") -> list[Tier]:
-        """The tiers of one payload form: KV gets ``1 - act_share`` of each tier's bytes,
-        activations ``act_share`` (a tier whose share is below one activation block holds none)."""
-        cfg = self.config
-        tiers: list[Tier] = []
-        for name in TIERS:
-            codec = self._codec(name) if form == "kv" else None
-            slot = (self.block_bytes if form == "kv" else self.act_block_bytes) if codec is None \
-                else codec.encoded_bytes
-            total = getattr(cfg, f"{name}_bytes")
-            act_part = int(total * cfg.act_share)
-            capacity = total - act_part if form == "kv" else act_part
-            if total == 0 or (form == "act" and capacity < (slab_file_bytes(1, slot) if name == "disk" else slot)):
-                continue
-            if capacity < slot:
-                raise ConfigError(f"{name}_bytes={total} leaves {capacity} bytes for KV (act_share="
-                                  f"{cfg.act_share}), below one block ({slot} bytes "
-                                  f"for block_tokens={self.block_tokens}); use 0 to disable the tier"
-                                  if cfg.act_share else
-                                  f"{name}_bytes={capacity} is below one block ({slot} bytes "
-                                  f"for block_tokens={self.block_tokens}"
-                                  + (f", encoded by {codec.name}" if codec is not None else "")
-                                  + "); use 0 to disable the tier")
-            if codec is not None:  # encoded rows in a private arena (never shared with clients)
-                inner = self._make_disk_arena(capacity, form, codec) if name == "disk" else \
-                    MemoryArena(capacity // slot, slot, device=torch.device("cpu"), pin=self._pins_host(name))
-                arena = CodecArena(inner, codec)
-            elif name == "disk":
-                arena = self._make_disk_arena(capacity, form)
-            elif form == "act":  # never shared with sidecar clients: a plain arena
-                dev = self.device if name == "device" else torch.device("cpu")
-                arena = MemoryArena(capacity // slot, slot, device=dev, pin=self._pins_host(name))
-            else:
-                dev = self.device if name == "device" else torch.device("cpu")
-                arena = self._make_memory_arena(name, capacity // self.block_bytes, dev)
-            # a sidecar's shared arena may hold spare slots beyond the cache (staging for puts)
-            cache_slots = arena.num_slots if name == "disk" else min(arena.num_slots, capacity // slot)
-            try:
-                policy = make_policy(cfg.policy_for(name), cache_slots)
-            except ValueError as exc:
-                raise ConfigError(str(exc)) from None
-            tier = Tier(name, arena, policy)
-            tier.spare = arena.num_slots - cache_slots
-            tiers.append(tier)
-        if not tiers:
-            raise ConfigError("every tier is disabled: set device_bytes, host_bytes or disk_bytes" if form == "kv"
-                              else f"act_share={cfg.act_share} leaves no tier room for one activation block "
-                                   f"({slot} bytes)")
-        return tiers
-
-    def _codec(self, tier: str) -> Codec | None:
-        """The codec of ``tier``'s KV (None: raw). The device tier is always raw: the engine
-        reads it. Raises ConfigError when the codec cannot run here (checked at start)."""
-        name = getattr(self.config, f"{tier}_codec", "none") if tier != "device" else "none"
-        if name == "none":
-            return None
-        try:
-            return make_codec(name, self._block_shape, self.layout.dtype)
-        except (ValueError, CodecUnavailableError) as exc:
-            raise ConfigError(f"{tier}_codec = {name!r}: {exc}") from None
-
-    def _make_disk_arena(self, capacity: int, form: str = "kv", codec: Codec | None = None) -> DiskArena:
-        cfg = self.config
-        slot = (self.block_bytes if form == "kv" else self.act_block_bytes) if codec is None else codec.encoded_bytes
-        if cfg.persist and cfg.disk_path is None:
-            raise ConfigError("persist = true needs a disk_path (a temporary directory would not survive)")
-        if cfg.disk_path is None:
-            if self._tmpdir is None:  # the KV and activation slabs share one directory
-                self._tmpdir = tempfile.mkdtemp(prefix="kvstore-")
-            directory = Path(self._tmpdir)
-        else:
-            directory = Path(cfg.disk_path)
-            try:
-                directory.mkdir(parents=True, exist_ok=True)
-            except OSError as exc:
-                raise ConfigError(f"disk_path {directory} cannot be created: {exc.strerror}") from None
-            if not directory.is_dir() or not os.access(directory, os.W_OK | os.X_OK):
-                raise ConfigError(f"disk_path {directory} is not a writable directory")
-        num_slots = slots_for_bytes(capacity, slot)
-        if num_slots == 0:
-            raise ConfigError(f"disk_bytes={capacity} is below one block on disk "
-                              f"({slab_file_bytes(1, slot)} bytes with header and alignment)")
-        need = slab_file_bytes(num_slots, slot)
-        # another codec writes other rows: its own slab file, so a restart with a changed
-        # codec never reads one codec's rows with another (same-size int8/fp8 rows included)
-        path = directory / slab_filename(cfg.namespace, form if codec is None else f"{form}-{codec.name}", self.owner)
-        try:
-            existing = path.lstat().st_size
-        except FileNotFoundError:
-            existing = 0
-        free = shutil.disk_usage(directory).free + existing
-        if free < need:
-            raise ConfigError(f"disk_path {directory} has {free} bytes free; disk_bytes needs {need}")
-        try:
-            cls = DiskArena if form == "kv" else ActDiskArena
-            return cls(path, num_slots, slot, fsync=cfg.fsync, fsync_interval_s=cfg.fsync_interval_s,
-                       persist=cfg.persist, file_ops=self._file_ops, preallocate=cfg.disk_preallocate,
-                       identity={"namespace": cfg.namespace, "owner": self.owner})
-        except SlabIdentityError as exc:
-            if exc.found.get("namespace") == cfg.namespace:
-                raise NamespaceOwnerError(f"namespace {cfg.namespace[:100]!r} on disk belongs to another owner; "
-                                          "it is not opened for this one") from None
-            raise ConfigError(f"{exc} (delete the file or use another disk_path)") from None
-        except UnsafePathError as exc:
-            raise ConfigError(f"refusing slab {path}: {exc}") from None
-        except SlabInUseError as exc:
-            raise ConfigError(f"{exc.strerror}: each store needs its own disk_path") from None
-        except SlabMismatchError as exc:
-            raise ConfigError(str(exc)) from None
-        except OSError as exc:
-            if not cfg.persist:
-                path.unlink(missing_ok=True)
-            raise ConfigError(f"cannot create slab file {path} ({need} bytes): {exc.strerror or exc}") from None
 
     # -- validation --------------------------------------------------------------------
     def _check_open(self) -> None:
@@ -352,7 +201,7 @@ class KVStore:
         top = self._tiers.tiers[0]
         if top.is_disk or top.degraded:
             return fallback()
-        res = self.reserve(arr, 0)
+        res = self.port.reserve(arr, 0)
         if res is None:
             return fallback()
         if res.positions:
@@ -361,10 +210,10 @@ class KVStore:
                 if top.arena.device.type == "cuda":  # a same-device copy is only queued: wait for it
                     torch.cuda.current_stream(top.arena.device).synchronize()
             except BaseException:
-                self.abort(res)
+                self.port.abort(res)
                 raise
         recorded = getattr(top.arena, "checksums", None)  # a shared arena hashed what write() copied in
-        return self.commit(res, recorded[res.slots] if recorded is not None else None)
+        return self.port.commit(res, recorded[res.slots] if recorded is not None else None)
 
     def _put_blocks(self, keys: list[bytes], blocks: torch.Tensor, activations: torch.Tensor | None) -> int:
         """``put`` of validated input: ``blocks`` is ``[len(keys), *block]`` (any strides/device)."""
@@ -1111,319 +960,6 @@ class KVStore:
         """Wait for the remote tier's write-behind queue to drain (True; also without a remote
         tier) or ``timeout_s`` to pass (False)."""
         return self._remote.flush(timeout_s) if self._remote is not None else True
-
-    # -- sidecar support (two-phase reads, shared memory) --
-    # Used by kvstore.sidecar.server: a memory tier may live in a shared-memory arena that clients
-    # map (``arena_factory``); a read pins blocks in place and hands out their slots (a
-    # lease) so the client copies them out itself; a write reserves slots, the client
-    # fills them, and ``commit`` makes them visible. Reserved slots are invisible to the
-    # index and the policies until committed, so a lookup never sees half-written KV.
-
-    class Lease:
-        """Blocks pinned for a client's read: ``blocks[i] = (tier index, slot)`` in prefix order."""
-
-        __slots__ = ("placed", "blocks", "done")
-
-        def __init__(self, placed: list) -> None:
-            self.placed = placed
-            self.blocks = [(t, slot) for _, t, slot in placed]
-            self.done = False
-
-    class Reservation:
-        """Slots held for a client's write: new block ``positions[j]`` goes to ``slots[j]`` of ``tier``."""
-
-        __slots__ = ("keys", "positions", "slots", "tier", "cached", "done")
-
-        def __init__(self, keys: list[bytes], positions: list[int], slots: list[int], tier: int) -> None:
-            self.keys, self.positions, self.slots, self.tier = keys, positions, slots, tier
-            self.cached = 0
-            self.done = not positions
-
-    def _make_memory_arena(self, tier: str, num_slots: int, device: torch.device):
-        if self._arena_factory is not None:
-            arena = self._arena_factory(tier, num_slots, self.block_bytes, device)
-            if arena is not None:
-                if self._pins_host(tier) and hasattr(arena, "register_host"):
-                    arena.register_host()  # a shared host arena: DMA to/from the GPU, as the planner assumes
-                return arena
-        return MemoryArena(num_slots, self.block_bytes, device=device, pin=self._pins_host(tier))
-
-    def _pins_host(self, tier: str) -> bool:
-        """Whether ``tier``'s memory is page-locked: the host tier, and only when this store's
-        device is CUDA (a CPU store creates no CUDA context and pins nothing)."""
-        return tier == "host" and self.device.type == "cuda"
-
-    def tier_arenas(self) -> list[tuple[str, Any]]:
-        """``(tier name, arena)`` in tier order (the index a lease's blocks refer to)."""
-        return [(t.name, t.arena) for t in self._tiers.tiers]
-
-    def lookup_nowait(self, tokens: TokensLike, *, exact: bool | None = None) -> int | None:
-        """``lookup`` if the lock is free right now, else None (the caller defers it). O(tokens)."""
-        if not self._lock.acquire(blocking=False):
-            return None
-        try:
-            if self._remote is not None:  # a remote lookup is a network round trip: defer unless all local
-                _, keys = self._keys(tokens)
-                if self._closed or self._cached_prefix(keys, self.adapter) < len(keys):
-                    return None
-            return self.lookup(tokens, exact=exact)
-        finally:
-            self._lock.release()
-
-    def _cached_blocks(self, keys: list[bytes]) -> int:
-        n = 0
-        while n < len(keys) and keys[n] in self._tiers.index:
-            n += 1
-        return n
-
-    def acquire(self, tokens: TokensLike, tiers: Sequence[int], *, exact: bool | None = None,
-                ) -> "KVStore.Lease | None":
-        """Pin a fully cached whole-block prefix whose blocks all sit in ``tiers``.
-
-        None when a block is missing or elsewhere, or lossy where ``exact`` (as :meth:`get`)
-        refuses it (the caller falls back to ``get``, which counts and raises the miss or
-        promotes). Counts as a get; O(blocks).
-        """
-        self._check_open()
-        arr, keys = self._whole_block_keys(tokens)
-        allowed = set(tiers)
-        refuse_lossy = self._refuse_lossy(exact)
-        with self._lock:
-            self._check_open()
-            entries = [self._tiers.index.get(k) for k in keys]
-            if any(e is None or e.tier not in allowed or (refuse_lossy and e.lossy) for e in entries):
-                return None
-            self._counters["gets"] += 1
-            self._counters["hits"] += len(entries)
-            self._tiers.touch(entries)
-            placed = [(e, e.tier, e.slot) for e in entries]
-            for e in entries:
-                self._tiers.pin(e)
-            return KVStore.Lease(placed)
-
-    def release(self, lease: "KVStore.Lease") -> None:
-        """Unpin a lease's blocks (idempotent). O(blocks)."""
-        with self._lock:
-            if lease.done:
-                return
-            lease.done = True
-            # As ``get``: blocks read from a lower tier are promoted (bytes read while pinned).
-            low = [p for p in lease.placed if p[1] > 0] if self.config.promote_on_hit and not self._closed else []
-            rows = torch.empty((len(low), *self._block_shape), dtype=self.layout.dtype)
-            if low:
-                self._read_blocks(low, rows)
-            for e, t, slot in lease.placed:
-                self._tiers.unpin(e, t, slot)
-                self._tiers.tiers[t].counters.hits += 1
-            self._counters["get_blocks"] += len(lease.placed)
-            if low:
-                self._tiers.promote([e for e, _, _ in low], rows)
-
-    def reserve(self, tokens: TokensLike, tier: int) -> "KVStore.Reservation | None":
-        """Hold slots of tier ``tier`` for the blocks of ``tokens`` not yet cached.
-
-        None when room for all of them cannot be made there (the caller falls back to
-        ``put``). A reservation with nothing to write is already done; its ``cached`` is the
-        put's result. Counts as a put; O(blocks) plus the demotions that make room.
-        """
-        self._check_open()
-        _, keys = self._keys(tokens)
-        with self._lock:
-            self._check_open()
-            index = self._tiers.index
-            present = [index.get(k) for k in keys]
-            new_pos = [i for i, e in enumerate(present) if e is None]
-            slots: list[int] = []
-            if new_pos:
-                if self._tiers.make_room(tier, len(new_pos)) < len(new_pos):
-                    return None
-                slots = self._tiers.tiers[tier].pool.allocate_many(len(new_pos))
-            self._counters["puts"] += 1
-            self._counters["dedup_blocks"] += len(keys) - len(new_pos)
-            res = KVStore.Reservation(keys, new_pos, slots, tier)
-            if res.done:  # nothing to write: record the use now (else at commit, as put orders it)
-                self._tiers.touch([e for e in present if e is not None and e.key in index])
-                res.cached = self._cached_blocks(keys) * self.block_tokens
-        self._remote_recheck(keys, present)
-        return res
-
-    def _remote_recheck(self, keys: list[bytes], present: list) -> None:
-        """As ``put`` does for every block: the blocks a client's put found already cached
-        (so it sent no bytes for them) get the remote tier's check too, and those Redis lost
-        are refilled from the local copy. No lock held (a network round trip)."""
-        if self._remote is None:
-            return
-        held = [keys[i] for i, e in enumerate(present) if e is not None]
-        if held:
-            self._remote.put(held, lambda pos: self._local_rows([held[i] for i in pos]))
-
-    def _local_rows(self, keys: list[bytes]) -> torch.Tensor | None:
-        """The KV rows of locally held ``keys`` (for the remote tier to refill what Redis
-        lost), or None when one is no longer held or fails its checksum. O(bytes)."""
-        rows = torch.empty((len(keys), *self._block_shape), dtype=self.layout.dtype)
-        with self._lock:
-            by_tier: dict[int, tuple[list[int], list[int]]] = {}
-            for i, k in enumerate(keys):
-                e = self._tiers.index.get(k)
-                if e is None:
-                    return None
-                pos, slots = by_tier.setdefault(e.tier, ([], []))
-                pos.append(i)
-                slots.append(e.slot)
-            for t, (pos, slots) in by_tier.items():
-                part = torch.empty((len(pos), *self._block_shape), dtype=self.layout.dtype)
-                try:
-                    self._tiers.tiers[t].arena.read(slots, part)
-                except CorruptSlotError:
-                    return None
-                rows[pos] = part
-        return rows
-
-    def commit(self, res: "KVStore.Reservation", sums: np.ndarray | None = None) -> int:
-        """Make a reservation's written blocks visible; returns the cached prefix length in
-        tokens, like ``put``. Blocks someone else committed meanwhile are freed. O(blocks).
-
-        ``sums``: the writer's checksums of what it wrote into ``res.slots`` (required when
-        the tier's arena keeps checksums: other processes can write shared slots)."""
-        with self._lock:
-            if res.done:
-                return res.cached
-            tiers, index = self._tiers, self._tiers.index
-            tier = tiers.tiers[res.tier]
-            if hasattr(tier.arena, "set_checksums"):
-                if sums is None or len(sums) != len(res.slots):
-                    raise InvalidInputError(f"commit needs the checksums of the {len(res.slots)} written slot(s)")
-                tier.arena.set_checksums(res.slots, sums)
-            res.done = True
-            fresh: list[int] = []
-            for i, slot in zip(res.positions, res.slots):
-                if res.keys[i] in index or self._closed:  # someone else committed it meanwhile
-                    tier.pool.decref(slot)
-                else:
-                    fresh.append(i)
-            slot_of = dict(zip(res.positions, res.slots))
-            added = tiers.register([res.keys[i] for i in fresh], [res.keys[i - 1] if i > 0 else None for i in fresh],
-                                   res.tier, [slot_of[i] for i in fresh])
-            self._counters["put_blocks"] += len(added)
-            new = set(res.positions)
-            self._tiers.touch([index[k] for i, k in enumerate(res.keys) if i not in new and k in index])
-            res.cached = self._cached_blocks(res.keys) * self.block_tokens
-            rows = self._rows_for_remote(tier, [slot_of[i] for i in fresh])
-        if rows is not None:
-            self._remote.put([res.keys[i] for i in fresh], rows)
-        return res.cached
-
-    def _rows_for_remote(self, tier: Tier, slots: list[int]) -> torch.Tensor | None:
-        """A private, checked copy of what a client wrote in place into ``slots``, for the
-        remote tier (None without one, or when the bytes already fail their checksums: those
-        blocks are caught and dropped on their first read). Under the lock. O(bytes)."""
-        if self._remote is None or not slots:
-            return None
-        rows = torch.empty((len(slots), *self._block_shape), dtype=self.layout.dtype)
-        try:
-            tier.arena.read(slots, rows)
-        except CorruptSlotError:
-            return None
-        return rows
-
-    # -- staging: slots a client holds ahead of its puts (one round trip per put) -------
-    def stage(self, tier: int, n: int) -> list[int]:
-        """Lend up to ``n`` of tier ``tier``'s spare slots (beyond the cache's capacity) to a
-        client to write into before it names them in :meth:`put_staged`. O(n)."""
-        self._check_open()
-        with self._lock:
-            self._check_open()
-            t = self._tiers.tiers[tier]
-            got = min(n, t.spare - t.staged, t.pool.free_count)
-            if got <= 0:
-                return []
-            t.staged += got
-            return t.pool.allocate_many(got)
-
-    def staging_spare(self, tier: int) -> int:
-        """How many slots of tier ``tier`` can be lent as staging (beyond its capacity)."""
-        return self._tiers.tiers[tier].spare
-
-    def unstage(self, tier: int, slots: Sequence[int]) -> None:
-        """Give staged slots back (a client that closed, died or went stale). O(len(slots))."""
-        with self._lock:
-            t = self._tiers.tiers[tier]
-            t.pool.free_many(slots)
-            t.staged -= len(slots)
-
-    def put_staged(self, tokens: TokensLike, tier: int, slots: Sequence[int],
-                   sums: np.ndarray) -> tuple[int, list[int]]:
-        """The put of a client that already wrote block ``i`` of ``tokens`` into staged slot
-        ``slots[i]`` of tier ``tier`` and hashed it (``sums[i]``, from its own source).
-
-        New blocks are indexed where they lie (no copy); blocks already cached leave their
-        slot staged. Returns (cached prefix length in tokens, like ``put``; slots consumed).
-        O(blocks), plus the write-through with ``persist`` (which verifies the checksums).
-        """
-        self._check_open()
-        _, keys = self._keys(tokens)
-        if len(slots) != len(keys) or len(sums) != len(keys):
-            raise InvalidInputError(f"{len(keys)} block(s) need as many staged slots and checksums, got "
-                                    f"{len(slots)} and {len(sums)}")
-        with self._lock:
-            self._check_open()
-            self._counters["puts"] += 1
-            index = self._tiers.index
-            present = [index.get(k) for k in keys]
-            new = [i for i, e in enumerate(present) if e is None]
-            self._counters["dedup_blocks"] += len(keys) - len(new)
-            t = self._tiers.tiers[tier]
-            # Staged slots become cached ones: demote as many blocks as are new (pinned ones
-            # stay; the blocks that still do not fit are not stored and keep their slots staged).
-            fit = self._tiers.make_room(tier, len(new))
-            new = new[:fit]
-            used = [slots[i] for i in new]
-            t.arena.set_checksums(used, sums[new])
-            t.staged -= len(used)
-            added = self._tiers.register([keys[i] for i in new], [keys[i - 1] if i > 0 else None for i in new],
-                                         tier, used)
-            self._counters["put_blocks"] += len(added)
-            self._tiers.touch([e for e in present if e is not None and e.key in index])
-            cached = self._cached_blocks(keys) * self.block_tokens
-            rows = self._rows_for_remote(t, used)  # what the client wrote in place goes remote too
-        if rows is not None:
-            self._remote.put([keys[i] for i in new], rows)
-        self._remote_recheck(keys, present)
-        return cached, used
-
-    def lease_checksums(self, lease: "KVStore.Lease") -> np.ndarray:
-        """The recorded checksums of a lease's blocks (what a client verifies its copy against)."""
-        arenas = [getattr(a, "checksums", None) for _, a in self.tier_arenas()]
-        return np.array([arenas[t][slot] if arenas[t] is not None else 0 for t, slot in lease.blocks],
-                        dtype=np.uint64)
-
-    def report_corrupt(self, lease: "KVStore.Lease", positions: Sequence[int]) -> int:
-        """A client's copy of these lease blocks failed their checksums: re-check the shared
-        slots here and drop the blocks that really are corrupt. Returns how many. O(bytes)."""
-        with self._lock:
-            arenas = self.tier_arenas()
-            bad = []
-            for p in sorted(set(positions)):
-                if not 0 <= p < len(lease.placed):
-                    continue
-                e, t, slot = lease.placed[p]
-                arena = arenas[t][1]
-                if hasattr(arena, "verify") and arena.verify([slot]):
-                    bad.append(e)
-            if bad:
-                self._counters["corrupt_blocks"] += len(bad)
-                log.error("dropped %d shared block(s) whose bytes changed after they were written", len(bad))
-                self._tiers.drop(bad)
-            return len(bad)
-
-    def abort(self, res: "KVStore.Reservation") -> None:
-        """Give a reservation's slots back (a client that died or gave up). Idempotent."""
-        with self._lock:
-            if res.done:
-                return
-            res.done = True
-            self._tiers.tiers[res.tier].pool.free_many(res.slots)
-            self._counters["rejected_blocks"] += len(res.slots)
 
     def locate(self, tokens: TokensLike) -> list[str]:
         """Tier names of the cached prefix's blocks, in order (what the planner needs). O(blocks)."""

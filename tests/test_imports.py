@@ -4,7 +4,9 @@ Rooms (a module belongs to the deepest listed package that contains it):
 
 - ``eviction`` and ``allocator`` import nothing of ours;
 - the store core (``kvstore`` top-level modules) imports ``allocator``, ``eviction`` and
-  ``kvstore.restore``; ``kvstore.restore`` sits beside it and imports the core;
+  ``kvstore.restore``; ``kvstore.restore`` sits beside it and imports the core; inside the
+  core, ``kvstore.builder`` (building tiers) and ``kvstore.port`` (the lease/staging protocol
+  for another process) sit below ``kvstore.store`` and never import it (``FORBIDDEN_MODULES``);
 - ``kvstore.models`` imports only the core's ``layout`` and ``errors``;
 - ``kvstore.sidecar`` sits above the store: core, restore, allocator, eviction;
 - ``clients`` sits above the sidecar (and the store), but never imports the sidecar's
@@ -28,9 +30,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 TOP_PACKAGES = ("kvstore", "allocator", "eviction", "clients")
 
-CORE = {"kvstore", "kvstore.activations", "kvstore.config", "kvstore.errors", "kvstore.hashing",
-        "kvstore.layout", "kvstore.paged", "kvstore.remote_tier", "kvstore.saves", "kvstore.store", "kvstore.tiers",
-        "kvstore.validate"}
+CORE = {"kvstore", "kvstore.activations", "kvstore.builder", "kvstore.config", "kvstore.errors", "kvstore.hashing",
+        "kvstore.layout", "kvstore.paged", "kvstore.port", "kvstore.remote_tier", "kvstore.saves", "kvstore.store",
+        "kvstore.tiers", "kvstore.validate"}
 ROOMS = ["kvstore.restore", "kvstore.models", "kvstore.sidecar", "kvstore.integrations", "kvstore.cli", "kvstore.bench"]
 EVERYTHING = {"*"}
 ALLOWED: dict[str, set[str]] = {
@@ -50,6 +52,13 @@ FORBIDDEN: dict[str, set[str]] = {
     # a client reaches the server over the wire only; importing the server module loaded the
     # server and the store core into every client process (process identity is sidecar.procinfo)
     "clients": {"kvstore.sidecar.server"},
+}
+#: back doors inside the core: the store assembles itself with ``kvstore.builder`` and offers
+#: ``kvstore.port`` to other processes; both sit below ``kvstore.store`` and never import it
+#: (the port reaches its store through the ``PortedStore`` protocol it is handed)
+FORBIDDEN_MODULES: dict[str, set[str]] = {
+    "kvstore.builder": {"kvstore.store", "kvstore.port"},
+    "kvstore.port": {"kvstore.store", "kvstore.builder"},
 }
 #: modules allowed one extra arrow, and why
 EXCEPTIONS = {
@@ -107,7 +116,7 @@ def allowed(importer: str, imported: str) -> bool:
     if room_of(imported) in SEALED and room_of(imported) != room:
         return False
     rule = ALLOWED[room]
-    closed = FORBIDDEN.get(room, set())
+    closed = FORBIDDEN.get(room, set()) | FORBIDDEN_MODULES.get(importer, set())
     if any(t == f or t.startswith(f + ".") for t in (imported, imported.rsplit(".", 1)[0]) for f in closed):
         return False
     if rule is EVERYTHING or room_of(imported) == room:
@@ -179,6 +188,8 @@ def test_the_checker_catches_violations(tmp_path, monkeypatch):
         "clients/base.py": "from kvstore.sidecar import server\n",
         "kvstore/bench/vllm.py": "from kvstore.integrations.vllm import KVStoreConnector\n",   # into integrations
         "kvstore/integrations/vllm.py": "from kvstore.cli import main\n",                    # integrations -> cli
+        "kvstore/port.py": "from kvstore.store import KVStore\n",                        # port -> the store above it
+        "kvstore/builder.py": "from kvstore import store\n",                           # builder -> the store above it
     }
     for rel, text in cases.items():
         p = _write(tmp_path, rel, text)
@@ -187,6 +198,8 @@ def test_the_checker_catches_violations(tmp_path, monkeypatch):
         "kvstore/cli/demo.py": "from clients import connect\nfrom kvstore.sidecar.server import SidecarServer\n",
         "kvstore/models/hf.py": "from kvstore.layout import ModelLayout\nfrom kvstore.errors import InvalidInputError\n",
         "kvstore/sidecar/server.py": "from kvstore.store import KVStore\nfrom .protocol import pack\n",
+        "kvstore/store.py": "from kvstore.port import StorePort\nfrom kvstore.builder import build_store_tiers\n",
+        "kvstore/port.py": "from kvstore.tiers import TierManager\n",
         "clients/remote.py": "from kvstore.sidecar.protocol import pack\n",
         "kvstore/integrations/vllm.py": "from clients import connect\nfrom kvstore.restore.planner import plan_restore\n",
     }

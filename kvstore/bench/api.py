@@ -119,7 +119,7 @@ def _scenario(report: Report, workdir: Path, tier: str, block_bytes: int, total:
     flat = kv.reshape(-1).view(torch.uint8)
     warm = torch.empty_like(flat)
     with KVStore(cfg) as store:
-        disk_arena = store.tier_arenas()[0][1] if tier == "disk" else None
+        disk_arena = store.port.tier_arenas()[0][1] if tier == "disk" else None
         drop = (lambda: disk_arena.drop_page_cache()) if disk_arena is not None else None
         raw_fd, raw_buf = None, None
         if tier == "disk":
@@ -138,7 +138,7 @@ def _scenario(report: Report, workdir: Path, tier: str, block_bytes: int, total:
 
             def raw_write() -> None:
                 os.pwrite(raw_fd, memoryview(flat.cpu().numpy()), 0)
-        tier_dev = store.tier_arenas()[0][1].device if tier != "disk" else torch.device("cpu")
+        tier_dev = store.port.tier_arenas()[0][1].device if tier != "disk" else torch.device("cpu")
         # the link's limit for a move between the tier's memory and out_dev
         if tier == "disk":
             get_limit, put_limit = cold_read, raw_write

@@ -607,7 +607,7 @@ class SidecarServer:
                 ns = self._namespace(args)
                 tokens = self._tokens(args)
                 exact = arg(args, "exact", bool, required=False)
-                n = ns.store.lookup_nowait(tokens, exact=exact) if len(tokens) <= self.options.loop_lookup_tokens \
+                n = ns.store.port.lookup_nowait(tokens, exact=exact) if len(tokens) <= self.options.loop_lookup_tokens \
                     else None
                 if n is not None:
                     self._no_payload(op, payload)
@@ -739,11 +739,11 @@ class SidecarServer:
     @staticmethod
     def _drop_claim(claim: _Claim) -> None:
         if claim.kind == "lease":
-            claim.ns.store.release(claim.obj)
+            claim.ns.store.port.release(claim.obj)
         elif claim.kind == "staging":
             shm_plane.drop_staging(claim.ns, claim.obj)
         else:
-            claim.ns.store.abort(claim.obj)
+            claim.ns.store.port.abort(claim.obj)
 
     def _staging_claim(self, cid: Any, ns: Namespace, args: dict) -> _Claim | None:
         """The open staging claim ``cid`` of ``ns`` (its expiry pushed back), or None."""
@@ -891,7 +891,7 @@ class SidecarServer:
                     log.exception("could not unlink a shared arena of a failed namespace")
             raise
         segments, seg_of_tier = [], {}
-        for t, (tier, arena) in enumerate(store.tier_arenas()):
+        for t, (tier, arena) in enumerate(store.port.tier_arenas()):
             if isinstance(arena, ShmArena):
                 seg_of_tier[t] = len(segments)
                 segments.append({"tier": tier, **arena.describe()})
@@ -899,7 +899,7 @@ class SidecarServer:
         created = Namespace(name, store, layout, block_tokens, segments, seg_of_tier, put_tier, owner)
         log.info("namespace %r created: layout %s, block_tokens=%d, block %d bytes, tiers %s, shared %s",
                  name, layout.to_dict(), block_tokens, store.block_bytes,
-                 [t for t, _ in store.tier_arenas()], [s["tier"] for s in segments])
+                 [t for t, _ in store.port.tier_arenas()], [s["tier"] for s in segments])
         return created
 
     # -- ops: each returns (result, payload frames) --------------------------------------
@@ -987,7 +987,7 @@ class SidecarServer:
         tokens = self._tokens(args)
         exact = arg(args, "exact", bool, required=False)  # None: the namespace's lossy_ok decides
         if arg(args, "shm", bool, required=False, default=False) and ns.seg_of_tier:
-            lease = ns.store.acquire(tokens, list(ns.seg_of_tier), exact=exact)
+            lease = ns.store.port.acquire(tokens, list(ns.seg_of_tier), exact=exact)
             if lease is not None:
                 cid = self._add_claim("lease", ns, lease, args)
                 return shm_plane.lease_reply(ns, cid, lease), []
@@ -1010,8 +1010,8 @@ class SidecarServer:
         copy each run of consecutive slots straight into its place in the result, unpin.
         Blocks on disk (or a miss) take ``store.get``'s path (two copies, counts the miss)."""
         store = ns.store
-        memory = [t for t, (_, arena) in enumerate(store.tier_arenas()) if isinstance(arena, MemoryArena)]
-        lease = store.acquire(tokens, memory, exact=exact) if memory else None
+        memory = [t for t, (_, arena) in enumerate(store.port.tier_arenas()) if isinstance(arena, MemoryArena)]
+        lease = store.port.acquire(tokens, memory, exact=exact) if memory else None
         if lease is None:
             return store.get(tokens, device="cpu", exact=exact).contiguous()
         try:
@@ -1019,7 +1019,7 @@ class SidecarServer:
             block_shape = lay.block_shape(bt)
             out = limits.reply_buffer(lay.kv_bytes_per_token * nb * bt).view(lay.dtype).view(lay.kv_shape(nb * bt))
             out6 = as_block_rows(out, bt, nb)
-            arenas = store.tier_arenas()
+            arenas = store.port.tier_arenas()
             for t, in_tier in itertools.groupby(enumerate(lease.blocks), key=lambda e: e[1][0]):
                 pos, slots = zip(*((p, slot) for p, (_, slot) in in_tier))
                 rows = arenas[t][1].rows(lay.dtype, block_shape)
@@ -1028,7 +1028,7 @@ class SidecarServer:
             if shm_plane.copy_is_intact(store, lease, out6):
                 return out
         finally:
-            store.release(lease)
+            store.port.release(lease)
         # A shared slot changed after it was written: read again through the store, which
         # verifies each block, drops the corrupt ones and reports them missing.
         return store.get(tokens, device="cpu", exact=exact).contiguous()
@@ -1048,7 +1048,7 @@ class SidecarServer:
         tokens = self._tokens(args)
         if ns.put_tier is None:
             return {"mode": "frames"}, []
-        res = ns.store.reserve(tokens, ns.put_tier)
+        res = ns.store.port.reserve(tokens, ns.put_tier)
         if res is None:
             return {"mode": "frames"}, []
         if res.done:
@@ -1069,7 +1069,7 @@ class SidecarServer:
         except BaseException:
             self._drop_claim(claim)
             raise
-        return claim.ns.store.commit(claim.obj, sums), []
+        return claim.ns.store.port.commit(claim.obj, sums), []
 
     def _op_stage(self, args: dict, payload: list) -> tuple[Any, list]:
         self._no_payload("stage", payload)

@@ -89,7 +89,7 @@ def lease_reply(ns: "Namespace", cid: int, lease) -> dict:
     """A get's shared-memory reply: slots, their checksums and the arenas' identity."""
     return {"mode": "shm", "claim": cid, "arena": idents(ns),
             "blocks": [[ns.seg_of_tier[t], slot] for t, slot in lease.blocks],
-            "sums": to_wire(ns.store.lease_checksums(lease))}
+            "sums": to_wire(ns.store.port.lease_checksums(lease))}
 
 
 def _staged_reply(ns: "Namespace", cid: int, st: Staging, extra: dict | None = None) -> dict:
@@ -98,14 +98,14 @@ def _staged_reply(ns: "Namespace", cid: int, st: Staging, extra: dict | None = N
 
 
 def spare_of(ns: "Namespace") -> int:
-    return ns.store.staging_spare(ns.put_tier)
+    return ns.store.port.staging_spare(ns.put_tier)
 
 
 def top_up(ns: "Namespace", st: Staging) -> None:
     """Stage slots until the client holds ``st.target`` (as many as room can be made for)."""
     short = st.target - len(st.slots)
     if short > 0:
-        st.slots.update(ns.store.stage(st.tier, short))
+        st.slots.update(ns.store.port.stage(st.tier, short))
 
 
 def op_stage(server, args: dict) -> dict:
@@ -154,7 +154,7 @@ def op_put_shm(server, args: dict) -> dict:
             raise InvalidInputError("slots must be distinct slots staged for this claim")
         st.slots.difference_update(slots)
         try:
-            cached, used = ns.store.put_staged(tokens, st.tier, slots, sums)
+            cached, used = ns.store.port.put_staged(tokens, st.tier, slots, sums)
         except BaseException:
             st.slots.update(slots)
             raise
@@ -166,7 +166,7 @@ def op_put_shm(server, args: dict) -> dict:
 
 def drop_staging(ns: "Namespace", st: Staging) -> None:
     with st.lock:
-        ns.store.unstage(st.tier, sorted(st.slots))
+        ns.store.port.unstage(st.tier, sorted(st.slots))
         st.slots.clear()
 
 
@@ -177,18 +177,18 @@ def release_corrupt(ns: "Namespace", lease, args: dict) -> int:
         return 0
     if not all(isinstance(p, int) and not isinstance(p, bool) for p in positions):
         raise InvalidInputError("corrupt must be a list of block positions")
-    return ns.store.report_corrupt(lease, positions)
+    return ns.store.port.report_corrupt(lease, positions)
 
 
 def copy_is_intact(store, lease, out6) -> bool:
     """Whether the server's private copy ``out6`` (``[blocks, ...]``) of a lease's blocks
     matches the checksums recorded for those in checksummed (shared) arenas. O(bytes)."""
-    arenas = store.tier_arenas()
+    arenas = store.port.tier_arenas()
     shared = [i for i, (t, _) in enumerate(lease.blocks) if hasattr(arenas[t][1], "checksums")]
     if not shared:
         return True
     got = digests(out6[shared] if len(shared) < len(lease.blocks) else out6)
-    want = store.lease_checksums(lease)[shared]
+    want = store.port.lease_checksums(lease)[shared]
     return bool((got == want).all())
 
 

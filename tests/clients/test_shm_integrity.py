@@ -37,7 +37,7 @@ def _slots_of(srv: SidecarServer, ns_name: str, tokens) -> list[tuple[str, int, 
     ns = next(n for n in srv.namespaces() if n.name == ns_name)
     store = ns.store
     _, keys = store._keys(tokens)
-    arenas = store.tier_arenas()
+    arenas = store.port.tier_arenas()
     out = []
     for k in keys:
         e = store._tiers.index[k]

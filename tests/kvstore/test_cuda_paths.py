@@ -61,7 +61,7 @@ def test_a_cpu_store_pins_nothing_and_creates_no_cuda_context(layout, tmp_path):
                       disk_bytes=0, device="cpu")
     with KVStore(cfg) as s:
         s.put(list(range(8)), _kv(layout, 8, 1))
-        arenas = dict(s.tier_arenas())
+        arenas = dict(s.port.tier_arenas())
         assert not arenas["host"].pinned and not arenas["device"].pinned
     assert not torch.cuda.is_initialized()
 
@@ -77,7 +77,7 @@ def test_a_cpu_store_on_a_gpu_host_never_asks_for_pinned_memory(layout, monkeypa
         kv = _kv(layout, 8, 2)
         s.put(list(range(8)), kv)
         assert torch.equal(s.get(list(range(8))), kv)
-        assert not dict(s.tier_arenas())["host"].pinned
+        assert not dict(s.port.tier_arenas())["host"].pinned
 
 
 @pytest.mark.cuda
@@ -88,7 +88,7 @@ def test_cuda_host_tier_is_registered_exactly_and_unregistered_at_close(layout):
     cfg = StoreConfig(layout=layout, block_tokens=BT, device_bytes=4 * bb, host_bytes=12 * bb,
                       disk_bytes=0, device="cuda")
     s = KVStore(cfg)
-    host = dict(s.tier_arenas())["host"]
+    host = dict(s.port.tier_arenas())["host"]
     assert host.pinned and host.data.is_pinned()
     assert host.data.numel() == 12 * bb  # the caching allocator would have rounded to 16
     kv = _kv(layout, 64, 3, "cuda")

@@ -197,9 +197,9 @@ def test_lookup_nowait_defers_only_when_the_remote_must_be_asked(server, seed):
     tokens, kv = sequence(seed, 3)
     with make_store(server.url) as a:
         a.put(tokens, kv)
-        assert a.lookup_nowait(tokens) == len(tokens)  # all local: answered at once
+        assert a.port.lookup_nowait(tokens) == len(tokens)  # all local: answered at once
     with make_store(server.url) as b:
-        assert b.lookup_nowait(tokens) is None  # needs a round trip: the sidecar hands it to a worker
+        assert b.port.lookup_nowait(tokens) is None  # needs a round trip: the sidecar hands it to a worker
         assert b.lookup(tokens) == len(tokens)
 
 
