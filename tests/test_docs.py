@@ -31,3 +31,12 @@ def test_the_architecture_names_every_room_the_import_test_knows():
     for room in list(ALLOWED) + ROOMS:
         path = room.replace(".", "/") + "/"
         assert f"`{path}`" in text, f"docs/architecture.md does not describe the room {path}"
+
+
+def test_the_architecture_names_every_core_module():
+    """A new module of the store core (``kvstore.builder``, ``kvstore.port``, ...) says in
+    docs/architecture.md what it is for."""
+    from tests.test_imports import CORE
+    text = (ROOT / "docs" / "architecture.md").read_text()
+    unnamed = [m for m in sorted(CORE) if m != "kvstore" and f"`{m.rsplit('.', 1)[1]}`" not in text]
+    assert not unnamed, f"docs/architecture.md does not name the core modules {unnamed}"
