@@ -10,9 +10,9 @@ import torch
 
 from kvstore import ModelLayout, StoreConfig
 from kvstore.config import sidecar_config
-from kvstore.errors import ForbiddenError
+from kvstore.errors import ForbiddenError, InvalidInputError
 from kvstore.sidecar import dispatch, gpu_pool, limits, session_ops, shm_plane, store_ops
-from kvstore.sidecar.claims import ClaimBook, GpuPools
+from kvstore.sidecar.claims import ClaimBook, GpuPools, Registered
 from kvstore.sidecar.context import Context
 from kvstore.sidecar.metrics import Counters
 from kvstore.sidecar.namespaces import PEER, NamespaceBook, Peer
@@ -113,3 +113,30 @@ def test_a_claim_is_its_creators_key(ctx):
     assert ctx.claims.open() == 1
     ctx.claims.take({**mine, "claim": cid})
     assert ctx.claims.open() == 0
+
+
+def test_the_pool_ops_run_on_a_context_alone(ctx, seed):
+    """The GPU pool ops through the context, with a CPU pool put in the registry directly
+    (standing in for one opened by CUDA IPC, which needs a GPU and a second process). The
+    namespace's tiers are private memory here: ``KVStore.save_from`` into a shared arena
+    records no checksums for what it wrote (a store defect: its rows are copied past the
+    arena's hashing ``write``), so its blocks would read back as corrupt."""
+    ctx.namespaces.shm_dir = None
+    table = dispatch.bind(ctx)
+    table["hello"](args(layout=LAYOUT.to_dict(), block_tokens=BT), [])
+    ns = ctx.namespaces.get(args())
+    g = torch.Generator().manual_seed(seed)
+    L, H, D = LAYOUT.num_layers, LAYOUT.num_kv_heads, LAYOUT.head_dim
+    src = torch.randn((4, L, 2, BT, H, D), generator=g).to(LAYOUT.dtype)
+    dst = torch.zeros_like(src)
+    pid_src = ctx.gpu_pools.add(Registered(ns, src, b"conn-1", None))
+    pid_dst = ctx.gpu_pools.add(Registered(ns, dst, b"conn-1", None))
+    tokens = list(range(2 * BT))
+    assert table["save_pool"](args(pool=pid_src, tokens=tokens, block_ids=[2, 0]), [])[0] == 2 * BT
+    assert table["load_pool"](args(pool=pid_dst, tokens=tokens, block_ids=[1, 3]), [])[0] == 2 * BT
+    assert torch.equal(dst[[1, 3]], src[[2, 0]]) and not dst[[0, 2]].any()
+    assert table["unregister_pool"](args(pool=pid_dst), [])[0] is True
+    with pytest.raises(InvalidInputError, match="no GPU pool"):
+        table["load_pool"](args(pool=pid_dst, tokens=tokens, block_ids=[0, 1]), [])
+    with pytest.raises(InvalidInputError, match="own host"):  # pid 1 is not a client of this host's
+        table["register_pool"](args(owner=[1, 1], tensors=[{}]), [])
