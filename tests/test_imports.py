@@ -8,7 +8,11 @@ Rooms (a module belongs to the deepest listed package that contains it):
   core, ``kvstore.builder`` (building tiers) and ``kvstore.port`` (the lease/staging protocol
   for another process) sit below ``kvstore.store`` and never import it (``FORBIDDEN_MODULES``);
 - ``kvstore.models`` imports only the core's ``layout`` and ``errors``;
-- ``kvstore.sidecar`` sits above the store: core, restore, allocator, eviction;
+- ``kvstore.sidecar`` sits above the store: core, restore, allocator, eviction. Inside it
+  only the entry points (``kvstore.cli``, ``kvstore.bench``) import the ``server`` module
+  (bind and loop): the handlers (``store_ops``, ``session_ops``, ``shm_plane``,
+  ``gpu_pool``) see the sidecar through ``context.Context``, never the server's privates,
+  and the sidecar's modules import each other without a cycle (``SIDECAR_LAYERS``);
 - ``clients`` sits above the sidecar (and the store), but never imports the sidecar's
   server module: a client talks to the server over the wire (``FORBIDDEN``);
 - ``kvstore.integrations`` (engine connectors: the only room that imports an engine) sits
@@ -52,6 +56,11 @@ FORBIDDEN: dict[str, set[str]] = {
     # a client reaches the server over the wire only; importing the server module loaded the
     # server and the store core into every client process (process identity is sidecar.procinfo)
     "clients": {"kvstore.sidecar.server"},
+    # the server is bind + loop; its rooms (namespaces, claims, metrics, dispatch, handlers)
+    # sit below it: shm_plane and gpu_pool once called its privates, a cycle in all but the
+    # import line. They get a Context instead.
+    "kvstore.sidecar": {"kvstore.sidecar.server"},
+    "kvstore.integrations": {"kvstore.sidecar.server"},
 }
 #: back doors inside the core: the store assembles itself with ``kvstore.builder`` and offers
 #: ``kvstore.port`` to other processes; both sit below ``kvstore.store`` and never import it
@@ -60,6 +69,20 @@ FORBIDDEN_MODULES: dict[str, set[str]] = {
     "kvstore.builder": {"kvstore.store", "kvstore.port"},
     "kvstore.port": {"kvstore.store", "kvstore.builder"},
 }
+#: the sidecar's modules, bottom up: a module imports only modules of earlier layers
+#: (type-only imports included), so there is no cycle and a room's place is written down
+SIDECAR_LAYERS: list[set[str]] = [
+    {"kvstore.sidecar", "kvstore.sidecar.procinfo", "kvstore.sidecar.options", "kvstore.sidecar.protocol"},
+    {"kvstore.sidecar.limits", "kvstore.sidecar.security"},
+    {"kvstore.sidecar.namespaces"},                                     # stores and their arenas
+    {"kvstore.sidecar.claims"},                                         # what clients hold, the reaper
+    {"kvstore.sidecar.metrics"},                                        # counters, Prometheus
+    {"kvstore.sidecar.context"},                                        # what a handler sees
+    {"kvstore.sidecar.shm_plane", "kvstore.sidecar.gpu_pool", "kvstore.sidecar.session_ops"},
+    {"kvstore.sidecar.store_ops"},                                      # a get's lease reply is shm_plane's
+    {"kvstore.sidecar.dispatch"},                                       # the op table
+    {"kvstore.sidecar.server"},                                         # bind and loop
+]
 #: modules allowed one extra arrow, and why
 EXCEPTIONS = {
     "kvstore.hf": {"kvstore.models"},       # the public re-export of HFAdapter
@@ -190,6 +213,11 @@ def test_the_checker_catches_violations(tmp_path, monkeypatch):
         "kvstore/integrations/vllm.py": "from kvstore.cli import main\n",                    # integrations -> cli
         "kvstore/port.py": "from kvstore.store import KVStore\n",                        # port -> the store above it
         "kvstore/builder.py": "from kvstore import store\n",                           # builder -> the store above it
+        # the old back door: the sidecar's rooms reaching into the server
+        "kvstore/sidecar/shm_plane.py": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n"
+                                        "    from kvstore.sidecar.server import Namespace\n",
+        "kvstore/sidecar/gpu_pool.py": "from kvstore.sidecar import server\n",
+        "kvstore/integrations/lmcache.py": "from kvstore.sidecar.server import SidecarServer\n",
     }
     for rel, text in cases.items():
         p = _write(tmp_path, rel, text)
@@ -200,12 +228,73 @@ def test_the_checker_catches_violations(tmp_path, monkeypatch):
         "kvstore/sidecar/server.py": "from kvstore.store import KVStore\nfrom .protocol import pack\n",
         "kvstore/store.py": "from kvstore.port import StorePort\nfrom kvstore.builder import build_store_tiers\n",
         "kvstore/port.py": "from kvstore.tiers import TierManager\n",
+        "kvstore/sidecar/shm_plane.py": "from kvstore.sidecar.context import Context\n",
+        "kvstore/bench/sidecar.py": "from kvstore.sidecar.server import SidecarServer\n",
         "clients/remote.py": "from kvstore.sidecar.protocol import pack\n",
         "kvstore/integrations/vllm.py": "from clients import connect\nfrom kvstore.restore.planner import plan_restore\n",
     }
     for rel, text in fine.items():
         p = _write(tmp_path, rel, text)
         assert not violations_in([p]), f"{rel}: {text!r} should be allowed"
+
+
+def sidecar_layer_problems() -> list[str]:
+    """Imports between the sidecar's modules that do not point to an earlier layer of
+    ``SIDECAR_LAYERS``, and sidecar modules missing from it. O(imports)."""
+    layer = {m: i for i, mods in enumerate(SIDECAR_LAYERS) for m in mods}
+    out = []
+    for path in sorted((ROOT / "kvstore" / "sidecar").glob("*.py")):
+        importer = module_name(path)
+        if importer not in layer:
+            out.append(f"{importer} is in no layer of SIDECAR_LAYERS: place it")
+            continue
+        for imported in sorted(imported_modules(path)):
+            if imported in layer and imported != "kvstore.sidecar" and layer[imported] >= layer[importer]:
+                out.append(f"{importer} (layer {layer[importer]}) imports {imported} (layer {layer[imported]})")
+    return out
+
+
+def test_the_sidecar_modules_import_each_other_downwards_only():
+    """No cycle between the server and its rooms (type-only imports count: the old
+    ``TYPE_CHECKING`` import of the server's ``Namespace`` was one half of a cycle)."""
+    bad = sidecar_layer_problems()
+    assert not bad, "sidecar imports against SIDECAR_LAYERS:\n" + "\n".join(bad)
+
+
+def test_the_layer_check_catches_an_upward_import(tmp_path, monkeypatch):
+    monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path)
+    sidecar = tmp_path / "kvstore" / "sidecar"
+    sidecar.mkdir(parents=True)
+    (sidecar / "claims.py").write_text("from kvstore.sidecar.shm_plane import drop_staging\n")
+    (sidecar / "shm_plane.py").write_text("from kvstore.sidecar.claims import Staging\n")
+    (sidecar / "newroom.py").write_text("")
+    bad = sidecar_layer_problems()
+    assert any("claims" in b and "imports kvstore.sidecar.shm_plane" in b for b in bad), bad
+    assert any("newroom is in no layer" in b for b in bad), bad
+    assert not any(b.startswith("kvstore.sidecar.shm_plane ") for b in bad), bad
+
+
+PRIVATE_REACH = ("server", "srv", "ctx", "context")
+
+
+def test_no_sidecar_room_reaches_into_the_server_or_its_context():
+    """Handlers use the Context's public surface; ``server._namespace(args)`` (the old back
+    door), ``ctx._anything`` or ``ctx.loop._anything`` in a module other than server.py
+    fails here."""
+    found = []
+    for path in sorted((ROOT / "kvstore" / "sidecar").glob("*.py")):
+        if path.name == "server.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__"):
+                root = node.value
+                while isinstance(root, ast.Attribute):  # ctx.loop._queued reaches the server too
+                    root = root.value
+                if isinstance(root, ast.Name) and root.id in PRIVATE_REACH:
+                    found.append(f"{path.relative_to(ROOT)}:{node.lineno}: {ast.unparse(node)}")
+            if isinstance(node, ast.arg) and node.arg == "server":
+                found.append(f"{path.relative_to(ROOT)}:{node.lineno}: a parameter named server")
+    assert not found, "the sidecar's rooms see the server through context.Context:\n" + "\n".join(found)
 
 
 def test_importing_the_sidecar_client_loads_neither_the_server_nor_the_store_core():

@@ -24,29 +24,30 @@ mapped for long. At most :data:`MAX_POOLS_PER_PEER` per connection (``busy`` bey
 
 Every path here needs CUDA on both sides and the same host; nothing here runs without a GPU
 (the tests marked ``cuda`` cover it on a GPU host). O(1) per call plus the store's copy.
+The ops are handlers ``(ctx, args, payload)`` of :mod:`kvstore.sidecar.dispatch`'s op table
+and see the sidecar through its :class:`~kvstore.sidecar.context.Context`; the registry of
+opened pools (:class:`GpuPools`) is :mod:`kvstore.sidecar.claims`'.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-import secrets
-import threading
-from typing import TYPE_CHECKING, Any
+from typing import Any, Callable
 
 import torch
 
 from allocator.rowcopy import DEFAULT_COPIER
 from kvstore import paged
-from kvstore.errors import BusyError, InvalidInputError
+from kvstore.errors import InvalidInputError
 from kvstore.layout import dtype_from_name, dtype_name
-from kvstore.sidecar.procinfo import owner_alive
+from kvstore.sidecar.claims import MAX_POOLS_PER_PEER, GpuPools, Registered
+from kvstore.sidecar.context import Context, no_payload
+from kvstore.sidecar.namespaces import peer_ident
+from kvstore.sidecar.procinfo import owner_alive, owner_from_wire
 from kvstore.sidecar.protocol import RemoteError, arg
 
-if TYPE_CHECKING:  # pragma: no cover
-    from kvstore.sidecar.server import Namespace
-
-#: registered pools one connection may hold at once
-MAX_POOLS_PER_PEER = 16
+#: the registry lives with the other things the sidecar holds for a client (claims)
+__all__ = ["MAX_POOLS_PER_PEER", "GpuPools", "Registered", "export_tensor", "open_tensor", "op_load_pool",
+           "op_register_pool", "op_save_pool", "op_unregister_pool"]
 _KEYS = ("device", "handle", "storage_bytes", "storage_offset_bytes", "ref_handle", "ref_offset", "event_handle",
          "event_sync", "shape", "stride", "offset", "dtype")
 
@@ -92,66 +93,13 @@ def open_tensor(desc: Any) -> torch.Tensor:
                                desc["ref_offset"], desc["event_handle"] or None, desc["event_sync"])
 
 
-@dataclass
-class Registered:
-    ns: "Namespace"
-    pool: torch.Tensor | list[torch.Tensor]
-    peer: bytes | None
-    owner: tuple[int, int] | None
-
-
-class GpuPools:
-    """The pools clients registered with this sidecar (see module doc)."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._pools: dict[int, Registered] = {}
-
-    def add(self, reg: Registered) -> int:
-        with self._lock:
-            mine = sum(1 for r in self._pools.values() if r.peer == reg.peer)
-            if mine >= MAX_POOLS_PER_PEER:
-                raise BusyError(f"this connection has {mine} GPU pools registered, the limit is {MAX_POOLS_PER_PEER}")
-            pid = secrets.randbits(62) or 1  # a capability: not guessable by another client
-            self._pools[pid] = reg
-            return pid
-
-    def get(self, pid: Any, ns: "Namespace") -> Registered:
-        with self._lock:
-            reg = self._pools.get(pid) if isinstance(pid, int) else None
-        if reg is None or reg.ns is not ns:
-            raise InvalidInputError(f"no GPU pool {pid!r} registered in this namespace (unregistered, its owner "
-                                    "exited, or the sidecar restarted): register it again")
-        return reg
-
-    def drop(self, pid: Any) -> bool:
-        with self._lock:
-            return self._pools.pop(pid, None) is not None if isinstance(pid, int) else False
-
-    def reap(self) -> int:
-        """Drop the pools whose owner process is gone. O(pools)."""
-        with self._lock:
-            gone = [pid for pid, r in self._pools.items() if r.owner is not None and not owner_alive(r.owner)]
-            for pid in gone:
-                del self._pools[pid]
-        return len(gone)
-
-    def clear(self) -> None:
-        with self._lock:
-            self._pools.clear()
-
-    def __len__(self) -> int:
-        return len(self._pools)
-
-
-def op_register_pool(server, args: dict) -> dict:
+def op_register_pool(ctx: Context, args: dict, payload: list) -> tuple[dict, list]:
     """``register_pool {ns, tensors, owner}``: open a client's CUDA pool (one tensor: a
     cross-layer pool; one per layer: a per-layer pool) and check it against the namespace's
     layout. Only a client of this host (its ``owner`` checkable here) may. Replies ``{pool}``."""
-    from kvstore.sidecar.procinfo import owner_from_wire
-
-    ns = server._namespace(args)
-    owner = owner_from_wire(args.get("owner"), server._host)
+    no_payload("register_pool", payload)
+    ns = ctx.namespace(args)
+    owner = owner_from_wire(args.get("owner"), ctx.host)
     if owner is None or not owner_alive(owner):
         raise InvalidInputError("register_pool is for a client process on the sidecar's own host")
     descs = arg(args, "tensors", list)
@@ -160,33 +108,36 @@ def op_register_pool(server, args: dict) -> dict:
     tensors = [open_tensor(d) for d in descs]
     pool: torch.Tensor | list[torch.Tensor] = tensors[0] if len(tensors) == 1 else tensors
     paged.pool_rows(ns.layout, ns.block_tokens, pool)  # the store's shape and dtype checks
-    peer = args.get("@peer")
-    return {"pool": server._gpu_pools.add(Registered(ns, pool, getattr(peer, "ident", None), owner))}
+    return {"pool": ctx.gpu_pools.add(Registered(ns, pool, peer_ident(args), owner))}, []
 
 
-def _on_pool(server, args: dict, call) -> int:
+def _on_pool(ctx: Context, args: dict, call: Callable[..., int]) -> int:
     """Run ``call(store, tokens, pool, block_ids)`` on a registered GPU pool, then wait for the
     streams of the pool's own device(s) (not the worker thread's current device)."""
-    ns = server._namespace(args)
-    reg = server._gpu_pools.get(args.get("pool"), ns)
-    n = call(ns.store, server._tokens(args), reg.pool, arg(args, "block_ids", list))
+    ns = ctx.namespace(args)
+    reg = ctx.gpu_pools.get(args.get("pool"), ns)
+    n = call(ns.store, ctx.tokens(args), reg.pool, arg(args, "block_ids", list))
     DEFAULT_COPIER.wait(*([reg.pool] if isinstance(reg.pool, torch.Tensor) else reg.pool))
     return int(n)
 
 
-def op_load_pool(server, args: dict) -> int:
+def op_load_pool(ctx: Context, args: dict, payload: list) -> tuple[int, list]:
     """``load_pool {ns, pool, tokens, block_ids}``: the store's ``load_into`` straight into a
     registered GPU pool; answered once the bytes are in."""
-    return _on_pool(server, args, lambda store, *a: store.load_into(*a))
+    no_payload("load_pool", payload)
+    return _on_pool(ctx, args, lambda store, *a: store.load_into(*a)), []
 
 
-def op_save_pool(server, args: dict) -> int:
+def op_save_pool(ctx: Context, args: dict, payload: list) -> tuple[int, list]:
     """``save_pool {ns, pool, tokens, block_ids}``: the store's ``save_from`` straight out of
     a registered GPU pool; the blocks are visible once this answers."""
-    return _on_pool(server, args, lambda store, *a: store.save_from(*a))
+    no_payload("save_pool", payload)
+    return _on_pool(ctx, args, lambda store, *a: store.save_from(*a)), []
 
 
-def op_unregister_pool(server, args: dict) -> bool:
-    ns = server._namespace(args)
-    server._gpu_pools.get(args.get("pool"), ns)
-    return server._gpu_pools.drop(args.get("pool"))
+def op_unregister_pool(ctx: Context, args: dict, payload: list) -> tuple[bool, list]:
+    """``unregister_pool {ns, pool}``: the sidecar lets go of the client's GPU memory."""
+    no_payload("unregister_pool", payload)
+    ns = ctx.namespace(args)
+    ctx.gpu_pools.get(args.get("pool"), ns)
+    return ctx.gpu_pools.drop(args.get("pool")), []

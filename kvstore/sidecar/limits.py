@@ -279,7 +279,7 @@ class OwnerCheck:
 
 
 def option_problems(opts) -> list[str]:
-    """Every mistake in a :class:`~kvstore.sidecar.server.ServerOptions`, one message each.
+    """Every mistake in a :class:`~kvstore.sidecar.options.ServerOptions`, one message each.
     O(fields)."""
     out: list[str] = []
 

@@ -5,7 +5,7 @@ A request is the frames ``[MAGIC, header, *payload]`` with ``header`` a msgpack 
 ``{v, id, ok, result}`` or ``{v, id, ok: False, error: {code, message}}``. Tensors travel
 as raw payload frames described in the header by ``{dtype, shape}`` (sent zero-copy,
 received into a tensor with ``torch.frombuffer``), or, for a client on the same host, as
-slots of a shared-memory arena the client maps (see :mod:`kvstore.sidecar.server`).
+slots of a shared-memory arena the client maps (see :mod:`kvstore.sidecar.shm_plane`).
 
 Why msgpack and never pickle: a sidecar serves many engine processes, and unpickling is
 code execution; msgpack only yields plain data, which the server validates field by field.

@@ -25,6 +25,12 @@ itself, so the sidecar moves slot numbers, not bytes. Three things make that saf
   belong to that client until it releases them or dies (the same liveness rule as leases),
   so no slot is handed to another writer while its holder can still write it.
 
+The ops of this plane are here: ``stage``, ``put_shm``, ``reserve`` / ``commit`` (the put in
+two round trips) and ``release``; each is a handler ``(ctx, args, payload)`` of
+:mod:`kvstore.sidecar.dispatch`'s op table and sees the sidecar through its
+:class:`~kvstore.sidecar.context.Context` (namespaces, claims), never the server. A ``get``
+over shared memory is :mod:`kvstore.sidecar.store_ops`'s and replies with :func:`lease_reply`.
+
 Costs per put: one copy into shared memory with the hash of the source beside it (max of
 the two on two cores), one message; per get: one message, one copy out, one hash of the
 private copy, and a release that the client does not wait for.
@@ -32,45 +38,27 @@ private copy, and a release that the client does not wait for.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-import threading
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from allocator.checksum import digests, from_wire, to_wire
 from kvstore.errors import InvalidInputError
+from kvstore.sidecar.claims import Staging, drop_claim, drop_staging
+from kvstore.sidecar.context import Context, no_payload
+from kvstore.sidecar.namespaces import STAGING_FRACTION, STAGING_MIN, Namespace, spare_slots
 from kvstore.sidecar.protocol import StaleArenaError, UnknownLeaseError, arg
 
-if TYPE_CHECKING:  # pragma: no cover
-    from kvstore.sidecar.server import Namespace
+#: what this module gives its importers (the staging knobs live with the arenas they size)
+__all__ = ["STAGING_FRACTION", "STAGING_MIN", "Staging", "check_arena", "copy_is_intact", "drop_staging", "idents",
+           "lease_reply", "op_commit", "op_put_shm", "op_release", "op_reserve", "op_stage", "release_corrupt",
+           "reserve_extra", "spare_of", "spare_slots", "sums_arg", "top_up"]
 
 
-#: spare slots of the put tier, lent to clients as staging: a quarter of the tier's
-#: capacity, at least STAGING_MIN (a put larger than what a client holds staged goes as
-#: frames). Extra shared memory, beyond the configured capacity, by this much.
-STAGING_FRACTION = 0.25
-STAGING_MIN = 8
-
-
-def spare_slots(capacity_slots: int) -> int:
-    return max(STAGING_MIN, int(capacity_slots * STAGING_FRACTION))
-
-
-@dataclass
-class Staging:
-    """Free slots of one tier that one client holds to write its next puts into."""
-
-    tier: int
-    slots: set[int] = field(default_factory=set)
-    target: int = 0
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-
-def idents(ns: "Namespace") -> list[int]:
+def idents(ns: Namespace) -> list[int]:
     """The identity of each shared arena of ``ns``, in segment order."""
     return [seg["ident"] for seg in ns.segments]
 
 
-def check_arena(ns: "Namespace", args: dict) -> None:
+def check_arena(ns: Namespace, args: dict) -> None:
     """Refuse a request that names slots of arenas other than the namespace's current ones."""
     got = args.get("arena")
     if got != idents(ns):
@@ -85,62 +73,64 @@ def sums_arg(args: dict, n: int):
         raise InvalidInputError(str(exc)) from None
 
 
-def lease_reply(ns: "Namespace", cid: int, lease) -> dict:
+def lease_reply(ns: Namespace, cid: int, lease) -> dict:
     """A get's shared-memory reply: slots, their checksums and the arenas' identity."""
     return {"mode": "shm", "claim": cid, "arena": idents(ns),
             "blocks": [[ns.seg_of_tier[t], slot] for t, slot in lease.blocks],
             "sums": to_wire(ns.store.port.lease_checksums(lease))}
 
 
-def _staged_reply(ns: "Namespace", cid: int, st: Staging, extra: dict | None = None) -> dict:
+def _staged_reply(ns: Namespace, cid: int, st: Staging, extra: dict | None = None) -> dict:
     return {"mode": "shm", "claim": cid, "seg": ns.seg_of_tier[st.tier], "slots": sorted(st.slots),
             "arena": idents(ns), **(extra or {})}
 
 
-def spare_of(ns: "Namespace") -> int:
+def spare_of(ns: Namespace) -> int:
     return ns.store.port.staging_spare(ns.put_tier)
 
 
-def top_up(ns: "Namespace", st: Staging) -> None:
+def top_up(ns: Namespace, st: Staging) -> None:
     """Stage slots until the client holds ``st.target`` (as many as room can be made for)."""
     short = st.target - len(st.slots)
     if short > 0:
         st.slots.update(ns.store.port.stage(st.tier, short))
 
 
-def op_stage(server, args: dict) -> dict:
+def op_stage(ctx: Context, args: dict, payload: list) -> tuple[dict, list]:
     """``stage {ns, blocks, claim?}``: hold at least ``blocks`` free slots for this client's
     puts (topping up its staging claim, or opening one). ``mode: frames`` when the namespace
     has no shared tier. O(blocks)."""
-    ns = server._namespace(args)
+    no_payload("stage", payload)
+    ns = ctx.namespace(args)
     if ns.put_tier is None:
-        return {"mode": "frames"}
+        return {"mode": "frames"}, []
     want = arg(args, "blocks", int)
     num_slots = spare_of(ns)
     if want <= 0:
         raise InvalidInputError(f"blocks must be positive, got {want}")
     cid = args.get("claim")
-    claim = server._staging_claim(cid, ns, args) if cid is not None else None
+    claim = ctx.claims.staging(cid, ns) if cid is not None else None
     if claim is None:
-        cid = server._add_claim("staging", ns, Staging(ns.put_tier), args)
-        claim = server._staging_claim(cid, ns, args)
+        cid = ctx.claims.add("staging", ns, Staging(ns.put_tier), args)
+        claim = ctx.claims.staging(cid, ns)
     st: Staging = claim.obj
     with st.lock:
         st.target = min(num_slots, max(st.target, want))
         top_up(ns, st)
-        return _staged_reply(ns, cid, st)
+        return _staged_reply(ns, cid, st), []
 
 
-def op_put_shm(server, args: dict) -> dict:
+def op_put_shm(ctx: Context, args: dict, payload: list) -> tuple[dict, list]:
     """``put_shm {ns, tokens, claim, slots, sums, arena}``: the put of blocks the client
     already wrote into its staged ``slots`` (one per block, in order) with their checksums.
     Replies ``{tokens, used, slots, seg, arena}``: the cached prefix (as ``put``), the slots
     consumed, and the client's staged slots after the top-up. O(blocks)."""
-    ns = server._namespace(args)
+    no_payload("put_shm", payload)
+    ns = ctx.namespace(args)
     check_arena(ns, args)
-    tokens = server._tokens(args)
+    tokens = ctx.tokens(args)
     cid = arg(args, "claim", int)
-    claim = server._staging_claim(cid, ns, args)
+    claim = ctx.claims.staging(cid, ns)
     if claim is None:
         raise UnknownLeaseError(f"no open staging claim {cid} (released, reclaimed or never granted)")
     st: Staging = claim.obj
@@ -161,16 +151,56 @@ def op_put_shm(server, args: dict) -> dict:
         st.slots.update(set(slots) - set(used))
         st.target = min(max(st.target, nb), spare_of(ns))
         top_up(ns, st)
-        return _staged_reply(ns, cid, st, {"tokens": cached, "used": used})
+        return _staged_reply(ns, cid, st, {"tokens": cached, "used": used}), []
 
 
-def drop_staging(ns: "Namespace", st: Staging) -> None:
-    with st.lock:
-        ns.store.port.unstage(st.tier, sorted(st.slots))
-        st.slots.clear()
+def op_reserve(ctx: Context, args: dict, payload: list) -> tuple[dict, list]:
+    """``reserve {ns, tokens}``: the first round trip of a two-step put: slots of the put
+    tier the client writes into, then names in ``commit``. ``mode: done`` when every block
+    is cached, ``frames`` when there is no shared tier or no room. O(blocks)."""
+    no_payload("reserve", payload)
+    ns = ctx.namespace(args)
+    tokens = ctx.tokens(args)
+    if ns.put_tier is None:
+        return {"mode": "frames"}, []
+    res = ns.store.port.reserve(tokens, ns.put_tier)
+    if res is None:
+        return {"mode": "frames"}, []
+    if res.done:
+        return {"mode": "done", "tokens": res.cached}, []
+    cid = ctx.claims.add("reservation", ns, res, args)
+    seg = ns.seg_of_tier[res.tier]
+    return {"mode": "shm", "claim": cid, **reserve_extra(ns),
+            "blocks": [[pos, seg, slot] for pos, slot in zip(res.positions, res.slots)]}, []
 
 
-def release_corrupt(ns: "Namespace", lease, args: dict) -> int:
+def op_commit(ctx: Context, args: dict, payload: list) -> tuple[Any, list]:
+    """``commit {claim, sums, arena}``: ``sums`` are the writer's checksums of the
+    reserved slots (from its own source); without them the commit is refused."""
+    no_payload("commit", payload)
+    claim = ctx.claims.take(args, "reservation")
+    try:
+        check_arena(claim.ns, args)
+        sums = sums_arg(args, len(claim.obj.slots))
+    except BaseException:
+        drop_claim(claim)
+        raise
+    return claim.ns.store.port.commit(claim.obj, sums), []
+
+
+def op_release(ctx: Context, args: dict, payload: list) -> tuple[Any, list]:
+    """``release {claim, corrupt?}``: give back a lease, reservation or staging claim;
+    ``corrupt`` names lease blocks whose copy failed its checksum (dropped if they are)."""
+    no_payload("release", payload)
+    claim = ctx.claims.take(args)
+    try:
+        dropped = release_corrupt(claim.ns, claim.obj, args) if claim.kind == "lease" else 0
+    finally:
+        drop_claim(claim)
+    return True if not dropped else {"corrupt_dropped": dropped}, []
+
+
+def release_corrupt(ns: Namespace, lease, args: dict) -> int:
     """A client's copy of some lease blocks failed their checksums: drop those that are."""
     positions = arg(args, "corrupt", list, required=False, default=None)
     if not positions:
@@ -192,5 +222,5 @@ def copy_is_intact(store, lease, out6) -> bool:
     return bool((got == want).all())
 
 
-def reserve_extra(ns: "Namespace") -> dict[str, Any]:
+def reserve_extra(ns: Namespace) -> dict[str, Any]:
     return {"arena": idents(ns)}
