@@ -107,7 +107,7 @@ def test_a_claim_is_its_creators_key(ctx):
     mine = {PEER: Peer(b"a", "alice"), "ns": "m"}
     table["hello"]({**mine, "layout": LAYOUT.to_dict(), "block_tokens": BT}, [])
     ns = ctx.namespaces.get(mine)
-    cid = ctx.claims.add("reservation", ns, ns.store.reserve(list(range(BT)), 0), mine)
+    cid = ctx.claims.add("reservation", ns, ns.store.port.reserve(list(range(BT)), 0), mine)
     with pytest.raises(ForbiddenError):
         ctx.claims.take({PEER: Peer(b"b", "bob"), "claim": cid})
     assert ctx.claims.open() == 1
