@@ -484,7 +484,17 @@ class KVStore:
 
         def write(arena: Any, pos: list[int], slots: list[int]) -> None:
             src = [ids[p] for p in pos]
-            if isinstance(arena, MemoryArena):
+            if getattr(arena, "checksums", None) is not None:
+                # A shared arena records what its writer meant to store, hashed from the
+                # writer's private source beside the copy (never from the shared slots, which
+                # another process can change): gather the blocks, bring them to the host, and
+                # let the arena copy + hash them. One more copy than a private arena's.
+                blocks = paged.take(rows, src)
+                copier = copier_of(arena)
+                host = copier.to(blocks, arena.data)
+                copier.wait(blocks)
+                arena.write(slots, host)
+            elif isinstance(arena, MemoryArena):
                 paged.place_out(rows, src, arena.rows(self.layout.dtype, self._block_shape), slots)
             else:
                 arena.write(slots, paged.take(rows, src))

@@ -85,3 +85,39 @@ def test_pool_shape_errors_name_the_layout(layout):
             store.load_into(list(range(BT)), EnginePool(block_major, PoolLayout.BLOCK_MAJOR, BT + 2), [0])
         with pytest.raises(InvalidInputError, match="one tensor per layer"):
             store.load_into(list(range(BT)), EnginePool(block_major[:1], PoolLayout.BLOCK_MAJOR, BT), [0])
+
+
+@pytest.mark.parametrize("kind", list(PoolLayout))
+def test_save_from_into_shared_arenas_records_what_it_wrote(kind, layout, device, seed, rng, tmp_path):
+    """A sidecar's store keeps its tiers in shared memory (``ShmArena``), whose reads verify
+    each slot against the checksum its writer recorded. ``save_from`` once copied pool rows
+    into such slots without recording them: every block saved that way (the sidecar's
+    ``save_pool``) then read back as corrupt and was dropped. The checksums come from the
+    pool's bytes, so a slot changed in shared memory afterwards still reads as corrupt."""
+    from allocator.shm import ShmArena
+
+    bs = 2 * BT
+    src = make_pool(kind, layout, 8, bs, device, torch.Generator().manual_seed(seed))
+    dst = make_pool(kind, layout, 8, bs, device)
+    ids_src, ids_dst = rng.sample(range(8), 3), rng.sample(range(8), 3)
+    tokens = [rng.randrange(1000) for _ in range(3 * bs)]
+    made: list[ShmArena] = []
+
+    def shared(tier, num_slots, slot_bytes, dev):
+        made.append(ShmArena(num_slots, slot_bytes, directory=str(tmp_path)))
+        return made[-1]
+
+    cfg = StoreConfig(layout=layout, block_tokens=BT, host_bytes=16 * layout.kv_block_bytes(BT), device_bytes=0)
+    with KVStore(cfg, arena_factory=shared) as store:
+        assert made, "the store's host tier should be a shared arena"
+        sp, dp = EnginePool(src, kind, bs), EnginePool(dst, kind, bs)
+        assert store.save_from(tokens, sp, sp.store_ids(ids_src, BT)) == len(tokens)
+        assert store.load_into(tokens, dp, dp.store_ids(ids_dst, BT)) == len(tokens)
+        assert torch.equal(token_kv(kind, dst, ids_dst, bs), token_kv(kind, src, ids_src, bs))
+        # another process scribbles on one saved slot: the block reads as missing, never as other bytes
+        arena = made[0]
+        used = [s for s in range(arena.num_slots) if arena.checksums[s]]
+        assert len(used) == 3 * bs // BT
+        arena.data[used[0]].view(torch.uint8)[:8] ^= 0xFF
+        with pytest.raises(BlockNotFoundError):
+            store.get(tokens, device=device)
