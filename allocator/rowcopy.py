@@ -37,6 +37,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 #: when both sides are scattered, runs at least this long are copied one call each (one
@@ -243,6 +244,15 @@ def _widen(src: torch.Tensor, dst: torch.Tensor) -> tuple[torch.Tensor, torch.Te
         except RuntimeError:  # last dim not contiguous, or sizes/offsets not multiples
             continue
     return src, dst
+
+
+def copy_host_bytes(dst: np.ndarray, src: torch.Tensor) -> None:
+    """``dst[...] = src``'s bytes, both in host memory: ``dst`` a uint8 view (of a send
+    buffer, a payload) whose rows hold ``src``'s rows as bytes. One numpy pass on the
+    calling thread, on purpose: the buffers this fills leave the process (the remote tier's
+    values), are filled by threads that run beside the engine, and torch's intra-op
+    threads stall badly on a busy host. O(bytes)."""
+    np.copyto(dst, src.view(torch.uint8).numpy() if src.dtype != torch.uint8 else src.numpy())
 
 
 def sync(*tensors: torch.Tensor) -> None:

@@ -38,10 +38,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from allocator.rowcopy import DEFAULT_COPIER, copy_host_bytes
 from allocator.remote import (FORM_KV, HEADER_BYTES, MIN_TTL_S, REDIS_MAX_TTL_S, RemoteAuthError, RemoteBackend,
                               RemoteURLError, block_buffer, parse_remote_url, seal_blocks, ttl_ms, unpack_block)
 from kvstore.errors import ConfigError
 
+_HOST = torch.empty(0)  # "host memory", for the copier
 log = logging.getLogger(__name__)
 
 KEY_PREFIX = b"kvs1:"
@@ -213,8 +215,10 @@ class RemoteTier:
         copy into a send buffer, then a header and checksum per block."""
         n = len(keys)
         src = blocks.detach()
-        if src.device.type != "cpu":
-            src = src.cpu()
+        if src.device.type != "cpu":  # one crossing, through the copy primitive
+            host = DEFAULT_COPIER.to(src, _HOST)
+            DEFAULT_COPIER.wait(src)
+            src = host
         if src.stride(-1) != 1:
             src = src.contiguous()
         buf = self._send_buffer(n, reuse)
@@ -223,8 +227,7 @@ class RemoteTier:
             return seal_blocks(buf, keys, FORM_KV, self.fingerprint)
         dst = buf[:, HEADER_BYTES:]
         dst.shape = (n, *self.block_shape[:-1], self.block_shape[-1] * src.element_size())  # a view, never a copy
-        # numpy's copy is single-threaded: torch's intra-op threads stall badly on a busy host
-        np.copyto(dst, src.view(torch.uint8).numpy())
+        copy_host_bytes(dst, src)
         return seal_blocks(buf, keys, FORM_KV, self.fingerprint)
 
     def _remember(self, keys: Sequence[bytes]) -> None:

@@ -24,6 +24,7 @@ import torch
 
 from allocator import CorruptSlotError, FileOps, MemoryArena, default_device
 from allocator.codec_arena import CodecArena
+from allocator.rowcopy import DEFAULT_COPIER
 from allocator.transfer import copier_of
 from kvstore import paged
 from kvstore.saves import AsyncSaver, PutHandle
@@ -359,7 +360,9 @@ class KVStore:
             target = torch.empty(result.shape, dtype=result.dtype, device=self._tiers.tiers[placed[0][1]].arena.device)
         self._read_pinned(placed, self._block_rows(target), list(range(len(placed))))
         if target is not result:
-            result.copy_(target)
+            copier = copier_of(*(self._tiers.tiers[t].arena for _, t, _ in placed[:1]))
+            copier.copy(result, target)
+            copier.wait(target)
         return result
 
     def _output(self, tokens: int, out: torch.Tensor | None, device: torch.device) -> torch.Tensor:
@@ -931,7 +934,8 @@ class KVStore:
             self._counters["get_blocks"] += nb - first
             self._admit_remote(keys, first, blocks[first:])
         if out is not None:
-            out.copy_(kv)
+            DEFAULT_COPIER.copy(out, kv)
+            DEFAULT_COPIER.wait(out)
             kv = out
         else:
             kv = kv.to(device)

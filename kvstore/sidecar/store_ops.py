@@ -18,7 +18,8 @@ from typing import Any
 import torch
 
 from allocator.memory import MemoryArena
-from kvstore.layout import as_block_rows, slot_runs
+from allocator.rowcopy import copy_rows
+from kvstore.layout import as_block_rows
 from kvstore.restore.summary import plan_result
 from kvstore.sidecar import limits
 from kvstore.sidecar.context import Context, no_payload
@@ -92,9 +93,7 @@ def get_one_copy(ns: Namespace, tokens: Any, exact: bool | None = None) -> torch
         arenas = store.port.tier_arenas()
         for t, in_tier in itertools.groupby(enumerate(lease.blocks), key=lambda e: e[1][0]):
             pos, slots = zip(*((p, slot) for p, (_, slot) in in_tier))
-            rows = arenas[t][1].rows(lay.dtype, block_shape)
-            for i0, i1 in slot_runs(slots):
-                out6[pos[i0]:pos[i0] + i1 - i0].copy_(rows[slots[i0]:slots[i0] + i1 - i0])
+            copy_rows(arenas[t][1].rows(lay.dtype, block_shape), slots, out6, pos)
         if copy_is_intact(store, lease, out6):
             return out
     finally:
