@@ -175,9 +175,12 @@ def _on_pool(server, args: dict, call) -> int:
 
 
 def op_load_pool(server, args: dict) -> int:
-    """``load_pool {ns, pool, tokens, block_ids}``: the store's ``load_into`` straight into a
-    registered GPU pool; answered once the bytes are in."""
-    return _on_pool(server, args, lambda store, *a: store.load_into(*a))
+    """``load_pool {ns, pool, tokens, block_ids, start?}``: the store's ``load_into`` straight
+    into a registered GPU pool (``start``: its first block to copy, default 0; a sidecar
+    that predates it refuses the shorter ``block_ids``, never writes other blocks);
+    answered once the bytes are in."""
+    start = arg(args, "start", int, required=False, default=0)
+    return _on_pool(server, args, lambda store, *a: store.load_into(*a, start=start))
 
 
 def op_save_pool(server, args: dict) -> int:
