@@ -33,9 +33,11 @@ Worker side:
 * ``register_kv_caches`` takes the engine's per-layer tensors and names their layout (a
   :class:`~kvstore.layout.PoolLayout`, recognised from the shapes; vLLM 0.32's CPU backend
   hands ``[num_blocks, kv_heads, block_size, 2 * head_dim]``);
-* ``start_load_kv`` reads the planned prefix and writes it into the pool blocks before the
-  forward pass; a block that vanished or changed (checksum) since the lookup is reported
-  by ``get_block_ids_with_load_errors``, and vLLM recomputes it: never wrong KV;
+* ``start_load_kv`` copies the planned blocks, from vLLM's first missing one on, straight
+  into the pool before the forward pass (``load_into(..., start=k)``: one verified copy per
+  block; vLLM's own hit is neither read nor written); a block that vanished or changed
+  (checksum) since the lookup is reported by ``get_block_ids_with_load_errors``, and vLLM
+  recomputes it: never wrong KV;
 * ``wait_for_save`` hands the step's saves to a connector-owned thread (its own client), so
   the next forward pass runs while they are copied; ``get_finished`` reports a finished
   request once its saves are done.
