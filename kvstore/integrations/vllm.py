@@ -34,8 +34,9 @@ Worker side:
   :class:`~kvstore.layout.PoolLayout`, recognised from the shapes; vLLM 0.32's CPU backend
   hands ``[num_blocks, kv_heads, block_size, 2 * head_dim]``);
 * ``start_load_kv`` copies the planned blocks, from vLLM's first missing one on, straight
-  into the pool before the forward pass (``load_into(..., start=k)``: one verified copy per
-  block; vLLM's own hit is neither read nor written); a block that vanished or changed
+  into the pool before the forward pass (``load_into(..., start=k)``, verified; vLLM's own
+  hit is neither read nor written; a strided pool such as the CPU backend's goes through
+  the client's reusable bounce rows); a block that vanished or changed
   (checksum) since the lookup is reported by ``get_block_ids_with_load_errors``, and vLLM
   recomputes it: never wrong KV;
 * ``wait_for_save`` hands the step's saves to a connector-owned thread (its own client), so
@@ -623,8 +624,8 @@ class KVStoreConnector(KVConnectorBase_V1, SupportsHMA):
             self._load(spec)
 
     def _load(self, spec: LoadSpec) -> None:
-        """Copy ``spec``'s prefix from ``first_block`` on straight into the pool (one verified
-        copy per block; vLLM's own hit before it is neither read nor written). What cannot be
+        """Copy ``spec``'s prefix from ``first_block`` on into the pool with one ``load_into``
+        (verified; vLLM's own hit before it is neither read nor written). What cannot be
         loaded is reported as load errors from the first failed block on (vLLM recomputes from
         there). A prefix lost since the lookup is looked up again and what is left loaded.
         O(bytes)."""
