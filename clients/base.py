@@ -24,7 +24,10 @@ class LoadResult(int):
       ``[i * block_tokens, (i + 1) * block_tokens)``).
 
     With no failure the value is ``len(tokens)`` and both tuples are empty; with failures it
-    is the tokens of the prefix before the first failed block.
+    is the tokens of the prefix before the first failed block. With ``start=k`` (copy only
+    blocks ``k...``) positions stay positions in the whole prefix (all ``>= k``), the ids
+    are among the ``block_ids`` given (one per copied block), and the blocks before ``k``
+    count as loaded: the value is at least ``k * block_tokens``.
     """
 
     failed_block_ids: tuple[int, ...]
@@ -71,7 +74,7 @@ class KVClient(Protocol):
     def put_async(self, tokens: Any, kv: torch.Tensor, activations: torch.Tensor | None = None) -> PutHandle: ...
 
     def load_into(self, tokens: Any, pool: torch.Tensor | list[torch.Tensor], block_ids: Any, *,
-                  on_error: str = "raise", exact: bool | None = None) -> LoadResult: ...
+                  on_error: str = "raise", exact: bool | None = None, start: int = 0) -> LoadResult: ...
 
     def save_from(self, tokens: Any, pool: torch.Tensor | list[torch.Tensor], block_ids: Any) -> int: ...
 

@@ -55,24 +55,25 @@ class EmbeddedClient:
         return self._check().put_async(tokens, kv, activations)
 
     def load_into(self, tokens: Any, pool: torch.Tensor | list[torch.Tensor], block_ids: Any, *,
-                  on_error: str = "raise", exact: bool | None = None) -> LoadResult:
+                  on_error: str = "raise", exact: bool | None = None, start: int = 0) -> LoadResult:
         """``KVStore.load_into`` with the remote client's reporting (see
-        ``RemoteClient.load_into``): the store verifies every block before the pool is
-        written, so a failure leaves the pool untouched; ``on_error="report"`` then returns a
-        :class:`LoadResult` of 0 tokens naming every id as not loaded."""
+        ``RemoteClient.load_into``, also for ``start``): a missing block fails the call
+        before the pool is written; ``on_error="report"`` then returns a :class:`LoadResult`
+        of ``start * block_tokens`` tokens naming every id as not loaded (a block failing
+        its checksum is dropped and reported the same way, though the other ids' rows may
+        have been written)."""
         if on_error not in ("raise", "report"):
             raise InvalidInputError(f"on_error must be 'raise' or 'report', got {on_error!r}")
         store = self._check()
         try:
-            return LoadResult(store.load_into(tokens, pool, block_ids, exact=exact))
-        except BlockNotFoundError as exc:
+            return LoadResult(store.load_into(tokens, pool, block_ids, exact=exact, start=start))
+        except BlockNotFoundError:
             if on_error == "raise":
                 raise
             nb = len(tokens_to_array(tokens)) // self.block_tokens
             _, num_blocks = paged.pool_rows(self.layout, self.block_tokens, pool)
-            ids = paged.block_ids(block_ids, nb, num_blocks)
-            del exc
-            return LoadResult(0, ids, range(nb))
+            ids = paged.block_ids(block_ids, nb - start, num_blocks)
+            return LoadResult(start * self.block_tokens, ids, range(start, nb))
 
     def save_from(self, tokens: Any, pool: torch.Tensor | list[torch.Tensor], block_ids: Any) -> int:
         return self._check().save_from(tokens, pool, block_ids)

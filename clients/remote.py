@@ -68,7 +68,7 @@ from kvstore.errors import BlockNotFoundError, ConfigError, InvalidInputError, S
 from kvstore.hashing import tokens_to_array
 from kvstore.layout import ModelLayout, as_block_rows, from_block_rows
 from kvstore.saves import AsyncSaver, PutHandle
-from kvstore.validate import check_whole_blocks
+from kvstore.validate import check_start, check_whole_blocks
 from kvstore.sidecar.procinfo import self_identity
 from kvstore.errors import SidecarUnavailableError
 from kvstore.sidecar.protocol import (IDEMPOTENT, MAGIC, VERSION, MessageTooLargeError, ProtocolError,
@@ -629,7 +629,7 @@ class RemoteClient:
 
     @_with_deadline
     def load_into(self, tokens: Any, pool: torch.Tensor | list[torch.Tensor], block_ids: Any, *,
-                  on_error: str = "raise", exact: bool | None = None) -> LoadResult:
+                  on_error: str = "raise", exact: bool | None = None, start: int = 0) -> LoadResult:
         """``KVStore.load_into`` over the sidecar: block ``i`` of ``tokens``' (whole, fully
         cached) prefix lands in pool block ``block_ids[i]``; the pool layouts and errors are
         the store's. The pool and ids are checked before anything is sent.
@@ -652,6 +652,15 @@ class RemoteClient:
         ``failed_block_ids`` names every pool block whose rows must not be used. A block
         missing from the store fails the whole call before the pool is touched (all its ids
         are named failed in ``"report"`` mode). O(bytes): one copy, hashed from the cache.
+
+        ``start``: only blocks ``start...`` of the prefix are copied, block ``start + j`` into
+        pool block ``block_ids[j]`` (one id per copied block): the engine holds the blocks
+        before it already (its own prefix-cache hit) and they are neither read nor written,
+        though the whole prefix must still be cached. ``failed_positions`` stay positions
+        in the whole prefix (``>= start``) and the int value counts the blocks before
+        ``start`` as loaded: ``start * block_tokens`` when nothing was. Over shared memory
+        the lease names the whole prefix (a few bytes per block) but only blocks
+        ``start...`` are copied and verified; as frames the whole prefix crosses.
         """
         self._check_open()
         if on_error not in ("raise", "report"):
@@ -660,19 +669,20 @@ class RemoteClient:
         bt = self.block_tokens
         check_whole_blocks(len(arr), bt)
         nb = len(arr) // bt
+        start = check_start(start, nb)
         rows, num_blocks = paged.pool_rows(self.layout, bt, pool)
-        ids = paged.block_ids(block_ids, nb, num_blocks)
+        ids = paged.block_ids(block_ids, nb - start, num_blocks)
         if nb == 0:
             return LoadResult(0)
         try:
-            bad = self._load_blocks(arr, rows, ids, pool, exact=exact)
+            bad = self._load_blocks(arr, rows, ids, pool, exact=exact, start=start)
         except BlockNotFoundError:
             if on_error == "raise":
                 raise
-            return LoadResult(0, ids, range(nb))
+            return LoadResult(start * bt, ids, range(start, nb))
         if not bad:
             return LoadResult(len(arr))
-        res = LoadResult(bad[0] * bt, [ids[i] for i in bad], bad)
+        res = LoadResult(bad[0] * bt, [ids[i - start] for i in bad], bad)
         if on_error == "report":
             return res
         raise BlockLoadError(res, f"{len(bad)} block(s) changed in shared memory after they were written and "
@@ -718,9 +728,12 @@ class RemoteClient:
             except (RemoteError, InvalidInputError):
                 pass  # the sidecar restarted or reaped it: nothing left to close
 
-    def _pool_op(self, op: str, arr: np.ndarray, pool: Any, rows: paged.Rows, ids: list[int]) -> int | None:
+    def _pool_op(self, op: str, arr: np.ndarray, pool: Any, rows: paged.Rows, ids: list[int],
+                 start: int = 0) -> int | None:
         """``load_pool`` / ``save_pool`` on a registered GPU pool; None when ``pool`` is not
-        registered (or the sidecar forgot it: then it is registered no longer)."""
+        registered (or the sidecar forgot it: then it is registered no longer). ``start``
+        (a load's first block) is sent only when set, so a sidecar that predates it serves
+        every other load."""
         if not self._gpu_pools:
             return None
         key = _pool_key(pool)
@@ -731,7 +744,7 @@ class RemoteClient:
             torch.cuda.current_stream(t.device).synchronize()  # what a save reads is written; a load overwrites nothing in use
         _, args = self._ns_args(arr)
         try:
-            res, _ = self._request(op, {**args, "pool": pid, "block_ids": list(ids)})
+            res, _ = self._request(op, {**args, "pool": pid, "block_ids": list(ids), **({"start": start} if start else {})})
         except InvalidInputError as exc:
             if "no GPU pool" not in str(exc):
                 raise
@@ -740,12 +753,14 @@ class RemoteClient:
         return int(res)
 
     def _load_blocks(self, arr: np.ndarray, rows: paged.Rows, ids: list[int], pool: Any = None, *,
-                     exact: bool | None = None) -> list[int]:
-        """Copy the blocks of ``arr`` into pool ``rows`` at ``ids``; returns the positions of
-        blocks that failed verification (their rows named unusable). Raises
-        ``BlockNotFoundError`` (pool untouched) when a block is not cached."""
+                     exact: bool | None = None, start: int = 0) -> list[int]:
+        """Copy blocks ``start...`` of ``arr`` into pool ``rows`` at ``ids`` (one id each);
+        returns the prefix positions of blocks that failed verification (their rows named
+        unusable). Raises ``BlockNotFoundError`` (pool untouched) when a block of the
+        whole prefix is not cached."""
         nb = len(ids)
-        if exact is None and pool is not None and self._pool_op("load_pool", arr, pool, rows, ids) is not None:
+        if exact is None and pool is not None and \
+                self._pool_op("load_pool", arr, pool, rows, ids, start) is not None:
             return []  # verified by the sidecar before the DMA: any failure raised, pool untouched
         _, args = self._ns_args(arr)
         if exact is not None:  # issue 24: the namespace's lossy_ok decides unless the caller says
@@ -754,8 +769,10 @@ class RemoteClient:
             result, frames = self._lease(args)
             if result["mode"] == "shm":
                 try:
-                    blocks = result["blocks"]
-                    want = from_wire(result["sums"], nb)
+                    if len(result["blocks"]) != start + nb:
+                        raise ProtocolError(f"get lease names {len(result['blocks'])} blocks, expected {start + nb}")
+                    blocks = result["blocks"][start:]  # the lease's blocks before start are never read
+                    want = from_wire(result["sums"], start + nb)[start:]
                     dev = paged.device_of(rows)
                     if dev.type == "cpu" and (dst := _pool_u8(rows)) is not None:
                         got = self._copy(self._seg_jobs(blocks, dst, ids), hash_dst=True)
@@ -767,6 +784,7 @@ class RemoteClient:
                         good = [i for i in range(nb) if i not in set(bad)]
                         paged.place(buf, good, rows, [ids[i] for i in good])
                         paged.wait(rows)  # the buffer is reused by the next call
+                    bad = [start + i for i in bad]  # positions in the lease (the whole prefix)
                 except BaseException:
                     self._release_quietly(result["claim"])
                     raise
@@ -780,7 +798,7 @@ class RemoteClient:
         if len(frames) != 1:
             raise ProtocolError(f"get reply carries {len(frames)} payload frames, expected 1")
         kv = tensor_from_frame(frames[0], result["kv"])
-        paged.place(self._block_rows(kv, nb), range(nb), rows, ids)
+        paged.place(self._block_rows(kv, start + nb), range(start, start + nb), rows, ids)
         paged.wait(rows)
         return []
 

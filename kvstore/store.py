@@ -38,7 +38,7 @@ from kvstore.port import StorePort
 from kvstore.restore.executor import Executor, Recomputer, Source, Timings
 from kvstore.hashing import KeyMemo, iter_block_keys, namespace_salt, tokens_to_array
 from kvstore.layout import ModelLayout, as_block_rows
-from kvstore.validate import check_act, check_kv, check_whole_blocks
+from kvstore.validate import check_act, check_kv, check_start, check_whole_blocks
 from kvstore.remote_tier import RemoteTier
 from kvstore.restore.planner import BlockForms, Plan, TierCodec, plan_restore
 from kvstore.tiers import BlockEntry, Tier, TierManager
@@ -444,9 +444,15 @@ class KVStore:
                                      "recompute them")
 
     def load_into(self, tokens: TokensLike, pool: torch.Tensor | Sequence[torch.Tensor],
-                  block_ids: Sequence[int] | torch.Tensor, *, exact: bool | None = None) -> int:
+                  block_ids: Sequence[int] | torch.Tensor, *, exact: bool | None = None, start: int = 0) -> int:
         """Copy the KV of ``tokens`` (whole blocks, fully cached) straight into an engine's
         paged KV pool: block ``i`` of the prefix lands in pool block ``block_ids[i]``.
+
+        ``start``: copy only blocks ``start...`` of the prefix, block ``start + j`` into pool
+        block ``block_ids[j]`` (one id per copied block); the blocks before it are the
+        engine's own (its prefix-cache hit) and are neither read nor written, but the whole
+        prefix must still be cached (else :class:`BlockNotFoundError`, pool untouched).
+        ``0 <= start <= len(tokens) / block_tokens``.
 
         ``pool``: one tensor ``[num_blocks, layers, 2, block_tokens, kv_heads, head_dim]``
         (cross-layer blocks) or a list of one ``[2, num_blocks, block_tokens, kv_heads,
@@ -461,12 +467,16 @@ class KVStore:
         """
         self._check_open()
         arr, keys = self._whole_block_keys(tokens)
+        start = check_start(start, len(keys))
         rows, num_blocks = paged.pool_rows(self.layout, self.block_tokens, pool)
-        ids = paged.block_ids(block_ids, len(keys), num_blocks)
+        ids = paged.block_ids(block_ids, len(keys) - start, num_blocks)
         if not keys:
             return 0
         placed, _ = self._pin_prefix(keys, len(arr), self._refuse_lossy(exact))
-        self._read_pinned(placed, rows, ids)
+        if start:  # cached, so counted and touched; not read
+            with self._lock:
+                self._tiers.unpin_many(placed[:start])
+        self._read_pinned(placed[start:], rows, ids)
         return len(arr)
 
     def save_from(self, tokens: TokensLike, pool: torch.Tensor | Sequence[torch.Tensor],

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 
 from kvstore.errors import InvalidInputError
@@ -35,3 +36,15 @@ def check_whole_blocks(num_tokens: int, block_tokens: int) -> None:
     if num_tokens % block_tokens:
         raise InvalidInputError(f"get needs whole blocks: {num_tokens} tokens is not a multiple of "
                                 f"block_tokens={block_tokens} (use lookup() for the cached length)")
+
+
+def check_start(start: Any, num_blocks: int) -> int:
+    """``load_into``'s ``start``: an int in ``[0, num_blocks]`` (the first block of the prefix
+    to copy; ``num_blocks`` copies none). Shared so every client refuses the same values
+    before anything is sent or read. O(1)."""
+    if isinstance(start, bool) or not isinstance(start, (int, np.integer)):
+        raise InvalidInputError(f"start must be an int, got {type(start).__name__}")
+    if not 0 <= int(start) <= num_blocks:
+        raise InvalidInputError(f"start={int(start)} is outside the prefix's {num_blocks} block(s) "
+                                f"(0 <= start <= {num_blocks})")
+    return int(start)

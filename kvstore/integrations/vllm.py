@@ -33,9 +33,12 @@ Worker side:
 * ``register_kv_caches`` takes the engine's per-layer tensors and names their layout (a
   :class:`~kvstore.layout.PoolLayout`, recognised from the shapes; vLLM 0.32's CPU backend
   hands ``[num_blocks, kv_heads, block_size, 2 * head_dim]``);
-* ``start_load_kv`` reads the planned prefix and writes it into the pool blocks before the
-  forward pass; a block that vanished or changed (checksum) since the lookup is reported
-  by ``get_block_ids_with_load_errors``, and vLLM recomputes it: never wrong KV;
+* ``start_load_kv`` copies the planned blocks, from vLLM's first missing one on, straight
+  into the pool before the forward pass (``load_into(..., start=k)``, verified; vLLM's own
+  hit is neither read nor written; a strided pool such as the CPU backend's goes through
+  the client's reusable bounce rows); a block that vanished or changed
+  (checksum) since the lookup is reported by ``get_block_ids_with_load_errors``, and vLLM
+  recomputes it: never wrong KV;
 * ``wait_for_save`` hands the step's saves to a connector-owned thread (its own client), so
   the next forward pass runs while they are copied; ``get_finished`` reports a finished
   request once its saves are done.
@@ -61,7 +64,7 @@ import torch
 
 from clients import connect
 from kvstore.errors import BlockNotFoundError, ConfigError, InvalidInputError, KVStoreError
-from kvstore.layout import ModelLayout, PoolLayout, as_block_rows
+from kvstore.layout import ModelLayout, PoolLayout
 from kvstore import paged
 from kvstore.restore.costmodel import ComputeCost, CostProfile, default_profile, prefill_flops_per_token
 from kvstore.restore.planner import remote_worth_reading
@@ -621,9 +624,12 @@ class KVStoreConnector(KVConnectorBase_V1, SupportsHMA):
             self._load(spec)
 
     def _load(self, spec: LoadSpec) -> None:
-        """Read ``spec``'s prefix and place its blocks from ``first_block`` on; what cannot be
-        read is reported as load errors (vLLM recomputes from the first). O(bytes)."""
-        bt, bs = self.block_tokens, self.block_size
+        """Copy ``spec``'s prefix from ``first_block`` on into the pool with one ``load_into``
+        (verified; vLLM's own hit before it is neither read nor written). What cannot be
+        loaded is reported as load errors from the first failed block on (vLLM recomputes from
+        there). A prefix lost since the lookup is looked up again and what is left loaded.
+        O(bytes)."""
+        bs = self.block_size
         n = len(spec.block_ids)
         t0 = time.perf_counter()
         loaded = 0
@@ -632,21 +638,12 @@ class KVStoreConnector(KVConnectorBase_V1, SupportsHMA):
             client = self._client = self._connect()
         if self._usable(client) and n:
             try:
-                end = len(spec.tokens)
-                try:
-                    t_get = time.perf_counter()
-                    kv = client.get(spec.tokens, device="cpu", exact=self.opts.exact)
-                    self.counters.add(load_get_s=time.perf_counter() - t_get)
-                except BlockNotFoundError:  # lost since the lookup: load what is still there
-                    end = client.lookup(spec.tokens, exact=self.opts.exact) // bs * bs
-                    kv = client.get(spec.tokens[:end], device="cpu", exact=self.opts.exact) if end > spec.first_block * bs else None
-                if kv is not None:
-                    rows = as_block_rows(kv, bt)
-                    loaded = end // bs - spec.first_block
-                    first = spec.first_block * (bs // bt)
-                    src = range(first, end // bt)
-                    paged.place(rows, src, self._rows, self._store_ids(spec.block_ids[:loaded]))
-                    paged.wait(self._rows)
+                loaded = self._load_into(client, spec.tokens, spec.first_block, spec.block_ids)
+                if loaded == 0:  # nothing loaded: lost since the lookup? load what is still there
+                    end = client.lookup(spec.tokens, exact=self.opts.exact) // bs
+                    if spec.first_block < end < spec.first_block + n:
+                        loaded = self._load_into(client, spec.tokens[:end * bs], spec.first_block,
+                                                 spec.block_ids[:end - spec.first_block])
             except KVStoreError as exc:
                 if not isinstance(exc, BlockNotFoundError):
                     self.health.failed(exc, "load")
@@ -664,6 +661,18 @@ class KVStoreConnector(KVConnectorBase_V1, SupportsHMA):
         if failed:
             log.warning("kvstore-connector: request %s: %d of %d blocks could not be loaded; vLLM recomputes them",
                         spec.req_id, len(failed), n)
+
+    def _load_into(self, client, tokens: list[int], first_block: int, block_ids: list[int]) -> int:
+        """``load_into`` of ``tokens``' vLLM blocks ``first_block...`` into ``block_ids``;
+        returns how many of them, from the first, hold the prefix (the rest failed)."""
+        split = self.block_size // self.block_tokens
+        t = time.perf_counter()
+        res = client.load_into(tokens, self._pool, self._store_ids(block_ids), start=first_block * split,
+                               on_error="report", exact=self.opts.exact)
+        self.counters.add(load_into_s=time.perf_counter() - t)
+        if res.ok:
+            return len(block_ids)
+        return max(0, int(res) // self.block_size - first_block)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         return  # start_load_kv placed every layer before the forward pass

@@ -122,10 +122,13 @@ def _on_pool(ctx: Context, args: dict, call: Callable[..., int]) -> int:
 
 
 def op_load_pool(ctx: Context, args: dict, payload: list) -> tuple[int, list]:
-    """``load_pool {ns, pool, tokens, block_ids}``: the store's ``load_into`` straight into a
-    registered GPU pool; answered once the bytes are in."""
+    """``load_pool {ns, pool, tokens, block_ids, start?}``: the store's ``load_into`` straight
+    into a registered GPU pool (``start``: its first block to copy, default 0; a sidecar
+    that predates it refuses the shorter ``block_ids``, never writes other blocks);
+    answered once the bytes are in."""
     no_payload("load_pool", payload)
-    return _on_pool(ctx, args, lambda store, *a: store.load_into(*a)), []
+    start = arg(args, "start", int, required=False, default=0)
+    return _on_pool(ctx, args, lambda store, *a: store.load_into(*a, start=start)), []
 
 
 def op_save_pool(ctx: Context, args: dict, payload: list) -> tuple[int, list]:

@@ -16,7 +16,10 @@ scenarios allow, and each test checks its scenario in the events they printed:
    the namespace right after the lookup): load errors, recomputed;
 6. ``E`` (S1) sets a prefill rate at which prefilling is cheaper: 0 external tokens although
    the store holds the prefix;
-7. ``D`` on sidecar S2, which shares only the Redis Cluster with S1, reuses what ``A`` saved.
+7. ``D`` on sidecar S2, which shares only the Redis Cluster with S1, reuses what ``A`` saved;
+8. ``B``, its vLLM cache holding the prefix, gets a prompt whose next block only the store
+   holds: that block alone is loaded (``load_into`` from vLLM's first missing block), vLLM's
+   own blocks are neither read nor written.
 
 Beside them, ``G`` runs scheduler and worker in one process on an ``embedded://`` store.
 """
@@ -185,6 +188,8 @@ def world(tmp_path_factory, redis_cluster_procs):
         "p6": [prefix + toks(39)],                           # 6: prefill is cheaper
         "p7": [prefix + toks(43)],                           # 7: the other sidecar, through Redis
     }
+    # 8: B's vLLM cache holds the prefix (p2); S1 holds one more block of p1's first prompt
+    P["p8"] = [P["p1"][0][:PREFIX + BLOCK] + toks(30)]
     s1 = Sidecar(tmp, "s1", redis_cluster_procs.url)
     s2 = Sidecar(tmp, "s2", redis_cluster_procs.url)
     s3 = Sidecar(tmp, "s3")  # no remote tier: a cleared block is gone everywhere
@@ -215,7 +220,8 @@ def world(tmp_path_factory, redis_cluster_procs):
         with s1.client() as c:
             before = c.stats()
         # 2 + 3: two fresh engines at once on S1; 6 on S1; 7 on S2 (shares only the Redis)
-        engines["B"] = Engine(tmp, "B", model, connector(s1.endpoint), [{"name": "p2", "generate": P["p2b"]}])
+        engines["B"] = Engine(tmp, "B", model, connector(s1.endpoint), [{"name": "p2", "generate": P["p2b"]},
+                                                                        {"name": "p8", "generate": P["p8"]}])
         engines["C"] = Engine(tmp, "C", model, connector(s1.endpoint), [{"name": "p2", "generate": P["p2c"]}])
         engines["E"] = Engine(tmp, "E", model, connector(s1.endpoint, prefill_tokens_per_s=1e12),
                               [{"name": "p6", "generate": P["p6"]}])
@@ -280,7 +286,8 @@ def test_2_3_two_fresh_engines_at_once_load_the_prefix_from_the_sidecar(world):
         assert ph["tokens"] == world["ref"][key], name
         assert all(c >= PREFIX for c in ph["cached"]), (name, ph["cached"])   # a fresh engine: all external
         assert ph["metrics"].get("external_prefix_cache_hits", 0) >= PREFIX, (name, ph["metrics"])
-        loads = [d for d in _decisions(e) if d["load"] > 0]
+        p2 = {len(p) for p in world["P"][key]}  # (B then runs scenario 8, with a vLLM hit)
+        loads = [d for d in _decisions(e) if d["load"] > 0 and d["prompt"] in p2]
         assert loads and all(d["local"] == 0 for d in loads), _decisions(e)
     # the sidecar counted the hits of both engines' lookups
     assert world["s1_after"]["hits"] - world["s1_before"]["hits"] >= 2 * PREFIX // STORE_BLOCK
@@ -324,6 +331,16 @@ def test_7_a_second_sidecar_on_the_same_redis_cluster_reuses_the_prefix(world):
     assert ph["metrics"].get("external_prefix_cache_hits", 0) >= PREFIX
     remote = world["s2"].get("remote", {})
     assert remote, world["s2"]
+
+
+def test_8_a_vllm_hit_plus_the_stores_next_block_loads_only_that_block(world):
+    b = world["engines"]["B"]
+    ph = b.phase("p8")
+    assert ph["tokens"] == world["ref"]["p8"]
+    assert ph["cached"][0] >= PREFIX + BLOCK, ph   # vLLM's own 256 + the store's next block
+    (d,) = [d for d in _decisions(b) if d["prompt"] == len(world["P"]["p8"][0])]
+    assert d["local"] == PREFIX and d["load"] == BLOCK, d   # loaded from vLLM's first missing block on
+    assert "could not be loaded" not in b.log, b.tail()
 
 
 def test_readme_use_with_vllm_example_runs_as_written(tmp_path):
