@@ -1,4 +1,4 @@
-"""One client interface for engines, embedded or remote (docs/architecture.md).
+"""One client interface for engines, embedded or over the sidecar (docs/architecture.md).
 
 ``from clients import connect``::
 
@@ -6,10 +6,10 @@
     c.put(tokens, kv); c.lookup(tokens); c.get(tokens); c.stats(); c.close()
 
 ``embedded://`` gives an in-process :class:`~kvstore.KVStore`; ``tcp://`` and ``ipc://`` a
-:class:`RemoteClient` talking to ``kvstore serve``. Both raise the same exception classes.
+:class:`SidecarClient` talking to ``kvstore serve``. Both raise the same exception classes.
 
 Names are resolved lazily (PEP 562), as in :mod:`kvstore`: a process that only talks to a
-sidecar (``clients.remote``) does not import the store core that the embedded client needs.
+sidecar (``clients.sidecar``) does not import the store core that the embedded client needs.
 """
 
 from __future__ import annotations
@@ -23,16 +23,19 @@ _EXPORTS = {
     "KVClient": "clients.base",
     "connect": "clients.base",
     "EmbeddedClient": "clients.embedded",
-    "CurveConfig": "clients.remote",
-    "RemoteClient": "clients.remote",
+    "CurveConfig": "clients.sidecar",
+    "SidecarClient": "clients.sidecar",
+    "RemoteClient": "clients.remote",  # the old name of SidecarClient, kept for one release
 }
 
-__all__ = ["BlockLoadError", "LoadResult", "KVClient", "CurveConfig", "EmbeddedClient", "RemoteClient", "connect"]
+__all__ = ["BlockLoadError", "LoadResult", "KVClient", "CurveConfig", "EmbeddedClient", "SidecarClient", "RemoteClient",
+           "connect"]
 
 if TYPE_CHECKING:  # pragma: no cover
     from clients.base import BlockLoadError, KVClient, LoadResult, connect
     from clients.embedded import EmbeddedClient
-    from clients.remote import CurveConfig, RemoteClient
+    from clients.remote import RemoteClient
+    from clients.sidecar import CurveConfig, SidecarClient
 
 
 def __getattr__(name: str) -> Any:

@@ -97,7 +97,7 @@ def connect(url: str, layout: ModelLayout | None = None, namespace: str = "defau
             **options: Any) -> KVClient:
     """A client for ``url``: ``embedded://`` (in-process store; ``options`` are
     ``StoreConfig`` fields such as ``device_bytes``), ``tcp://host:port`` or ``ipc:///path``
-    (the sidecar; ``options`` are :class:`~clients.remote.RemoteClient` keywords such as
+    (the sidecar; ``options`` are :class:`~clients.sidecar.SidecarClient` keywords such as
     ``timeout``, ``curve=CurveConfig(secret=..., server=...)``). Raises :class:`~kvstore.sidecar.protocol.SidecarUnavailableError` when no sidecar
     answers, :class:`~kvstore.sidecar.protocol.LayoutMismatchError` when the namespace has another
     layout, :class:`~kvstore.sidecar.protocol.VersionMismatchError` for another protocol version.
@@ -111,7 +111,7 @@ def connect(url: str, layout: ModelLayout | None = None, namespace: str = "defau
 
         return EmbeddedClient(layout, namespace=namespace, block_tokens=block_tokens, **options)
     if url.startswith(("tcp://", "ipc://")):
-        from clients.remote import RemoteClient
+        from clients.sidecar import SidecarClient
 
-        return RemoteClient(url, layout, namespace=namespace, block_tokens=block_tokens, **options)
+        return SidecarClient(url, layout, namespace=namespace, block_tokens=block_tokens, **options)
     raise InvalidInputError(f"unsupported URL {url!r}: use embedded://, tcp://host:port or ipc:///path")

@@ -56,8 +56,8 @@ class EmbeddedClient:
 
     def load_into(self, tokens: Any, pool: torch.Tensor | list[torch.Tensor], block_ids: Any, *,
                   on_error: str = "raise", exact: bool | None = None, start: int = 0) -> LoadResult:
-        """``KVStore.load_into`` with the remote client's reporting (see
-        ``RemoteClient.load_into``, also for ``start``): a missing block fails the call
+        """``KVStore.load_into`` with the sidecar client's reporting (see
+        ``SidecarClient.load_into``, also for ``start``): a missing block fails the call
         before the pool is written; ``on_error="report"`` then returns a :class:`LoadResult`
         of ``start * block_tokens`` tokens naming every id as not loaded (a block failing
         its checksum is dropped and reported the same way, though the other ids' rows may

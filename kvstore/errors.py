@@ -43,7 +43,7 @@ class StoreClosedError(KVStoreError):
 # -- errors of the sidecar, raised by its clients -----------------------------------------
 # Declared here only (kvstore.sidecar.protocol re-exports them and maps wire codes to them)
 # so an engine catches every error of the store by meaning from one module, embedded or remote.
-class RemoteError(KVStoreError):
+class SidecarError(KVStoreError):
     """An error reply whose code has no more specific class; ``code`` says which."""
 
     code = "internal"
@@ -54,7 +54,11 @@ class RemoteError(KVStoreError):
             self.code = code
 
 
-class SidecarUnavailableError(RemoteError, ConnectionError):
+#: the old name, kept for one release: "remote" now names the remote tier (Redis) only
+RemoteError = SidecarError
+
+
+class SidecarUnavailableError(SidecarError, ConnectionError):
     """No sidecar answered within the deadline (absent, crashed or overloaded)."""
 
     code = "unavailable"
@@ -66,63 +70,63 @@ class LayoutMismatchError(ConfigError):
     code = "layout_mismatch"
 
 
-class ForbiddenError(RemoteError, PermissionError):
+class ForbiddenError(SidecarError, PermissionError):
     """The namespace is not this client's to use (CurveZMQ: another key created it)."""
 
     code = "forbidden"
 
 
-class BusyError(RemoteError):
+class BusyError(SidecarError):
     """The sidecar refused the request for now (too many queued or in flight): retry later."""
 
     code = "busy"
 
 
-class ProtocolError(RemoteError):
+class ProtocolError(SidecarError):
     """A frame or header the peer cannot understand (bad magic, not msgpack, wrong type...)."""
 
     code = "bad_frame"
 
 
-class VersionMismatchError(RemoteError):
+class VersionMismatchError(SidecarError):
     """The peer speaks another protocol version."""
 
     code = "bad_version"
 
 
-class UnknownOpError(RemoteError):
+class UnknownOpError(SidecarError):
     code = "unknown_op"
 
 
-class MessageTooLargeError(RemoteError):
+class MessageTooLargeError(SidecarError):
     code = "too_large"
 
 
-class UnsupportedError(RemoteError):
+class UnsupportedError(SidecarError):
     """The op exists but this server cannot do it (e.g. ``plan`` without the planner)."""
 
     code = "unsupported"
 
 
-class DeadlineExceededError(RemoteError, TimeoutError):
+class DeadlineExceededError(SidecarError, TimeoutError):
     """The request's deadline passed before the server got to it."""
 
     code = "deadline_exceeded"
 
 
-class UnknownNamespaceError(RemoteError):
+class UnknownNamespaceError(SidecarError):
     """The sidecar has no such namespace (it restarted): say ``hello`` again."""
 
     code = "unknown_namespace"
 
 
-class UnknownLeaseError(RemoteError):
+class UnknownLeaseError(SidecarError):
     """A lease or reservation that expired (reclaimed) or never existed."""
 
     code = "unknown_lease"
 
 
-class StaleArenaError(RemoteError):
+class StaleArenaError(SidecarError):
     """The request names slots of shared arenas the namespace no longer has (the sidecar
     restarted): the client maps the current arenas again and retries."""
 

@@ -1,4 +1,4 @@
-"""Checks of a put's tensors, shared by the embedded store and the remote client (which
+"""Checks of a put's tensors, shared by the embedded store and the sidecar client (which
 must reject bad input with the same error before sending anything)."""
 
 from __future__ import annotations

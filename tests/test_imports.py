@@ -205,7 +205,7 @@ def test_the_checker_catches_violations(tmp_path, monkeypatch):
         "kvstore/restore/planner.py": "import clients\n",                              # restore -> clients
         "kvstore/sidecar/server.py": "from kvstore.cli import main\n",                  # sidecar -> cli
         "allocator/arena.py": "from kvstore.errors import ConfigError\n",               # allocator -> kvstore
-        "clients/remote.py": "from kvstore.bench.report import Report\n",               # clients -> bench
+        "clients/sidecar.py": "from kvstore.bench.report import Report\n",               # clients -> bench
         "eviction/lru.py": "import importlib\nimportlib.import_module('kvstore.store')\n",
         "clients/embedded.py": "from kvstore.sidecar.server import host_id\n",          # clients -> server
         "clients/base.py": "from kvstore.sidecar import server\n",
@@ -230,7 +230,7 @@ def test_the_checker_catches_violations(tmp_path, monkeypatch):
         "kvstore/port.py": "from kvstore.tiers import TierManager\n",
         "kvstore/sidecar/shm_plane.py": "from kvstore.sidecar.context import Context\n",
         "kvstore/bench/sidecar.py": "from kvstore.sidecar.server import SidecarServer\n",
-        "clients/remote.py": "from kvstore.sidecar.protocol import pack\n",
+        "clients/sidecar.py": "from kvstore.sidecar.protocol import pack\n",
         "kvstore/integrations/vllm.py": "from clients import connect\nfrom kvstore.restore.planner import plan_restore\n",
     }
     for rel, text in fine.items():
@@ -300,11 +300,11 @@ def test_no_sidecar_room_reaches_into_the_server_or_its_context():
 def test_importing_the_sidecar_client_loads_neither_the_server_nor_the_store_core():
     """What the FORBIDDEN rule is for, checked at run time in a fresh interpreter."""
     import subprocess
-    code = ("import sys, clients.remote; print(sorted(m for m in ('kvstore.sidecar.server', "
+    code = ("import sys, clients.sidecar; print(sorted(m for m in ('kvstore.sidecar.server', "
             "'kvstore.store', 'kvstore.tiers', 'eviction') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                          timeout=120, check=True).stdout.strip()
-    assert out == "[]", f"importing clients.remote loaded {out}"
+    assert out == "[]", f"importing clients.sidecar loaded {out}"
 
 
 LAYOUT_MODULE = ROOT / "kvstore" / "layout.py"

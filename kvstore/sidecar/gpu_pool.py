@@ -43,7 +43,7 @@ from kvstore.sidecar.claims import MAX_POOLS_PER_PEER, GpuPools, Registered
 from kvstore.sidecar.context import Context, no_payload
 from kvstore.sidecar.namespaces import peer_ident
 from kvstore.sidecar.procinfo import owner_alive, owner_from_wire
-from kvstore.sidecar.protocol import RemoteError, arg
+from kvstore.sidecar.protocol import SidecarError, arg
 
 #: the registry lives with the other things the sidecar holds for a client (claims)
 __all__ = ["MAX_POOLS_PER_PEER", "GpuPools", "Registered", "export_tensor", "open_tensor", "op_load_pool",
@@ -69,7 +69,7 @@ def export_tensor(t: torch.Tensor) -> dict:
 def open_tensor(desc: Any) -> torch.Tensor:
     """The tensor :func:`export_tensor` described, over the same GPU memory (another process
     of this host). Raises ``InvalidInputError`` for a malformed description and
-    ``RemoteError("unsupported")`` when this process has no CUDA."""
+    ``SidecarError("unsupported")`` when this process has no CUDA."""
     if not isinstance(desc, dict) or any(k not in desc for k in _KEYS):
         raise InvalidInputError(f"a shared pool tensor is described by {', '.join(_KEYS)}")
     ints = ("device", "storage_bytes", "storage_offset_bytes", "ref_offset", "offset")
@@ -79,7 +79,7 @@ def open_tensor(desc: Any) -> torch.Tensor:
                     for k in ("shape", "stride")) or len(desc["shape"]) != len(desc["stride"]):
         raise InvalidInputError("malformed shared pool tensor description")
     if not torch.cuda.is_available():
-        raise RemoteError("this sidecar has no CUDA: it cannot open a GPU pool (load_into/save_from of a GPU "
+        raise SidecarError("this sidecar has no CUDA: it cannot open a GPU pool (load_into/save_from of a GPU "
                           "pool then go through the client's pinned buffer)", "unsupported")
     from torch.multiprocessing.reductions import rebuild_cuda_tensor
 

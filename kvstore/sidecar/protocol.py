@@ -25,7 +25,7 @@ import torch
 
 # the sidecar's error classes are declared once, in kvstore.errors; re-exported here
 from kvstore.errors import (BlockNotFoundError, BusyError, CapacityError, ConfigError, ForbiddenError,  # noqa: F401
-                            InvalidInputError, KVStoreError, LayoutMismatchError, RemoteError, SidecarUnavailableError,
+                            InvalidInputError, KVStoreError, LayoutMismatchError, RemoteError, SidecarError, SidecarUnavailableError,
                             StoreClosedError, ProtocolError, VersionMismatchError, UnknownOpError, MessageTooLargeError,
                             UnsupportedError, DeadlineExceededError, UnknownNamespaceError, UnknownLeaseError,
                             StaleArenaError)
@@ -76,14 +76,14 @@ CODE_TO_ERROR: dict[str, type[Exception]] = {
     "forbidden": ForbiddenError,
     "busy": BusyError,
     "unavailable": SidecarUnavailableError,
-    "internal": RemoteError,
+    "internal": SidecarError,
 }
 
 
 def error_code(exc: BaseException) -> str:
     """The wire code of an exception raised while serving (most specific class first)."""
     code = getattr(exc, "code", None)
-    if isinstance(exc, RemoteError) or isinstance(exc, LayoutMismatchError):
+    if isinstance(exc, SidecarError) or isinstance(exc, LayoutMismatchError):
         return code or "internal"
     for cls, name in ((InvalidInputError, "invalid_argument"), (BlockNotFoundError, "not_found"),
                       (ConfigError, "config"), (CapacityError, "capacity"), (StoreClosedError, "closed"),
@@ -99,8 +99,8 @@ def error_from_reply(error: Any) -> Exception:
         return ProtocolError(f"malformed error reply: {error!r:.200}")
     code = str(error.get("code", "internal"))
     message = str(error.get("message", ""))
-    cls = CODE_TO_ERROR.get(code, RemoteError)
-    if issubclass(cls, RemoteError):
+    cls = CODE_TO_ERROR.get(code, SidecarError)
+    if issubclass(cls, SidecarError):
         return cls(message, code)
     return cls(message)
 
@@ -181,7 +181,7 @@ def reply_error(rid: Any, code: str, message: str) -> list:
 def parse_request(frames: list) -> tuple[dict, list]:
     """Validate ``[MAGIC, header, *payload]``; returns (header, payload frames).
 
-    Raises :class:`RemoteError` subclasses with the code to reply with. The header's ``id``
+    Raises :class:`SidecarError` subclasses with the code to reply with. The header's ``id``
     is set (possibly to None) whenever one could be read, so the reply can carry it.
     """
     if len(frames) < 2:

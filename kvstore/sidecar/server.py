@@ -59,7 +59,7 @@ from kvstore.sidecar.metrics import Counters, Metrics, observe
 from kvstore.sidecar.namespaces import PEER, Namespace, NamespaceBook, Peer
 from kvstore.sidecar.options import ServerOptions
 from kvstore.sidecar.procinfo import host_id  # host_id: re-exported for compatibility
-from kvstore.sidecar.protocol import (GIVE_BACK, MAGIC, OPS, VERSION, MessageTooLargeError, RemoteError, arg,
+from kvstore.sidecar.protocol import (GIVE_BACK, MAGIC, OPS, VERSION, MessageTooLargeError, SidecarError, arg,
                                       check_header, error_code, parse_request, reply_error, reply_ok)
 from kvstore.sidecar.security import ZAP_DOMAIN, RefusalLog, ZapHandler, check_bind, handshake_failure, load_allow_dir, load_keys
 
@@ -482,7 +482,7 @@ class SidecarServer:
         code = "ok"
         try:
             if deadline is not None and time.monotonic() - received > deadline and op not in GIVE_BACK:
-                raise RemoteError(f"{op} waited {time.monotonic() - received:.3f} s in the queue, past its "
+                raise SidecarError(f"{op} waited {time.monotonic() - received:.3f} s in the queue, past its "
                                   f"deadline of {deadline:.3f} s", "deadline_exceeded")
             result, out = self._handlers[op](args, payload)
             return reply_ok(rid, result, out)

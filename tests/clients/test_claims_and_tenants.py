@@ -15,7 +15,7 @@ from clients import connect
 from kvstore.errors import BlockNotFoundError
 from kvstore.sidecar.procinfo import owner_alive, process_start_time
 from tests.clients.conftest import BT, start_server
-from tests.clients.test_remote import make_kv, wait_until
+from tests.clients.test_sidecar_client import make_kv, wait_until
 
 TOKENS = list(range(500, 516))
 
@@ -103,7 +103,7 @@ with connect(sys.argv[1], layout=layout, namespace="killed", block_tokens=4, tim
 
 
 def test_a_killed_client_reservation_is_reclaimed(quick, layout):
-    from tests.clients.test_remote import ROOT
+    from tests.clients.test_sidecar_client import ROOT
 
     srv = quick
     p = subprocess.Popen([sys.executable, "-c", HANG, srv.endpoint], cwd=ROOT, text=True,

@@ -17,7 +17,7 @@ from kvstore.errors import BusyError
 from kvstore.sidecar.procinfo import process_start_time
 from kvstore.sidecar.protocol import MAGIC, VERSION, pack, unpack
 from tests.clients.conftest import BT, start_server
-from tests.clients.test_remote import make_kv, wait_until
+from tests.clients.test_sidecar_client import make_kv, wait_until
 
 TOKENS = list(range(500, 516))
 

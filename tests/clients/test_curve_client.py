@@ -1,4 +1,4 @@
-"""RemoteClient over CurveZMQ: keys by argument or environment; a client the sidecar does
+"""SidecarClient over CurveZMQ: keys by argument or environment; a client the sidecar does
 not know is refused (a clear SidecarUnavailableError, counted by the sidecar)."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from kvstore.errors import ConfigError
 from kvstore.sidecar.security import write_keypair
 from kvstore.sidecar.protocol import SidecarUnavailableError
 from tests.clients.conftest import BT, start_server
-from tests.clients.test_remote import make_kv, wait_until
+from tests.clients.test_sidecar_client import make_kv, wait_until
 
 
 @pytest.fixture

@@ -9,32 +9,32 @@ import pytest
 import torch
 
 from clients import connect
-from clients.remote import DEFAULT_CONNECT_TIMEOUT_S, DEFAULT_TIMEOUT_S, RemoteClient
+from clients.sidecar import DEFAULT_CONNECT_TIMEOUT_S, DEFAULT_TIMEOUT_S, SidecarClient
 import kvstore.errors as errors
 from kvstore.sidecar import protocol
 from tests.clients.conftest import BT, start_server
-from tests.clients.test_remote import FakeSidecar, hello_ok, make_kv
+from tests.clients.test_sidecar_client import FakeSidecar, hello_ok, make_kv
 
 
 def test_defaults_are_short_and_documented():
     assert DEFAULT_TIMEOUT_S <= 5 and DEFAULT_CONNECT_TIMEOUT_S <= 3
-    import clients.remote
+    import clients.sidecar
 
-    doc = clients.remote.__doc__
+    doc = clients.sidecar.__doc__
     assert "5 s" in doc and "3 s" in doc and "timeout=" in doc
 
 
 def test_nothing_listening_fails_within_the_connect_deadline(layout):
     t0 = time.monotonic()
     with pytest.raises(errors.SidecarUnavailableError):
-        RemoteClient("tcp://127.0.0.1:9", layout, block_tokens=BT)
+        SidecarClient("tcp://127.0.0.1:9", layout, block_tokens=BT)
     assert time.monotonic() - t0 < DEFAULT_CONNECT_TIMEOUT_S + 1.0
 
 
 def test_a_silent_sidecar_costs_each_call_its_deadline_retries_included(layout):
     fake = FakeSidecar(lambda n, h: hello_ok(h) if h["op"] == "hello" else None)
     try:
-        c = RemoteClient(fake.endpoint, layout, block_tokens=BT, shm=False)
+        c = SidecarClient(fake.endpoint, layout, block_tokens=BT, shm=False)
         for call in (lambda: c.lookup(list(range(8))), lambda: c.put(list(range(8)), make_kv(layout, 8, 1))):
             t0 = time.monotonic()
             with pytest.raises(errors.SidecarUnavailableError):
@@ -69,7 +69,7 @@ def test_each_error_code_maps_to_its_class(layout, code, cls):
     fake = FakeSidecar(lambda n, h: hello_ok(h) if h["op"] == "hello" else
                        {"v": 1, "id": h["id"], "ok": False, "error": {"code": code, "message": f"a {code} error"}})
     try:
-        c = RemoteClient(fake.endpoint, layout, block_tokens=BT, shm=False, timeout=2)
+        c = SidecarClient(fake.endpoint, layout, block_tokens=BT, shm=False, timeout=2)
         with pytest.raises(cls, match=f"a {code} error"):
             c.stats()
         c.close()

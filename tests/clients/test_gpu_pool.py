@@ -16,7 +16,7 @@ import torch
 
 from clients import connect
 from kvstore import BlockNotFoundError, ModelLayout
-from kvstore.errors import InvalidInputError, RemoteError
+from kvstore.errors import InvalidInputError, SidecarError
 from kvstore.sidecar.gpu_pool import open_tensor
 from tests.clients.conftest import BT, capacities
 from tests.clients.test_shm_integrity import _scribble
@@ -49,7 +49,7 @@ def test_a_sidecar_without_cuda_declines_a_well_formed_pool():
     desc = {"device": 0, "handle": b"h" * 64, "storage_bytes": 1024, "storage_offset_bytes": 0,
             "ref_handle": b"r", "ref_offset": 0, "event_handle": b"", "event_sync": False,
             "shape": [4], "stride": [1], "offset": 0, "dtype": "float16"}
-    with pytest.raises(RemoteError) as err:
+    with pytest.raises(SidecarError) as err:
         open_tensor(desc)
     assert err.value.code == "unsupported"
 

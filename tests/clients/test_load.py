@@ -18,7 +18,7 @@ import torch
 from clients import connect
 from kvstore.errors import BlockNotFoundError
 from tests.clients.conftest import BT, start_server
-from tests.clients.test_remote import make_kv, wait_until
+from tests.clients.test_sidecar_client import make_kv, wait_until
 
 CLIENTS = 32
 SECONDS = 3.0

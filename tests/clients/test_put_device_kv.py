@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from clients.remote import kv_on_host
+from clients.sidecar import kv_on_host
 from tests.delayed_copies import DelayedCopier
 
 

@@ -18,11 +18,11 @@ from allocator.shm import map_shared
 from clients import CurveConfig, connect
 from kvstore import StoreConfig
 from kvstore.errors import BlockNotFoundError
-from kvstore.sidecar.protocol import RemoteError, StaleArenaError
+from kvstore.sidecar.protocol import SidecarError, StaleArenaError
 from kvstore.sidecar.security import write_keypair
 from kvstore.sidecar.server import ServerOptions, SidecarServer
 from tests.clients.conftest import BT, capacities, start_server
-from tests.clients.test_remote import make_kv
+from tests.clients.test_sidecar_client import make_kv
 
 T0, T1, T2 = (list(range(1000 * k, 1000 * k + 16)) for k in (1, 2, 3))
 
@@ -265,7 +265,7 @@ def test_curve_tenants_never_share_mappable_memory(curve_keys, shm_dir, layout):
             assert torch.equal(a.get(T0, device="cpu"), kva) and torch.equal(b.get(T0, device="cpu"), kvb)
             codes = []
             for name in ("a-ns", "never-made"):  # alice's name and a name nobody made answer alike
-                with pytest.raises(RemoteError) as err:
+                with pytest.raises(SidecarError) as err:
                     b._request("get", {"ns": name, "tokens": _tok(T0), "shm": True})
                 codes.append((err.value.code, str(err.value).replace(name, "NAME")))
             assert codes[0] == codes[1] and codes[0][0] == "unknown_namespace"
@@ -315,7 +315,7 @@ def test_a_killed_client_staged_slots_are_reclaimed_and_never_cost_capacity(tmp_
     import time
 
     from tests.clients.conftest import DEVICE_BLOCKS
-    from tests.clients.test_remote import ROOT, wait_until
+    from tests.clients.test_sidecar_client import ROOT, wait_until
 
     srv = _server("tcp://127.0.0.1:*", tmp_path, shm_dir, lease_timeout_s=0.3)
     p = subprocess.Popen([sys.executable, "-c", _STAGE_AND_HANG, srv.endpoint], cwd=ROOT, text=True,

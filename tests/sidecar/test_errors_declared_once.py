@@ -27,6 +27,23 @@ def test_the_protocol_module_declares_no_exception_class():
 
 def test_a_reply_raises_the_class_an_engine_catches_from_errors():
     exc = protocol.error_from_reply({"code": "unknown_lease", "message": "gone"})
-    assert isinstance(exc, errors.UnknownLeaseError) and isinstance(exc, errors.RemoteError)
+    assert isinstance(exc, errors.UnknownLeaseError) and isinstance(exc, errors.SidecarError)
     assert exc.code == "unknown_lease" and str(exc) == "gone"
     assert protocol.error_code(errors.StaleArenaError("x")) == "stale_arena"
+
+
+def test_the_old_remote_names_are_the_sidecar_names_for_one_release():
+    """"remote" now names the remote tier (Redis) only; the sidecar client and its error
+    class were renamed, and the old names stay importable as the very same objects."""
+    import warnings
+
+    import clients
+    from clients.remote import RemoteClient, SidecarClient as ViaOldModule
+    from clients.sidecar import SidecarClient
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an alias, not a shim that warns on every import
+        assert RemoteClient is SidecarClient and ViaOldModule is SidecarClient
+        assert clients.RemoteClient is SidecarClient and clients.SidecarClient is SidecarClient
+    assert errors.RemoteError is errors.SidecarError and protocol.RemoteError is errors.SidecarError
+    assert issubclass(errors.SidecarUnavailableError, errors.RemoteError)

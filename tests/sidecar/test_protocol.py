@@ -7,7 +7,7 @@ import torch
 import zmq
 
 from kvstore import BlockNotFoundError, ConfigError, InvalidInputError, StoreClosedError
-from kvstore.sidecar.protocol import (CODE_TO_ERROR, LayoutMismatchError, ProtocolError, RemoteError, UnknownOpError,
+from kvstore.sidecar.protocol import (CODE_TO_ERROR, LayoutMismatchError, ProtocolError, SidecarError, UnknownOpError,
                               VersionMismatchError, check_header, error_code, error_from_reply, pack,
                               parse_request, tensor_desc, tensor_frame, tensor_from_frame)
 
@@ -56,14 +56,14 @@ def test_bad_tensor_descriptors(desc, exc):
 def test_error_codes_map_back_to_the_same_class(exc, code):
     assert error_code(exc) == code
     back = error_from_reply({"code": code, "message": "boom"})
-    assert type(back) is (type(exc) if code != "internal" else RemoteError)
+    assert type(back) is (type(exc) if code != "internal" else SidecarError)
     assert str(back) == "boom"
 
 
 def test_every_code_has_a_class_and_unknown_codes_stay_remote_errors():
     assert all(isinstance(error_from_reply({"code": c, "message": "m"}), Exception) for c in CODE_TO_ERROR)
     e = error_from_reply({"code": "brand_new", "message": "m"})
-    assert isinstance(e, RemoteError) and e.code == "brand_new"
+    assert isinstance(e, SidecarError) and e.code == "brand_new"
     assert isinstance(error_from_reply("garbage"), ProtocolError)
 
 

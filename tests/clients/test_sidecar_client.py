@@ -1,4 +1,4 @@
-"""RemoteClient specifics: deadlines, retries, absent/other-version sidecars, restarts,
+"""SidecarClient specifics: deadlines, retries, absent/other-version sidecars, restarts,
 several processes sharing one cache, and clients that die holding leases."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import pytest
 import torch
 import zmq
 
-from clients import RemoteClient, connect
+from clients import SidecarClient, connect
 from kvstore import ConfigError, ModelLayout
 from kvstore.sidecar.protocol import (MAGIC, LayoutMismatchError, SidecarUnavailableError, VersionMismatchError, pack,
                               unpack)
@@ -109,7 +109,7 @@ def test_timeout_retries_idempotent_ops_only(layout):
 
     fake = FakeSidecar(respond)
     try:
-        c = RemoteClient(fake.endpoint, layout, block_tokens=BT, timeout=0.3, retries=1)
+        c = SidecarClient(fake.endpoint, layout, block_tokens=BT, timeout=0.3, retries=1)
         assert c.lookup(list(range(8))) == 4
         assert [h["op"] for h in fake.seen].count("lookup") == 2
         with pytest.raises(SidecarUnavailableError, match="'put' within 0.3 s \\(1 attempt\\)"):
