@@ -460,7 +460,9 @@ class SidecarClient:
         if u8 is not None:
             return u8
         buf = self._bounce_rows(rows.shape[0])
-        buf.copy_(rows)
+        copier = getattr(self, "copier", DEFAULT_COPIER)
+        copier.copy(buf, rows)
+        copier.wait(rows)  # a device->host copy lands before the host reads the bounce
         return as_u8(buf)
 
     def _row_jobs(self, src: np.ndarray | list, dst: np.ndarray | list, pairs: Any) -> list:
