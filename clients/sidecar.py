@@ -10,7 +10,10 @@ numbers (see :mod:`kvstore.sidecar.shm_plane`). Every such copy is split over th
 verifies its own copy. A put writes into slots this client holds staged ahead of time and
 sends one ``put_shm`` (one round trip; the reply tops the staged slots up); the copy runs
 outside the client's lock (``put_async``/``save_from_async`` on the save thread never hold
-up the caller's loads). A read checks its copy against the checksums in the reply (a block
+up the caller's loads). A pool whose rows are strided (vLLM-CPU's head-major-packed
+pool) cannot be verified in place: its blocks go through a small per-thread bounce a
+cache-sized chunk at a time (:mod:`clients.chunked`), still about one pass over memory.
+A read checks its copy against the checksums in the reply (a block
 that fails is reported to the sidecar, which drops it, and is never returned as other
 bytes: ``get`` raises ``BlockNotFoundError``, ``load_into`` names its pool block) and sends
 its ``release`` without waiting for the answer. A CUDA pool registered with
@@ -164,8 +167,9 @@ def _pool_u8(rows: paged.Rows) -> "np.ndarray | _PerLayer | None":
     The fused copy treats store block ``b`` as row ``b`` of each view, one contiguous run of
     bytes: that holds for a cross-layer pool and per-layer block-major ``[n, bt, H, D]``
     rows, not where an engine block holds several store blocks (``split > 1``) nor for
-    head-major layouts (a store block's rows are strided there). Those go through the
-    reusable bounce rows (``paged.take`` / ``paged.place``)."""
+    head-major layouts (a store block's rows are strided there). Those go through a small
+    per-thread bounce a chunk of blocks at a time on the CPU (:mod:`clients.chunked`), and
+    through the reusable pinned bounce rows (``paged.take`` / ``paged.place``) on a GPU."""
     if isinstance(rows, paged.LayerRows):
         if rows.split != 1 or any(r.dim() != 4 or (r.shape[0] and not r[0].is_contiguous()) for r in rows):
             return None
@@ -646,8 +650,13 @@ class SidecarClient:
         memory, so what is verified there is what the engine will read. A block whose bytes
         were changed in shared memory after it was written fails that check: the sidecar is
         told (it drops the block), and the pool rows of ``block_ids[i]`` now hold unusable
-        bytes. A GPU pool is filled through one reusable pinned host buffer (verified there,
-        then one DMA of the good blocks); without shared memory the blocks arrive as frames.
+        bytes. A CPU pool whose rows are strided (head-major, or several store blocks per
+        engine block) is filled a cache-sized chunk of blocks at a time through a small
+        reusable bounce per thread: copied and verified there, then laid out into the pool
+        from the cache; a block that fails is not placed at all (its rows keep what they
+        held, and are named unusable all the same). A GPU pool is filled through one
+        reusable pinned host buffer (verified there, then one DMA of the good blocks);
+        without shared memory the blocks arrive as frames.
 
         Returns a :class:`~clients.base.LoadResult`, an ``int``: the tokens loaded
         (``len(tokens)``), with ``failed_block_ids`` / ``failed_positions`` empty. When blocks
@@ -879,8 +888,9 @@ class SidecarClient:
         whose KV sits in pool blocks ``block_ids`` (one more id, for a partial trailing
         block, is accepted and ignored). Returns the cached prefix length in tokens. Over
         shared memory the blocks are copied straight from the pool rows into staged slots,
-        each piece hashed from the cache right after its copy (a GPU pool is first gathered
-        into the client's reusable pinned buffer by one DMA); otherwise they cross as one
+        each piece hashed from the cache right after its copy (a strided CPU pool is
+        gathered a cache-sized chunk at a time into a small per-thread bounce first; a GPU
+        pool into the client's reusable pinned buffer by one DMA); otherwise they cross as one
         frame. The pool may be reused once this returns. O(bytes): one copy."""
         self._check_open()
         arr, nb, rows, ids = self._save_args(tokens, pool, block_ids)
