@@ -10,7 +10,10 @@ numbers (see :mod:`kvstore.sidecar.shm_plane`). Every such copy is split over th
 verifies its own copy. A put writes into slots this client holds staged ahead of time and
 sends one ``put_shm`` (one round trip; the reply tops the staged slots up); the copy runs
 outside the client's lock (``put_async``/``save_from_async`` on the save thread never hold
-up the caller's loads). A read checks its copy against the checksums in the reply (a block
+up the caller's loads). A pool whose rows are strided (vLLM-CPU's head-major-packed
+pool) cannot be verified in place: its blocks go through a small per-thread bounce a
+cache-sized chunk at a time (:mod:`clients.chunked`), still about one pass over memory.
+A read checks its copy against the checksums in the reply (a block
 that fails is reported to the sidecar, which drops it, and is never returned as other
 bytes: ``get`` raises ``BlockNotFoundError``, ``load_into`` names its pool block) and sends
 its ``release`` without waiting for the answer. A CUDA pool registered with
@@ -59,6 +62,7 @@ import torch
 import zmq
 
 from allocator.checksum import as_u8, copy_digests, from_wire, row_pieces, to_wire
+from clients.chunked import CHUNK_BYTES, StridedPool, chunk_blocks, chunks_of, run_chunks
 from allocator.memory import default_device
 from allocator.rowcopy import DEFAULT_COPIER, Copier
 from allocator.shm import fresh_memory, map_shared
@@ -163,8 +167,9 @@ def _pool_u8(rows: paged.Rows) -> "np.ndarray | _PerLayer | None":
     The fused copy treats store block ``b`` as row ``b`` of each view, one contiguous run of
     bytes: that holds for a cross-layer pool and per-layer block-major ``[n, bt, H, D]``
     rows, not where an engine block holds several store blocks (``split > 1``) nor for
-    head-major layouts (a store block's rows are strided there). Those go through the
-    reusable bounce rows (``paged.take`` / ``paged.place``)."""
+    head-major layouts (a store block's rows are strided there). Those go through a small
+    per-thread bounce a chunk of blocks at a time on the CPU (:mod:`clients.chunked`), and
+    through the reusable pinned bounce rows (``paged.take`` / ``paged.place``) on a GPU."""
     if isinstance(rows, paged.LayerRows):
         if rows.split != 1 or any(r.dim() != 4 or (r.shape[0] and not r[0].is_contiguous()) for r in rows):
             return None
@@ -214,6 +219,10 @@ class SidecarClient:
         # reusable host rows, only where a bounce is unavoidable: one per thread that needs one
         # (the save thread and the caller's may copy at once)
         self._bounces: dict[int, torch.Tensor] = {}
+        # a CPU pool whose rows are strided: a few blocks at a time through a cache-sized
+        # bounce per thread (the caller's and the copy pool's), see clients.chunked
+        self._chunk_bounces: dict[int, np.ndarray] = {}
+        self._chunk_bytes = CHUNK_BYTES
         self._saver = AsyncSaver()  # put_async / save_from_async, in submission order
         self._gpu_pools: dict[tuple, int] = {}  # registered CUDA pools (their tensors' identity) -> sidecar id
         self._idents: list[int] = []  # identity of each mapped segment (the server's generation)
@@ -416,8 +425,8 @@ class SidecarClient:
         if activations is not None:  # the shared arenas hold KV only
             return self._put_frames(args, kv, activations)
         kv6 = self._block_rows(kv, nb)
-        return self._put_rows(args, nb, lambda dst, slots: self._row_jobs(self._host_rows(kv6), dst, enumerate(slots)),
-                              lambda: kv)
+        return self._put_rows(args, nb, lambda dst, slots: self._copy(
+            self._row_jobs(self._host_rows(kv6), dst, enumerate(slots)), hash_dst=False), lambda: kv)
 
     def put_async(self, tokens: Any, kv: torch.Tensor, activations: torch.Tensor | None = None) -> PutHandle:
         """``put`` without stalling the caller (``KVStore.put_async``'s semantics): input is
@@ -484,13 +493,14 @@ class SidecarClient:
     def _copy(self, jobs: list, *, hash_dst: bool) -> np.ndarray:
         return copy_digests(jobs, hash_dst=hash_dst, pool=self._hasher, parts=self._hash_parts)
 
-    def _put_rows(self, args: dict, nb: int, jobs_for: Callable[[np.ndarray, list[int]], list],
+    def _put_rows(self, args: dict, nb: int, copy_in: Callable[[np.ndarray, list[int]], np.ndarray],
                   whole: Callable[[], torch.Tensor]) -> int:
-        """Put ``nb`` blocks: ``jobs_for(slot_rows, slots)`` copies them into staged shared
-        slots (hashing the source beside the copy) when we can, else they go as frames of
-        ``whole()`` (the ``[layers, 2, T, ...]`` tensor)."""
+        """Put ``nb`` blocks: ``copy_in(slot_rows, slots)`` copies them into staged shared
+        slots and returns the checksums of what it copied (hashed from the cache beside the
+        copy) when we can, else they go as frames of ``whole()`` (the ``[layers, 2, T, ...]``
+        tensor)."""
         if self._rows:
-            done = self._put_shm(args, nb, jobs_for)
+            done = self._put_shm(args, nb, copy_in)
             if done is not None:
                 return done
         return self._put_frames(args, whole())
@@ -528,8 +538,8 @@ class SidecarClient:
         self._staged = [s for s in slots if s not in self._writing]
         self._staged_at = time.monotonic()
 
-    def _put_shm(self, args: dict, nb: int, jobs_for: Callable[[np.ndarray, list[int]], list]) -> int | None:
-        """Copy ``nb`` blocks into staged slots (``jobs_for``), then one ``put_shm``; None:
+    def _put_shm(self, args: dict, nb: int, copy_in: Callable[[np.ndarray, list[int]], np.ndarray]) -> int | None:
+        """Copy ``nb`` blocks into staged slots (``copy_in``), then one ``put_shm``; None:
         send frames instead. The slots are taken under the lock, the copy runs outside it (a
         save on another thread never holds up this client's loads), the message under it."""
         with self._lock:
@@ -547,7 +557,7 @@ class SidecarClient:
             self._writing.update(slots)
             dst, claim, arena = self._rows_u8[self._stage_seg], self._stage_claim, list(self._idents)
         try:
-            sums = self._copy(jobs_for(dst, slots), hash_dst=False)
+            sums = copy_in(dst, slots)
             try:
                 res, _ = self._request("put_shm", {**args, "claim": claim, "slots": slots,
                                                    "sums": to_wire(sums), "arena": arena})
@@ -642,8 +652,13 @@ class SidecarClient:
         memory, so what is verified there is what the engine will read. A block whose bytes
         were changed in shared memory after it was written fails that check: the sidecar is
         told (it drops the block), and the pool rows of ``block_ids[i]`` now hold unusable
-        bytes. A GPU pool is filled through one reusable pinned host buffer (verified there,
-        then one DMA of the good blocks); without shared memory the blocks arrive as frames.
+        bytes. A CPU pool whose rows are strided (head-major, or several store blocks per
+        engine block) is filled a cache-sized chunk of blocks at a time through a small
+        reusable bounce per thread: copied and verified there, then laid out into the pool
+        from the cache; a block that fails is not placed at all (its rows keep what they
+        held, and are named unusable all the same). A GPU pool is filled through one
+        reusable pinned host buffer (verified there, then one DMA of the good blocks);
+        without shared memory the blocks arrive as frames.
 
         Returns a :class:`~clients.base.LoadResult`, an ``int``: the tokens loaded
         (``len(tokens)``), with ``failed_block_ids`` / ``failed_positions`` empty. When blocks
@@ -779,6 +794,8 @@ class SidecarClient:
                     if dev.type == "cpu" and (dst := _pool_u8(rows)) is not None:
                         got = self._copy(self._seg_jobs(blocks, dst, ids), hash_dst=True)
                         bad = [int(i) for i in (got != want).nonzero()[0]]
+                    elif dev.type == "cpu":  # strided rows: verified a chunk at a time, placed from the cache
+                        bad = self._load_chunked(blocks, want, rows, ids)
                     else:  # a GPU pool: verified in the bounce buffer, then one DMA of the good blocks
                         buf = self._bounce_rows(nb)
                         got = self._copy(self._seg_jobs(blocks, as_u8(buf), range(nb)), hash_dst=True)
@@ -804,6 +821,62 @@ class SidecarClient:
         paged.wait(rows)
         return []
 
+    def _chunk_bounce(self, per: int) -> np.ndarray:
+        """This thread's reusable bounce of ``per`` slot-shaped uint8 rows (see
+        :mod:`clients.chunked`): allocated on a thread's first chunked copy, then reused for
+        the client's life (grown only if a call needs more rows). O(1) once allocated."""
+        me = threading.get_ident()
+        buf = self._chunk_bounces.get(me)
+        if buf is None or buf.shape[0] < per:
+            shape = (per, *self.layout.block_shape(self.block_tokens))
+            buf = self._chunk_bounces[me] = as_u8(torch.empty(shape, dtype=self.layout.dtype))
+        return buf[:per]
+
+    def _chunks(self, nb: int) -> tuple[int, list[range]]:
+        """``nb`` blocks as cache-sized chunks: ``(blocks per chunk, chunks)``."""
+        per = chunk_blocks(self.layout.kv_block_bytes(self.block_tokens), self._chunk_bytes)
+        return per, chunks_of(nb, per)
+
+    def _load_chunked(self, blocks: list, want: np.ndarray, rows: paged.LayerRows, ids: list[int]) -> list[int]:
+        """Blocks ``blocks[i]`` (lease slots) into strided CPU pool ``rows`` at store block
+        ``ids[i]``, a chunk at a time: the chunk's slots are copied into this thread's bounce
+        and hashed from the cache, and each block whose digest equals ``want[i]`` is then
+        laid out into the pool from the cache. A block that fails is never placed (its pool
+        rows keep what they held). Chunks run on the caller and the copy pool's threads.
+        Returns the failed indices into ``blocks``, ascending. O(bytes): about one pass."""
+        sp = StridedPool(rows)
+        per, cuts = self._chunks(len(ids))
+        failed: list[list[int]] = [[] for _ in cuts]
+
+        def work(c: int) -> None:
+            chunk, buf = cuts[c], self._chunk_bounce(per)
+            got = copy_digests(self._seg_jobs([blocks[i] for i in chunk], buf, range(len(chunk))), hash_dst=True)
+            for k, i in enumerate(chunk):
+                if got[k] == want[i]:
+                    sp.put(buf[k], ids[i])
+                else:
+                    failed[c].append(i)
+        run_chunks(len(cuts), work, self._hasher, self._hash_parts)
+        return [i for f in failed for i in f]
+
+    def _save_chunked(self, rows: paged.LayerRows, ids: list[int], dst: np.ndarray, slots: list[int]) -> np.ndarray:
+        """Store blocks ``ids[i]`` of strided CPU pool ``rows`` into slots ``dst[slots[i]]``,
+        a chunk at a time: gathered from the pool into this thread's bounce, then copied into
+        the slots with each piece hashed right after its copy from the bounce (in the cache).
+        Returns the checksums of what was copied. O(bytes): about one pass."""
+        sp = StridedPool(rows)
+        per, cuts = self._chunks(len(ids))
+        sums = np.empty(len(ids), dtype=np.uint64)
+
+        def work(c: int) -> None:
+            chunk, buf = cuts[c], self._chunk_bounce(per)
+            for k, i in enumerate(chunk):
+                sp.get(ids[i], buf[k])
+            sums[chunk.start:chunk.stop] = copy_digests(
+                self._row_jobs(buf, dst, [(k, slots[i]) for k, i in enumerate(chunk)]), hash_dst=False)
+        run_chunks(len(cuts), work, self._hasher, self._hash_parts)
+        return sums
+
     def _seg_jobs(self, blocks: list, dst: Any, ids: Any) -> list:
         """Copy jobs from the lease's slots (``blocks[i] = [segment, slot]``) to ``dst[ids[i]]``."""
         jobs = []
@@ -817,8 +890,9 @@ class SidecarClient:
         whose KV sits in pool blocks ``block_ids`` (one more id, for a partial trailing
         block, is accepted and ignored). Returns the cached prefix length in tokens. Over
         shared memory the blocks are copied straight from the pool rows into staged slots,
-        each piece hashed from the cache right after its copy (a GPU pool is first gathered
-        into the client's reusable pinned buffer by one DMA); otherwise they cross as one
+        each piece hashed from the cache right after its copy (a strided CPU pool is
+        gathered a cache-sized chunk at a time into a small per-thread bounce first; a GPU
+        pool into the client's reusable pinned buffer by one DMA); otherwise they cross as one
         frame. The pool may be reused once this returns. O(bytes): one copy."""
         self._check_open()
         arr, nb, rows, ids = self._save_args(tokens, pool, block_ids)
@@ -858,16 +932,21 @@ class SidecarClient:
                 return done
         _, args = self._ns_args(arr)
 
-        def jobs_for(dst: np.ndarray, slots: list[int]) -> list:
-            src = _pool_u8(rows) if paged.device_of(rows).type == "cpu" else None
-            if src is None:  # a GPU pool: one gather on the device, one DMA into the bounce buffer
-                return self._row_jobs(self._host_rows(paged.take(rows, ids)), dst, enumerate(slots))
-            return self._row_jobs(src, dst, zip(ids, slots))
+        def copy_in(dst: np.ndarray, slots: list[int]) -> np.ndarray:
+            on_cpu = paged.device_of(rows).type == "cpu"
+            src = _pool_u8(rows) if on_cpu else None
+            if src is not None:
+                return self._copy(self._row_jobs(src, dst, zip(ids, slots)), hash_dst=False)
+            if on_cpu:  # strided rows: gathered a chunk at a time, hashed from the cache
+                return self._save_chunked(rows, ids, dst, slots)  # type: ignore[arg-type]
+            # a GPU pool: one gather on the device, one DMA into the bounce buffer
+            return self._copy(self._row_jobs(self._host_rows(paged.take(rows, ids)), dst, enumerate(slots)),
+                              hash_dst=False)
 
         def whole() -> torch.Tensor:
             kv6 = paged.take(rows, ids).cpu()
             return from_block_rows(kv6)
-        return self._put_rows(args, nb, jobs_for, whole)
+        return self._put_rows(args, nb, copy_in, whole)
 
     def _copy_verified(self, result: dict) -> torch.Tensor:
         """Copy a lease's blocks out into a new CPU tensor, hashing each piece from the cache
