@@ -22,10 +22,21 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 import itertools
 import math
+import os
 
 import numpy as np
 import torch
 import xxhash
+
+
+def usable_cpus() -> int:
+    """The cores this process may run on: its affinity mask (``taskset``, a cpuset, a
+    container's ``--cpuset-cpus``), not the machine's count -- more copy threads than cores
+    only take turns. O(1)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # no affinity API (macOS, Windows)
+        return max(1, os.cpu_count() or 1)
 
 
 def _as_bytes(t: torch.Tensor) -> np.ndarray:

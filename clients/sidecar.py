@@ -61,7 +61,7 @@ import numpy as np
 import torch
 import zmq
 
-from allocator.checksum import as_u8, copy_digests, from_wire, row_pieces, to_wire
+from allocator.checksum import as_u8, copy_digests, from_wire, row_pieces, to_wire, usable_cpus
 from clients.chunked import CHUNK_BYTES, StridedPool, chunk_blocks, chunks_of, run_chunks
 from allocator.memory import default_device
 from allocator.rowcopy import DEFAULT_COPIER, Copier
@@ -233,7 +233,7 @@ class SidecarClient:
         # every copy in or out of shared memory is split over the cores, each piece hashed
         # right after its copy (numpy's copy and xxh3 release the GIL); the calling thread
         # takes one share, the pool the others
-        self._hash_parts = max(1, min(4, os.cpu_count() or 2))
+        self._hash_parts = min(4, usable_cpus())
         self._hasher = ThreadPoolExecutor(max_workers=max(1, self._hash_parts - 1),
                                           thread_name_prefix="kvstore-client-copy")
         self.server_info: dict = {}

@@ -87,7 +87,7 @@ def simulate_many(trace: Trace, policies: Sequence[str], capacities: Sequence[in
                   progress: Callable[[int, int, dict], None] | None = None) -> list[dict]:
     """Run every (policy, capacity) pair; results in (policy, capacity) order.
 
-    ``jobs`` worker processes (default: CPU count; 1 runs in this process). ``progress``
+    ``jobs`` worker processes (default: the cores this process may run on; 1 runs in this process). ``progress``
     is called after each finished job with (done, total, result).
     """
     tasks = [(i, p, c, metric) for i, (p, c) in
@@ -96,7 +96,7 @@ def simulate_many(trace: Trace, policies: Sequence[str], capacities: Sequence[in
         trace.next_access()  # computed once, inherited by the workers
     order = sorted(tasks, key=lambda t: -_WEIGHT.get(t[1], 1.0) * (1 + 0.1 * (t[2] > 0)))
     results: list[dict | None] = [None] * len(tasks)
-    jobs = jobs or os.cpu_count() or 1
+    jobs = jobs or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()) or 1
     jobs = max(1, min(jobs, len(tasks)))
     done = 0
     if jobs == 1:

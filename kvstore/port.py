@@ -35,7 +35,8 @@ checks it reaches no further). It holds the store weakly, so it never keeps a dr
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 import logging
 import threading
 from typing import Any, Protocol
@@ -125,16 +126,14 @@ class StorePort:
         """``lookup`` if the lock is free right now, else None (the caller defers it; also
         None when the answer needs a remote-tier round trip). O(tokens)."""
         store = self._store
-        if not store._lock.acquire(blocking=False):
-            return None
-        try:
+        with self.nowait() as held:
+            if not held:
+                return None
             if store._remote is not None:  # a remote lookup is a network round trip: defer unless all local
                 _, keys = store._keys(tokens)
                 if store._closed or store._cached_prefix(keys, store.adapter) < len(keys):
                     return None
             return store.lookup(tokens, exact=exact)
-        finally:
-            store._lock.release()
 
     # -- reads: lease, copy, release ------------------------------------------------------
     def acquire(self, tokens: TokensLike, tiers: Sequence[int], *, exact: bool | None = None) -> Lease | None:
@@ -161,6 +160,20 @@ class StorePort:
             for e in entries:
                 store._tiers.pin(e)
             return Lease(placed)
+
+    @contextmanager
+    def nowait(self) -> Iterator[bool]:
+        """Hold the store's lock if it is free right now: yields True (held until the block
+        ends; the store's own calls re-enter it), else False at once. The sidecar's loop
+        answers cheap requests under it, and hands them to a worker when it yields False,
+        so the loop never waits on a lock a worker holds through a disk read. O(1)."""
+        lock = self._store._lock
+        held = lock.acquire(blocking=False)
+        try:
+            yield held
+        finally:
+            if held:
+                lock.release()
 
     def release(self, lease: Lease) -> None:
         """Unpin a lease's blocks (idempotent). O(blocks), plus the promotion's bytes."""

@@ -15,6 +15,8 @@ import sys
 import time
 from typing import Callable, Literal
 
+from allocator.checksum import usable_cpus
+
 
 @dataclass
 class Result:
@@ -71,7 +73,7 @@ class Report:
 
 def machine_info() -> dict:
     info = {"platform": platform.platform(), "python": platform.python_version(),
-            "cpus": os.cpu_count()}
+            "cpus": os.cpu_count(), "usable_cpus": usable_cpus()}
     try:
         import torch
 

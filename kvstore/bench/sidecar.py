@@ -23,6 +23,20 @@ on a shared machine both see the same load:
   of the same bytes (target >= 0.7);
 * ``lookup_ops_per_s_8_clients``: 8 client processes doing lookups vs 8 processes echoing.
 
+And the parts a data-path figure is made of, each timed the same way beside the same limit,
+so a figure below its target shows where the time went (on this machine and the next):
+
+* ``health_rt_us``: a ``health`` round trip vs the bare echo (the sidecar's least work per
+  message, answered on its loop); every shared-memory op pays one such exchange or more;
+* ``copy_hash_gbps``: the client's own copy-and-hash step (:func:`allocator.checksum.copy_digests`,
+  on the client's cores) from a put's blocks into private memory -- no sidecar, no shared
+  memory -- vs the same memcpy: the cost of the integrity check alone;
+* ``hash_cache_gbps``: xxh3 over a cache-resident piece on one core vs the memcpy (how much
+  a core's share of the hashing adds to a copy).
+
+``--cpus 0`` (a list as ``taskset -c`` takes) pins the sidecar, the echo peer and the
+driver to those cores: ``--cpus 0`` against ``--cpus 0,1`` shows what one core more buys.
+
 Layout: the engine-side work runs in ``python -m kvstore.bench.sidecar_client`` (``kvstore`` does
 not import ``clients``); the sidecar is ``python -m kvstore serve`` and the echo peer is
 this module's ``__main__``, each in its own process, so the GIL of one never slows another.
@@ -55,8 +69,42 @@ def _spawn_and_read_endpoint(cmd: list[str], marker: str, timeout: float = 60.0)
     raise RuntimeError(f"{' '.join(cmd[:4])} did not start")
 
 
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--cpus", type=parse_cpus, default=None,
+                        help="run the sidecar, the echo peer and the driver on these cores only "
+                             "(as taskset -c: 0 or 0,1 or 0-3; default: all this process may use)")
+
+
+def parse_cpus(text: str) -> frozenset[int]:
+    """``"0,2-3"`` -> {0, 2, 3}; every core must be one this process may run on."""
+    cpus: set[int] = set()
+    try:
+        for part in text.split(","):
+            lo, dash, hi = part.strip().partition("-")
+            first, last = int(lo), int(hi if dash else lo)
+            if last < first:
+                raise ValueError(part)
+            cpus.update(range(first, last + 1))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--cpus takes a list like 0 or 0,1 or 0-3, got {text!r}") from None
+    allowed = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
+    if not cpus or not cpus <= allowed:
+        raise argparse.ArgumentTypeError(f"--cpus {text!r}: cores must be among {sorted(allowed)}")
+    return frozenset(cpus)
+
+
+def _cores_of(pid: int) -> list[int] | None:
+    try:
+        return sorted(os.sched_getaffinity(pid))
+    except (AttributeError, OSError):
+        return None
+
+
 def run(args: argparse.Namespace) -> Report:
     quick = bool(getattr(args, "quick", False))
+    cpus = getattr(args, "cpus", None)
+    if cpus is not None:
+        os.sched_setaffinity(0, cpus)  # inherited by every process started below
     report = Report("sidecar", machine_info())
     host_bytes = (64 if quick else 256) << 20
     sidecar, endpoint = _spawn_and_read_endpoint(
@@ -65,6 +113,8 @@ def run(args: argparse.Namespace) -> Report:
     echo, echo_endpoint = _spawn_and_read_endpoint([sys.executable, "-m", "kvstore.bench.sidecar", "echo"],
                                                    "echo on ")
     try:
+        affinity = {name: _cores_of(p.pid) for name, p in (("sidecar", sidecar), ("echo", echo))}
+        affinity["driver"] = _cores_of(0)  # it inherits ours
         cmd = [sys.executable, "-m", "kvstore.bench.sidecar_client", "--endpoint", endpoint, "--echo", echo_endpoint]
         if quick:
             cmd.append("--quick")
@@ -81,6 +131,7 @@ def run(args: argparse.Namespace) -> Report:
             except subprocess.TimeoutExpired:
                 p.kill()
     report.machine.update(data.get("machine", {}))
+    report.machine["cores_of"] = affinity  # what each process of the run was allowed to use
     for r in data["results"]:
         report.add(r["name"], r["value"], r["unit"], limit=r.get("limit"), target=r.get("target"),
                    better=r.get("better", "higher"))

@@ -7,14 +7,19 @@ Measures the client ops and, in this same process, the limits they are compared 
 from __future__ import annotations
 
 import argparse
+from concurrent.futures import ThreadPoolExecutor
 import json
 import statistics
 import subprocess
 import sys
 import time
 
+import numpy as np
 import torch
+import xxhash
 import zmq
+
+from allocator.checksum import PIECE_BYTES, as_u8, copy_digests, row_pieces, usable_cpus
 
 from clients import connect
 from kvstore.layout import ModelLayout, as_block_rows
@@ -204,6 +209,27 @@ def main(argv: list[str] | None = None) -> int:
             if i >= 50:
                 cold.append(time.perf_counter() - t0)
     add("lookup_unseen_p50_us", _pct(cold, 0.5) * 1e6, "us", _pct(echo, 0.5) * 1e6, None, "lower")
+    # The least a message to the sidecar costs: a health round trip (answered on its loop),
+    # alternately with the bare echo as above.
+    ctx = zmq.Context()
+    esock = ctx.socket(zmq.DEALER)
+    esock.setsockopt(zmq.LINGER, 0)
+    esock.connect(args.echo)
+    with connect(args.endpoint, layout=small, namespace="bench-lookup", block_tokens=BT, shm=False) as c:
+        rt, echo = [], []
+        for i in range(n + 50):
+            t0 = time.perf_counter()
+            c.health()
+            t1 = time.perf_counter()
+            esock.send_multipart(frames)
+            esock.recv_multipart()
+            t2 = time.perf_counter()
+            if i >= 50:
+                rt.append(t1 - t0)
+                echo.append(t2 - t1)
+    esock.close(0)
+    ctx.term()
+    add("health_rt_us", _pct(rt, 0.5) * 1e6, "us", _pct(echo, 0.5) * 1e6, None, "lower")
 
     # -- 64 MiB via shared memory vs memcpy, each op timed alternately with its limit
     reps = 5 if args.quick else 11
@@ -234,6 +260,19 @@ def main(argv: list[str] | None = None) -> int:
                                      before=c.clear)
         assert torch.equal(c.get(tokens), kv)
         c.clear()
+    # The integrity step alone: the client's copy-and-hash of a put's blocks into private
+    # memory (no sidecar, no shared memory), and one core's xxh3 over a cache-resident piece.
+    rows = as_u8(as_block_rows(kv, BT, nb))
+    slots = np.empty_like(rows)
+    jobs = [row_pieces(rows[i], slots[i]) for i in range(nb)]
+    parts = min(4, usable_cpus())  # as the client splits its copies
+    with ThreadPoolExecutor(max(1, parts - 1)) as pool:
+        ch_lim, ch_s = _paired(copy, lambda: copy_digests(jobs, hash_dst=False, pool=pool, parts=parts), reps)
+    piece = src[:PIECE_BYTES].numpy()
+    reps_h = max(1, nbytes // PIECE_BYTES)
+    hash_lim, hash_s = _paired(copy, lambda: [xxhash.xxh3_64_intdigest(piece) for _ in range(reps_h)], reps)
+    add("copy_hash_gbps", gbps(ch_s), "GB/s", gbps(ch_lim), None, "higher")
+    add("hash_cache_gbps", gbps(hash_s), "GB/s", gbps(hash_lim), None, "higher")
     add("shm_get_gbps", gbps(get_s), "GB/s", gbps(get_lim), 0.8, "higher")
     add("shm_put_gbps", gbps(put_s), "GB/s", gbps(put_lim), 0.8, "higher")
     add("shm_load_into_gbps", gbps(load_s), "GB/s", gbps(load_lim), 0.8, "higher")
@@ -258,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     echo_ops = _concurrent(args, "echo")
     add("lookup_ops_per_s_8_clients", ops, "ops/s", echo_ops, None, "higher")
     print(json.dumps({"machine": {"kv_bytes": nbytes, "layout": lay.to_dict(), "block_tokens": BT,
-                                  "torch_threads": torch.get_num_threads()},
+                                  "torch_threads": torch.get_num_threads(), "copy_threads": parts},
                       "results": results}))
     return 0
 

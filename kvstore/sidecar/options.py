@@ -40,8 +40,9 @@ class ServerOptions:
     max_namespaces_per_key: int = 16
     #: open leases + reservations one connection may hold; more is ``busy``
     max_claims_per_client: int = 1024
-    #: lookups of up to this many tokens are answered on the loop thread; longer ones (their
-    #: hashing is O(tokens)) go to a worker, so they never stall other clients
+    #: lookups and shared-memory gets (leases) of up to this many tokens are answered on the
+    #: loop thread when the store lock is free; longer ones (their hashing is O(tokens)) go to
+    #: a worker, so they never stall other clients
     loop_lookup_tokens: int = 4096
     #: replies ZeroMQ queues for one connection that does not read them (beyond: dropped);
     #: what such a connection can hold is send_hwm x its largest reply. At least a burst of

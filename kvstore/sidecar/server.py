@@ -15,7 +15,8 @@ none of which imports this one:
 Threads and sockets
 -------------------
 One *loop* thread owns the ROUTER socket: it reads requests, validates them, answers the
-cheap ones itself (``health``; ``lookup`` when the namespace's store lock is free) and
+cheap ones itself (``health``; ``lookup``, and a ``get`` over shared memory -- a lease, O(blocks)
+bookkeeping -- when the namespace's store lock is free right now) and
 hands every other request to a pool of worker threads, so disk I/O or a large copy never
 stalls the socket. ZeroMQ sockets are not thread-safe, so workers do not touch the ROUTER:
 each sends its reply over its own ``inproc`` PUSH socket to a PULL socket the loop polls and
@@ -62,6 +63,7 @@ from kvstore.sidecar.procinfo import host_id  # host_id: re-exported for compati
 from kvstore.sidecar.protocol import (GIVE_BACK, MAGIC, OPS, VERSION, MessageTooLargeError, SidecarError, arg,
                                       check_header, error_code, parse_request, reply_error, reply_ok)
 from kvstore.sidecar.security import ZAP_DOMAIN, RefusalLog, ZapHandler, check_bind, handshake_failure, load_allow_dir, load_keys
+from kvstore.sidecar.store_ops import lease_nowait
 
 log = logging.getLogger(__name__)
 
@@ -421,6 +423,13 @@ class SidecarServer:
                 if n is not None:
                     no_payload(op, payload)
                     self._router.send_multipart([ident, *reply_ok(rid, n)], copy=False)
+                    self._observe(op, "ok", received)
+                    return
+            if op == "get":  # a lease on shared slots is O(blocks) bookkeeping: no worker needed
+                no_payload(op, payload)
+                lease = lease_nowait(self.ctx, args, self.options.loop_lookup_tokens)
+                if lease is not None:
+                    self._router.send_multipart([ident, *reply_ok(rid, lease)], copy=False)
                     self._observe(op, "ok", received)
                     return
             if op == "health":

@@ -5,7 +5,8 @@ Each is a handler ``(ctx, args, payload) -> (result, frames)`` of
 :class:`~kvstore.sidecar.context.Context` and calls the namespace's store. KV travels as
 tensor frames here (``put`` takes them, ``get`` replies with them), except a ``get`` with
 ``shm`` from a client that maps the namespace's arenas, which is answered with a lease on
-the slots (:func:`kvstore.sidecar.shm_plane.lease_reply`). The put over shared memory is
+the slots (:func:`kvstore.sidecar.shm_plane.lease_reply`; the loop grants such a lease
+itself when it can without waiting, :func:`lease_nowait`). The put over shared memory is
 :mod:`kvstore.sidecar.shm_plane`'s. The loop answers short lookups itself; a long one
 comes here.
 """
@@ -73,6 +74,31 @@ def op_get(ctx: Context, args: dict, payload: list) -> tuple[Any, list]:
         raise
     ctx.hold_reply(peer, nbytes)
     return {"mode": "frames", "kv": tensor_desc(kv)}, [tensor_frame(kv)]
+
+
+def lease_nowait(ctx: Context, args: dict, max_tokens: int) -> dict | None:
+    """``get``'s shared-memory reply, for the loop thread: the lease when the request asks
+    for shared memory, has at most ``max_tokens`` tokens, the namespace's store lock is free
+    right now and every block sits in a shared tier; None: a worker runs the whole ``get``
+    (and finds the same answer or takes the slow way). Never waits on a lock; O(tokens)."""
+    if not arg(args, "shm", bool, required=False, default=False):
+        return None
+    ns = ctx.namespace(args)
+    if not ns.seg_of_tier:
+        return None
+    tokens = ctx.tokens(args)
+    if len(tokens) > max_tokens:
+        return None
+    exact = arg(args, "exact", bool, required=False)
+    port = ns.store.port
+    with port.nowait() as held:
+        if not held:
+            return None
+        lease = port.acquire(tokens, list(ns.seg_of_tier), exact=exact)
+        if lease is None:
+            return None
+        # still under the store lock: a claim refused (busy) is released without waiting
+        return lease_reply(ns, ctx.claims.add("lease", ns, lease, args), lease)
 
 
 def get_one_copy(ns: Namespace, tokens: Any, exact: bool | None = None) -> torch.Tensor:

@@ -17,7 +17,7 @@ from kvstore.port import Lease, PortedStore, Reservation, StorePort
 
 BT = 4
 PORT_CALLS = ("acquire", "release", "reserve", "commit", "abort", "stage", "staging_spare", "unstage",
-              "put_staged", "lease_checksums", "report_corrupt", "tier_arenas", "lookup_nowait")
+              "put_staged", "lease_checksums", "report_corrupt", "tier_arenas", "lookup_nowait", "nowait")
 
 
 def make_kv(layout, n: int, seed: int) -> torch.Tensor:
@@ -134,3 +134,38 @@ def test_the_port_reaches_the_store_only_through_its_named_surface(layout):
     with memory_store(layout, 2) as s:
         missing = [name for name in surface if not hasattr(s, name)]
     assert not missing, f"PortedStore names what KVStore lacks: {missing}"
+
+
+def test_nowait_holds_the_store_lock_only_when_it_is_free(layout):
+    """The sidecar's loop answers under ``nowait()``: it must never wait for a lock another
+    thread holds, and the store's own calls must re-enter the lock it holds."""
+    import threading
+
+    with memory_store(layout, 4) as s:
+        tokens = list(range(2 * BT))
+        s.put(tokens, make_kv(layout, len(tokens), 3))
+        with s.port.nowait() as held:
+            assert held
+            assert s.lookup(tokens) == len(tokens)  # re-entered, not deadlocked
+            lease = s.port.acquire(tokens, [0])
+            assert lease is not None
+        s.port.release(lease)
+        taken, done = threading.Event(), threading.Event()
+
+        def holder():
+            with s._lock:
+                taken.set()
+                done.wait(10)
+
+        t = threading.Thread(target=holder, daemon=True)
+        t.start()
+        try:
+            assert taken.wait(5)
+            with s.port.nowait() as held:
+                assert not held
+            assert s.port.lookup_nowait(tokens) is None
+        finally:
+            done.set()
+            t.join(5)
+        assert s.port.lookup_nowait(tokens) == len(tokens)
+        s._check()
