@@ -53,6 +53,7 @@ from concurrent.futures import ThreadPoolExecutor
 import functools
 import itertools
 import os
+import socket
 import threading
 import time
 from typing import Any
@@ -299,9 +300,10 @@ class SidecarClient:
                     return self._request(op, args, payload, timeout=timeout, rehello=False)
                 raise exc
             what = "hello" if op == "hello" else op
-            hint = ("is `kvstore serve` running there, and does it know this client's CurveZMQ key?"
-                    if self._curve is not None else
-                    "is `kvstore serve` running there (without CurveZMQ, or pass curve=...)?")
+            hint = ipc_diagnosis(self.url) or (
+                "is `kvstore serve` running there, and does it know this client's CurveZMQ key?"
+                if self._curve is not None else
+                "is `kvstore serve` running there (without CurveZMQ, or pass curve=...)?")
             raise SidecarUnavailableError(
                 f"no reply from the sidecar at {self.url} to {what!r} within {deadline_s:.3g} s "
                 f"({attempts} attempt{'s' if attempts > 1 else ''}); {hint}")
@@ -1059,6 +1061,34 @@ class SidecarClient:
 #: per thread: the pinned buffer a put of device KV lands in (reused across puts)
 _put_staging = threading.local()
 _HOST = torch.empty(0, dtype=torch.uint8)
+
+
+def ipc_diagnosis(url: str) -> str | None:
+    """Why nothing answers at an ``ipc://`` endpoint, read from its socket file: none there,
+    one nobody listens on (left by a sidecar that died: ZeroMQ keeps retrying it quietly),
+    or one this user may not open. None when the file accepts connections, or for other
+    transports. One ``connect`` attempt; O(1)."""
+    if not url.startswith("ipc://"):
+        return None
+    path = url[len("ipc://"):]
+    if path.startswith("@"):  # Linux abstract namespace: no file to look at
+        return None
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(0.5)
+    try:
+        probe.connect(path)
+    except FileNotFoundError:
+        return f"there is no socket file {path}: start `kvstore serve --endpoint {url}` (or check the path)"
+    except ConnectionRefusedError:
+        return (f"{path} exists but nothing listens on it: a sidecar that stopped without removing it (killed?) "
+                "left it; start the sidecar again (it replaces the file)")
+    except PermissionError:
+        return f"{path} is not open to this user (the sidecar makes it mode 0600: run as the sidecar's user)"
+    except OSError:
+        return None
+    finally:
+        probe.close()
+    return None
 
 
 def kv_on_host(kv: torch.Tensor, copier: Copier = DEFAULT_COPIER) -> torch.Tensor:

@@ -31,6 +31,33 @@ def test_nothing_listening_fails_within_the_connect_deadline(layout):
     assert time.monotonic() - t0 < DEFAULT_CONNECT_TIMEOUT_S + 1.0
 
 
+def test_an_ipc_endpoint_says_why_nothing_answers_there(layout, tmp_path):
+    """An operator whose sidecar died sees why the client got no reply: ZeroMQ retries a
+    dead ipc socket file silently, so the error reads the file itself."""
+    import socket
+
+    missing = tmp_path / "none.sock"
+    with pytest.raises(errors.SidecarUnavailableError, match="there is no socket file .*none.sock"):
+        SidecarClient(f"ipc://{missing}", layout, block_tokens=BT, connect_timeout=0.3)
+    stale = tmp_path / "stale.sock"
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.bind(str(stale))
+    s.close()  # as a killed sidecar leaves it: the file, nobody listening
+    assert stale.exists()
+    with pytest.raises(errors.SidecarUnavailableError, match="exists but nothing listens on it"):
+        SidecarClient(f"ipc://{stale}", layout, block_tokens=BT, connect_timeout=0.3)
+    # a live one that is only silent (does not speak kvstore): no verdict about the file
+    listening = tmp_path / "live.sock"
+    live = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    live.bind(str(listening))
+    live.listen(8)
+    try:
+        with pytest.raises(errors.SidecarUnavailableError, match="is `kvstore serve` running there"):
+            SidecarClient(f"ipc://{listening}", layout, block_tokens=BT, connect_timeout=0.3)
+    finally:
+        live.close()
+
+
 def test_a_silent_sidecar_costs_each_call_its_deadline_retries_included(layout):
     fake = FakeSidecar(lambda n, h: hello_ok(h) if h["op"] == "hello" else None)
     try:
