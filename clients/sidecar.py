@@ -679,7 +679,7 @@ class SidecarClient:
         in the whole prefix (``>= start``) and the int value counts the blocks before
         ``start`` as loaded: ``start * block_tokens`` when nothing was. Over shared memory
         the lease names the whole prefix (a few bytes per block) but only blocks
-        ``start...`` are copied and verified; as frames the whole prefix crosses.
+        ``start...`` are copied and verified; as frames only blocks ``start...`` cross.
         """
         self._check_open()
         if on_error not in ("raise", "report"):
@@ -784,6 +784,8 @@ class SidecarClient:
         _, args = self._ns_args(arr)
         if exact is not None:  # issue 24: the namespace's lossy_ok decides unless the caller says
             args["exact"] = bool(exact)
+        if start:
+            args["start"] = start  # a reply as frames carries blocks start... only (a lease names all)
         if self._rows:
             result, frames = self._lease(args)
             if result["mode"] == "shm":
@@ -819,7 +821,14 @@ class SidecarClient:
         if len(frames) != 1:
             raise ProtocolError(f"get reply carries {len(frames)} payload frames, expected 1")
         kv = tensor_from_frame(frames[0], result["kv"])
-        paged.place(self._block_rows(kv, start + nb), range(start, start + nb), rows, ids)
+        got = kv.shape[2] // self.block_tokens if kv.dim() == 5 else -1
+        if got == nb:  # blocks start... only
+            paged.place(self._block_rows(kv, nb), range(nb), rows, ids)
+        elif got == start + nb:  # the whole prefix (a sidecar that does not cut at start)
+            paged.place(self._block_rows(kv, start + nb), range(start, start + nb), rows, ids)
+        else:
+            raise ProtocolError(f"get reply carries KV of shape {tuple(kv.shape)}, expected {nb} or "
+                                f"{start + nb} blocks of {self.block_tokens} tokens")
         paged.wait(rows)
         return []
 

@@ -210,15 +210,17 @@ def release_corrupt(ns: Namespace, lease, args: dict) -> int:
     return ns.store.port.report_corrupt(lease, positions)
 
 
-def copy_is_intact(store, lease, out6) -> bool:
+def copy_is_intact(store, lease, out6, start: int = 0) -> bool:
     """Whether the server's private copy ``out6`` (``[blocks, ...]``) of a lease's blocks
-    matches the checksums recorded for those in checksummed (shared) arenas. O(bytes)."""
+    ``start...`` matches the checksums recorded for those in checksummed (shared) arenas.
+    O(bytes)."""
     arenas = store.port.tier_arenas()
-    shared = [i for i, (t, _) in enumerate(lease.blocks) if hasattr(arenas[t][1], "checksums")]
+    blocks = lease.blocks[start:]
+    shared = [i for i, (t, _) in enumerate(blocks) if hasattr(arenas[t][1], "checksums")]
     if not shared:
         return True
-    got = digests(out6[shared] if len(shared) < len(lease.blocks) else out6)
-    want = store.port.lease_checksums(lease)[shared]
+    got = digests(out6[shared] if len(shared) < len(blocks) else out6)
+    want = store.port.lease_checksums(lease)[start:][shared]
     return bool((got == want).all())
 
 

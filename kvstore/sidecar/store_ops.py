@@ -27,6 +27,7 @@ from kvstore.sidecar.context import Context, no_payload
 from kvstore.sidecar.namespaces import PEER, Namespace
 from kvstore.sidecar.protocol import ProtocolError, arg, tensor_desc, tensor_frame, tensor_from_frame
 from kvstore.sidecar.shm_plane import copy_is_intact, lease_reply
+from kvstore.validate import check_start
 
 
 def op_lookup(ctx: Context, args: dict, payload: list) -> tuple[Any, list]:
@@ -50,13 +51,16 @@ def op_put(ctx: Context, args: dict, payload: list) -> tuple[Any, list]:
 
 
 def op_get(ctx: Context, args: dict, payload: list) -> tuple[Any, list]:
-    """``get {ns, tokens, exact?, shm?}``: a lease on shared slots (``shm`` and a shared
-    tier holding the blocks) or the KV as one tensor frame, its bytes held against the
-    peer's reply budget until ZeroMQ lets go of them."""
+    """``get {ns, tokens, exact?, shm?, start?}``: a lease on shared slots (``shm`` and a
+    shared tier holding the blocks; it names the whole prefix) or the KV as one tensor
+    frame, its bytes held against the peer's reply budget until ZeroMQ lets go of them.
+    ``start`` (a frame reply only): the KV of blocks ``start...`` alone -- a ``load_into``
+    whose engine holds the blocks before it -- though the whole prefix must be cached."""
     no_payload("get", payload)
     ns = ctx.namespace(args)
     tokens = ctx.tokens(args)
     exact = arg(args, "exact", bool, required=False)  # None: the namespace's lossy_ok decides
+    start = check_start(arg(args, "start", int, required=False, default=0), len(tokens) // ns.block_tokens)
     if arg(args, "shm", bool, required=False, default=False) and ns.seg_of_tier:
         lease = ns.store.port.acquire(tokens, list(ns.seg_of_tier), exact=exact)
         if lease is not None:
@@ -65,10 +69,10 @@ def op_get(ctx: Context, args: dict, payload: list) -> tuple[Any, list]:
     # The reply's bytes count against the reply budget until ZeroMQ lets go of them
     # (reserved before the tensor is built: a peer over its budget costs nothing).
     peer = args[PEER].ident
-    nbytes = (len(tokens) // ns.block_tokens) * ns.block_tokens * ns.layout.kv_bytes_per_token
+    nbytes = (len(tokens) // ns.block_tokens - start) * ns.block_tokens * ns.layout.kv_bytes_per_token
     ctx.replies.reserve(peer, nbytes)
     try:
-        kv = get_one_copy(ns, tokens, exact)
+        kv = get_one_copy(ns, tokens, exact, start)
     except BaseException:
         ctx.replies.release(peer, nbytes)
         raise
@@ -101,32 +105,37 @@ def lease_nowait(ctx: Context, args: dict, max_tokens: int) -> dict | None:
         return lease_reply(ns, ctx.claims.add("lease", ns, lease, args), lease)
 
 
-def get_one_copy(ns: Namespace, tokens: Any, exact: bool | None = None) -> torch.Tensor:
-    """``store.get`` with one copy when every block is in a memory tier: pin the blocks,
-    copy each run of consecutive slots straight into its place in the result, unpin.
-    Blocks on disk (or a miss) take ``store.get``'s path (two copies, counts the miss).
-    O(bytes)."""
+def get_one_copy(ns: Namespace, tokens: Any, exact: bool | None = None, start: int = 0) -> torch.Tensor:
+    """``store.get`` (of blocks ``start...``; the whole prefix must be cached) with one copy
+    when every block is in a memory tier: pin the blocks, copy each run of consecutive slots
+    from ``start`` straight into its place in the result, unpin. Blocks on disk (or a miss)
+    take ``store.get``'s path (two copies, counts the miss). O(bytes copied)."""
     store = ns.store
     memory = [t for t, (_, arena) in enumerate(store.port.tier_arenas()) if isinstance(arena, MemoryArena)]
     lease = store.port.acquire(tokens, memory, exact=exact) if memory else None
     if lease is None:
-        return store.get(tokens, device="cpu", exact=exact).contiguous()
+        return _tail(store.get(tokens, device="cpu", exact=exact), start, store.block_tokens)
     try:
-        lay, bt, nb = store.layout, store.block_tokens, len(lease.blocks)
+        lay, bt, nb = store.layout, store.block_tokens, len(lease.blocks) - start
         block_shape = lay.block_shape(bt)
         out = limits.reply_buffer(lay.kv_bytes_per_token * nb * bt).view(lay.dtype).view(lay.kv_shape(nb * bt))
         out6 = as_block_rows(out, bt, nb)
         arenas = store.port.tier_arenas()
-        for t, in_tier in itertools.groupby(enumerate(lease.blocks), key=lambda e: e[1][0]):
+        for t, in_tier in itertools.groupby(enumerate(lease.blocks[start:]), key=lambda e: e[1][0]):
             pos, slots = zip(*((p, slot) for p, (_, slot) in in_tier))
             copy_rows(arenas[t][1].rows(lay.dtype, block_shape), slots, out6, pos)
-        if copy_is_intact(store, lease, out6):
+        if copy_is_intact(store, lease, out6, start):
             return out
     finally:
         store.port.release(lease)
     # A shared slot changed after it was written: read again through the store, which
     # verifies each block, drops the corrupt ones and reports them missing.
-    return store.get(tokens, device="cpu", exact=exact).contiguous()
+    return _tail(store.get(tokens, device="cpu", exact=exact), start, store.block_tokens)
+
+
+def _tail(kv: torch.Tensor, start: int, block_tokens: int) -> torch.Tensor:
+    """Tokens from block ``start`` on of a ``[layers, 2, T, ...]`` KV, contiguous."""
+    return (kv[:, :, start * block_tokens:] if start else kv).contiguous()
 
 
 def op_plan(ctx: Context, args: dict, payload: list) -> tuple[Any, list]:

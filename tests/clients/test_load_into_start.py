@@ -217,3 +217,33 @@ def test_an_engine_pool_of_two_store_blocks_per_engine_block_loads_from_an_engin
     assert torch.equal(token_kv(pool_layout, dst, dst_ids, bs), token_kv(pool_layout, src, src_ids[1:], bs))
     rest = [b for b in range(6) if b not in dst_ids]
     assert torch.equal(token_kv(pool_layout, dst, rest, bs), token_kv(pool_layout, snapshot, rest, bs))
+
+
+@pytest.mark.parametrize("on_disk", [False, True], ids=["memory", "disk"])
+def test_as_frames_only_the_blocks_from_start_cross_the_wire(make_client, layout, rng, seed, on_disk):
+    """A TCP client without shared memory (another host) is sent blocks ``start...`` only:
+    the reply's KV is the prefix's tail, byte for byte, from memory or from disk."""
+    from kvstore.sidecar.protocol import tensor_from_frame
+
+    c = make_client("tcp-frames")
+    n = 6 if on_disk else 3  # more blocks than the memory tiers hold: the first ones go to disk
+    tokens = [rng.randrange(5000) for _ in range(n * BT)]
+    kv = make_kv(layout, n * BT, seed, torch.device("cpu"))
+    assert c.put(tokens, kv) == n * BT
+    if on_disk:
+        c.put([t + 7000 for t in tokens], make_kv(layout, n * BT, seed + 1, torch.device("cpu")))
+        assert c.stats()["tiers"]["disk"]["used_blocks"] >= 1  # the oldest (ours) were pushed down
+    _, args = c._ns_args(tokens)
+    for start in [n // 2, *(s for s in range(n + 1) if s != n // 2)]:  # the first read is from disk
+        result, frames = c._request("get", {**args, "start": start})
+        tail = tensor_from_frame(frames[0], result["kv"])
+        assert tail.shape[2] == (n - start) * BT
+        assert torch.equal(tail, kv[:, :, start * BT:])
+    for bad in (-1, n + 1, True, "1"):
+        with pytest.raises(InvalidInputError):
+            c._request("get", {**args, "start": bad})
+    # and load_into puts that tail where the engine asked
+    pool = torch.zeros((n + 2, *layout.block_shape(BT)), dtype=layout.dtype)
+    ids = rng.sample(range(n + 2), n - 1)
+    assert int(c.load_into(tokens, pool, ids, start=1)) == n * BT
+    assert torch.equal(pool[ids], blocks_of(kv)[1:])
