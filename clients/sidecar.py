@@ -56,6 +56,7 @@ import os
 import socket
 import threading
 import time
+import weakref
 from typing import Any
 
 import numpy as np
@@ -218,11 +219,13 @@ class SidecarClient:
         self._rows_u8: list[np.ndarray] = []  # the same as uint8 numpy views (what the copies use)
         self._writing: set[int] = set()  # staged slots a put in progress is writing (not free)
         # reusable host rows, only where a bounce is unavoidable: one per thread that needs one
-        # (the save thread and the caller's may copy at once)
-        self._bounces: dict[int, torch.Tensor] = {}
+        # (the save thread and the caller's may copy at once), freed with the thread (keyed
+        # weakly by its Thread object: an engine that calls from short-lived threads does not
+        # pile up buffers)
+        self._bounces: weakref.WeakKeyDictionary[threading.Thread, torch.Tensor] = weakref.WeakKeyDictionary()
         # a CPU pool whose rows are strided: a few blocks at a time through a cache-sized
         # bounce per thread (the caller's and the copy pool's), see clients.chunked
-        self._chunk_bounces: dict[int, np.ndarray] = {}
+        self._chunk_bounces: weakref.WeakKeyDictionary[threading.Thread, np.ndarray] = weakref.WeakKeyDictionary()
         self._chunk_bytes = CHUNK_BYTES
         self._saver = AsyncSaver()  # put_async / save_from_async, in submission order
         self._gpu_pools: dict[tuple, int] = {}  # registered CUDA pools (their tensors' identity) -> sidecar id
@@ -454,10 +457,10 @@ class SidecarClient:
         """``nb`` rows of this client's reusable host buffer (pinned on CUDA hosts): where
         blocks of a GPU tensor land before they are copied into shared memory, or after they
         are read from it -- one buffer per calling thread for the client's life, grown when
-        a call needs more.
+        a call needs more, freed when the thread is gone.
         Only used when a bounce is unavoidable (GPU memory or an odd layout)."""
         lay, bt = self.layout, self.block_tokens
-        me = threading.get_ident()
+        me = threading.current_thread()
         buf = self._bounces.get(me)
         if buf is None or buf.shape[0] < nb:
             shape = (nb, *lay.block_shape(bt))
@@ -834,9 +837,9 @@ class SidecarClient:
 
     def _chunk_bounce(self, per: int) -> np.ndarray:
         """This thread's reusable bounce of ``per`` slot-shaped uint8 rows (see
-        :mod:`clients.chunked`): allocated on a thread's first chunked copy, then reused for
-        the client's life (grown only if a call needs more rows). O(1) once allocated."""
-        me = threading.get_ident()
+        :mod:`clients.chunked`): allocated on a thread's first chunked copy, then reused while
+        the thread lives (grown only if a call needs more rows). O(1) once allocated."""
+        me = threading.current_thread()
         buf = self._chunk_bounces.get(me)
         if buf is None or buf.shape[0] < per:
             shape = (per, *self.layout.block_shape(self.block_tokens))

@@ -252,3 +252,29 @@ def test_the_bounce_is_reused_across_calls(client, layout, seed, rng):
     assert {t: b.ctypes.data for t, b in client._chunk_bounces.items() if t in first} == first
     per = chunk_blocks(layout.kv_block_bytes(BT))
     assert all(b.shape[0] == per for b in client._chunk_bounces.values())
+
+
+def test_a_threads_bounce_goes_with_the_thread(client, layout, seed, rng):
+    """An engine may call from short-lived threads: each thread's bounce is freed when the
+    thread is gone, not kept for the client's life (no pile-up of buffers)."""
+    import gc
+    import threading
+
+    kind, bs = PoolLayout.HEAD_MAJOR, 2 * BT
+    src, _ = _random_pool(kind, layout, 4, bs, seed)
+    sp = EnginePool(src, kind, bs)
+    tokens = [rng.randrange(1000) for _ in range(NB * BT)]
+    client.save_from(tokens, sp, sp.store_ids(range(4), BT))
+    dst, _ = _random_pool(kind, layout, 4, bs, seed + 1)
+    dp = EnginePool(dst, kind, bs)
+    before = set(client._chunk_bounces.keys())
+    for _ in range(5):
+        t = threading.Thread(target=lambda: client.load_into(tokens, dp, dp.store_ids(range(4), BT)))
+        t.start()
+        t.join(30)
+        assert t in client._chunk_bounces.keys()  # it had its own while it ran
+        del t
+        gc.collect()
+        assert set(client._chunk_bounces.keys()) <= before | set(threading.enumerate())
+    assert len(client._chunk_bounces) <= len(before) + len(threading.enumerate())
+    assert torch.equal(paged.pool_rows(layout, BT, dp)[0][0], paged.pool_rows(layout, BT, sp)[0][0])
