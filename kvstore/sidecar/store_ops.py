@@ -94,6 +94,7 @@ def lease_nowait(ctx: Context, args: dict, max_tokens: int) -> dict | None:
     if len(tokens) > max_tokens:
         return None
     exact = arg(args, "exact", bool, required=False)
+    check_start(arg(args, "start", int, required=False, default=0), len(tokens) // ns.block_tokens)  # as op_get
     port = ns.store.port
     with port.nowait() as held:
         if not held:

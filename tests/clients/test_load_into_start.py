@@ -242,6 +242,8 @@ def test_as_frames_only_the_blocks_from_start_cross_the_wire(make_client, layout
     for bad in (-1, n + 1, True, "1"):
         with pytest.raises(InvalidInputError):
             c._request("get", {**args, "start": bad})
+        with pytest.raises(InvalidInputError):  # refused alike where a lease would be granted
+            c._request("get", {**args, "start": bad, "shm": True})
     # and load_into puts that tail where the engine asked
     pool = torch.zeros((n + 2, *layout.block_shape(BT)), dtype=layout.dtype)
     ids = rng.sample(range(n + 2), n - 1)
