@@ -395,13 +395,14 @@ class SidecarClient:
         self._hello(self.connect_timeout)
 
     def _send_oneway(self, op: str, args: dict) -> None:
-        """Send a request whose reply we do not wait for (it is skipped when it arrives)."""
+        """Send a give-back whose answer we do not wait for, asking for none (a sidecar that
+        answers anyway has it skipped by the next call)."""
         with self._lock:
             if self._closed or self._sock is None:
                 return
             try:
-                self._sock.send_multipart(request_frames(next(self._ids), op, args, int(self.timeout * 1000)),
-                                          copy=False, flags=zmq.NOBLOCK)
+                self._sock.send_multipart(request_frames(next(self._ids), op, args, int(self.timeout * 1000),
+                                                         reply=False), flags=zmq.NOBLOCK)
                 self._oneway_sent = True
             except zmq.ZMQError:
                 pass  # the claim expires on the server anyway

@@ -164,9 +164,20 @@ def unpack(data: bytes | memoryview) -> Any:
 
 
 def request_frames(rid: int, op: str, args: dict, deadline_ms: int | None,
-                   payload: list | tuple = ()) -> list:
-    return [MAGIC, pack({"v": VERSION, "id": rid, "op": op, "args": args, "deadline_ms": deadline_ms}),
-            *payload]
+                   payload: list | tuple = (), *, reply: bool = True) -> list:
+    """A request's frames. ``reply=False`` (honoured for the give-backs, :data:`GIVE_BACK`):
+    the sender will not read the answer, so the sidecar sends none."""
+    header = {"v": VERSION, "id": rid, "op": op, "args": args, "deadline_ms": deadline_ms}
+    if not reply:
+        header["reply"] = False
+    return [MAGIC, pack(header), *payload]
+
+
+def wants_reply(header: dict, op: str) -> bool:
+    """Whether to answer a request: always, except a give-back whose sender said
+    ``reply: false`` (it does not read the answer; an error in it costs the sender
+    nothing it could act on, the claim expires anyway)."""
+    return not (op in GIVE_BACK and header.get("reply") is False)
 
 
 def reply_ok(rid: Any, result: Any, payload: list | tuple = ()) -> list:

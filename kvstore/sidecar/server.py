@@ -61,7 +61,7 @@ from kvstore.sidecar.namespaces import PEER, Namespace, NamespaceBook, Peer
 from kvstore.sidecar.options import ServerOptions
 from kvstore.sidecar.procinfo import host_id  # host_id: re-exported for compatibility
 from kvstore.sidecar.protocol import (GIVE_BACK, MAGIC, OPS, VERSION, MessageTooLargeError, SidecarError, arg,
-                                      check_header, error_code, parse_request, reply_error, reply_ok)
+                                      check_header, error_code, parse_request, reply_error, reply_ok, wants_reply)
 from kvstore.sidecar.security import ZAP_DOMAIN, RefusalLog, ZapHandler, check_bind, handshake_failure, load_allow_dir, load_keys
 from kvstore.sidecar.store_ops import lease_nowait
 
@@ -446,7 +446,8 @@ class SidecarServer:
                                     f"{self.options.max_inflight_per_client}; wait for replies")
                 self._queued += 1
                 self._inflight[ident_bytes] = mine + 1
-            self._pool.submit(self._work, ident, op, args, payload, rid, received, deadline)
+            self._pool.submit(self._work, ident, op, args, payload, rid, received, deadline,
+                              wants_reply(header, op))
         except Exception as exc:
             code = error_code(exc)
             if code in ("bad_frame", "bad_version", "unknown_op", "too_large"):
@@ -463,7 +464,7 @@ class SidecarServer:
             except zmq.ZMQError as send_exc:  # the peer is gone; nothing to answer
                 log.debug("could not send an error reply: %s", send_exc)
 
-    def _work(self, ident, op, args, payload, rid, received, deadline) -> None:
+    def _work(self, ident, op, args, payload, rid, received, deadline, answer: bool = True) -> None:
         with self._queued_lock:
             self._queued -= 1
         try:
@@ -477,6 +478,8 @@ class SidecarServer:
                 else:
                     self._inflight.pop(key, None)
         grant = self.ctx.take_reply_grant()
+        if not answer and grant is None:  # a give-back sent one-way: nobody reads the answer
+            return
         tracker = None
         try:
             tracker = self._send_from_worker([ident, *reply], track=grant is not None)

@@ -129,3 +129,44 @@ def test_a_lease_refused_on_the_loop_pins_nothing(tmp_path, layout):
         sock.close(0)
         ctx.term()
         srv.stop()
+
+
+def test_a_give_back_sent_one_way_is_not_answered(tmp_path, layout):
+    """A client releases a lease without waiting (after every get and load_into): it asks
+    for no answer, and none is sent -- the release still runs. Other ops always answer."""
+    srv = start_server("tcp://127.0.0.1:*", tmp_path, workers=1, lease_timeout_s=60.0)
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    try:
+        with connect(srv.endpoint, layout=layout, namespace="quiet", block_tokens=BT, timeout=5.0) as a:
+            a.put(TOKENS, make_kv(layout, len(TOKENS), 14))
+        sock.connect(srv.endpoint)
+        args = {"ns": "quiet", "tokens": torch.tensor(TOKENS, dtype=torch.int32).numpy().tobytes(), "shm": True}
+
+        def ask(rid, op, a, **kw):
+            sock.send_multipart(request_frames(rid, op, a, 5000, **kw))
+
+        def answers(wait_ms):
+            got = []
+            while sock.poll(wait_ms):
+                got.append(unpack(sock.recv_multipart()[1]))
+            return got
+
+        ask(1, "get", args)
+        (lease,) = answers(5000)
+        assert lease["ok"] and srv.open_claims() == 1
+        ask(2, "release", {"claim": lease["result"]["claim"]}, reply=False)
+        wait_until(lambda: srv.open_claims() == 0, timeout=5, what="the one-way release to run")
+        ask(3, "lookup", {"ns": "quiet", "tokens": args["tokens"]}, reply=False)  # not a give-back: answered
+        got = answers(1000)
+        assert [r["id"] for r in got] == [3] and got[0]["result"] == len(TOKENS)
+        ask(4, "get", args)
+        (lease,) = answers(5000)
+        ask(5, "release", {"claim": lease["result"]["claim"]})  # asked for: answered
+        assert [(r["id"], r["ok"]) for r in answers(1000)] == [(5, True)]
+        assert srv.open_claims() == 0
+    finally:
+        sock.close(0)
+        ctx.term()
+        srv.stop()
