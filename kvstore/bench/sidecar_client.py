@@ -99,6 +99,31 @@ def _paired(limit, fn, reps: int, before=None) -> tuple[float, float]:
     return statistics.median(lim), statistics.median(got)
 
 
+def _beside_echo(op, echo_endpoint: str, frames: list, n: int, warmup: int = 50) -> tuple[list, list]:
+    """Seconds of ``n`` calls of ``op`` and of ``n`` bare echoes of ``frames``, alternately
+    (so both see the same load on a shared machine), after ``warmup`` of each."""
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(echo_endpoint)
+    ours, echo = [], []
+    try:
+        for i in range(n + warmup):
+            t0 = time.perf_counter()
+            op()
+            t1 = time.perf_counter()
+            sock.send_multipart(frames)
+            sock.recv_multipart()
+            t2 = time.perf_counter()
+            if i >= warmup:
+                ours.append(t1 - t0)
+                echo.append(t2 - t1)
+    finally:
+        sock.close(0)
+        ctx.term()
+    return ours, echo
+
+
 def _load(args) -> int:
     """One of the concurrent clients: lookups (or bare echoes) until told to stop."""
     lay = _layout(True)
@@ -176,26 +201,10 @@ def main(argv: list[str] | None = None) -> int:
     n = 300 if args.quick else 3000
     frames = request_frames(1, "lookup", {"ns": "bench-lookup", "tokens": torch.tensor(ltoks, dtype=torch.int32)
                                           .numpy().tobytes()}, 30000)
-    ctx = zmq.Context()
-    esock = ctx.socket(zmq.DEALER)
-    esock.setsockopt(zmq.LINGER, 0)
-    esock.connect(args.echo)
     with connect(args.endpoint, layout=small, namespace="bench-lookup", block_tokens=BT, shm=False) as c:
         c.put(ltoks, torch.zeros(small.kv_shape(len(ltoks)), dtype=small.dtype))
         assert c.lookup(ltoks) == len(ltoks)
-        lat, echo = [], []
-        for i in range(n + 50):  # alternately, so both see the same load on a shared machine
-            t0 = time.perf_counter()
-            c.lookup(ltoks)
-            t1 = time.perf_counter()
-            esock.send_multipart(frames)
-            esock.recv_multipart()
-            t2 = time.perf_counter()
-            if i >= 50:
-                lat.append(t1 - t0)
-                echo.append(t2 - t1)
-    esock.close(0)
-    ctx.term()
+        lat, echo = _beside_echo(lambda: c.lookup(ltoks), args.echo, frames, n)
     add("lookup_p50_us", _pct(lat, 0.5) * 1e6, "us", _pct(echo, 0.5) * 1e6, 1.3, "lower")
     add("lookup_p99_us", _pct(lat, 0.99) * 1e6, "us", _pct(echo, 0.99) * 1e6, 1.5, "lower")
     # The same lookup of a prompt the sidecar has not seen (its block keys are not memoised:
@@ -209,26 +218,9 @@ def main(argv: list[str] | None = None) -> int:
             if i >= 50:
                 cold.append(time.perf_counter() - t0)
     add("lookup_unseen_p50_us", _pct(cold, 0.5) * 1e6, "us", _pct(echo, 0.5) * 1e6, None, "lower")
-    # The least a message to the sidecar costs: a health round trip (answered on its loop),
-    # alternately with the bare echo as above.
-    ctx = zmq.Context()
-    esock = ctx.socket(zmq.DEALER)
-    esock.setsockopt(zmq.LINGER, 0)
-    esock.connect(args.echo)
+    # The least a message to the sidecar costs: a health round trip (answered on its loop).
     with connect(args.endpoint, layout=small, namespace="bench-lookup", block_tokens=BT, shm=False) as c:
-        rt, echo = [], []
-        for i in range(n + 50):
-            t0 = time.perf_counter()
-            c.health()
-            t1 = time.perf_counter()
-            esock.send_multipart(frames)
-            esock.recv_multipart()
-            t2 = time.perf_counter()
-            if i >= 50:
-                rt.append(t1 - t0)
-                echo.append(t2 - t1)
-    esock.close(0)
-    ctx.term()
+        rt, echo = _beside_echo(c.health, args.echo, frames, n)
     add("health_rt_us", _pct(rt, 0.5) * 1e6, "us", _pct(echo, 0.5) * 1e6, None, "lower")
 
     # -- 64 MiB via shared memory vs memcpy, each op timed alternately with its limit

@@ -3,7 +3,10 @@ factory that builds any client kind with the same store capacities."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 import itertools
+import threading
 
 import pytest
 
@@ -34,6 +37,26 @@ def start_server(endpoint: str, tmp_path, scale: int = 1, **options) -> SidecarS
     cfg = StoreConfig(disk_path=str(tmp_path / "disk"), **{k: v * scale for k, v in capacities(lay).items()})
     opts = ServerOptions(**{"workers": 2, "lease_timeout_s": 5.0, **options})
     return SidecarServer(endpoint, cfg, opts).start()
+
+
+@contextmanager
+def stats_gated(srv: SidecarServer, timeout: float = 20.0) -> Iterator[threading.Event]:
+    """Inside the block a ``stats`` request holds the worker that runs it until the yielded
+    event is set (at most ``timeout``): how a test keeps workers busy. The block's end
+    sets the event and restores the handler."""
+    gate = threading.Event()
+    orig = srv._handlers["stats"]
+
+    def gated(args, payload):
+        gate.wait(timeout)
+        return orig(args, payload)
+
+    srv._handlers["stats"] = gated
+    try:
+        yield gate
+    finally:
+        gate.set()
+        srv._handlers["stats"] = orig
 
 
 @pytest.fixture(scope="module")

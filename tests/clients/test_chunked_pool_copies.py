@@ -233,16 +233,22 @@ def test_a_block_larger_than_a_chunk_is_a_chunk_of_its_own(srv, client, layout, 
     assert torch.equal(token_kv(kind, again, [3], bs)[:, :, half:], token_kv(kind, asnap, [3], bs)[:, :, half:])
 
 
-def test_the_bounce_is_reused_across_calls(client, layout, seed, rng):
-    """Loads and saves after the first allocate nothing: every thread's bounce is the same
-    memory, one chunk of rows; the real chunk size keeps vLLM-shaped blocks to 1 MiB."""
+def _saved_head_major(client, layout, seed, rng) -> tuple[list[int], EnginePool, EnginePool]:
+    """A head-major pool (strided rows: the chunked path) saved under fresh tokens, and a
+    second such pool to load into: ``(tokens, saved pool, empty pool)``."""
     kind, bs = PoolLayout.HEAD_MAJOR, 2 * BT
     src, _ = _random_pool(kind, layout, 4, bs, seed)
     sp = EnginePool(src, kind, bs)
     tokens = [rng.randrange(1000) for _ in range(NB * BT)]
     client.save_from(tokens, sp, sp.store_ids(range(4), BT))
     dst, _ = _random_pool(kind, layout, 4, bs, seed + 1)
-    dp = EnginePool(dst, kind, bs)
+    return tokens, sp, EnginePool(dst, kind, bs)
+
+
+def test_the_bounce_is_reused_across_calls(client, layout, seed, rng):
+    """Loads and saves after the first allocate nothing: every thread's bounce is the same
+    memory, one chunk of rows; the real chunk size keeps vLLM-shaped blocks to 1 MiB."""
+    tokens, sp, dp = _saved_head_major(client, layout, seed, rng)
     client.load_into(tokens, dp, dp.store_ids(range(4), BT))
     first = {t: b.ctypes.data for t, b in client._chunk_bounces.items()}
     assert first and _pool_u8(paged.pool_rows(layout, BT, dp)[0]) is None
@@ -260,13 +266,7 @@ def test_a_threads_bounce_goes_with_the_thread(client, layout, seed, rng):
     import gc
     import threading
 
-    kind, bs = PoolLayout.HEAD_MAJOR, 2 * BT
-    src, _ = _random_pool(kind, layout, 4, bs, seed)
-    sp = EnginePool(src, kind, bs)
-    tokens = [rng.randrange(1000) for _ in range(NB * BT)]
-    client.save_from(tokens, sp, sp.store_ids(range(4), BT))
-    dst, _ = _random_pool(kind, layout, 4, bs, seed + 1)
-    dp = EnginePool(dst, kind, bs)
+    tokens, sp, dp = _saved_head_major(client, layout, seed, rng)
     before = set(client._chunk_bounces.keys())
     for _ in range(5):
         t = threading.Thread(target=lambda: client.load_into(tokens, dp, dp.store_ids(range(4), BT)))

@@ -16,7 +16,7 @@ from clients import connect
 from kvstore.errors import BusyError
 from kvstore.sidecar.procinfo import process_start_time
 from kvstore.sidecar.protocol import MAGIC, VERSION, pack, unpack
-from tests.clients.conftest import BT, start_server
+from tests.clients.conftest import BT, start_server, stats_gated
 from tests.clients.test_sidecar_client import make_kv, wait_until
 
 TOKENS = list(range(500, 516))
@@ -146,13 +146,6 @@ def test_give_backs_run_however_late_and_however_busy(tmp_path, layout):
     import threading
 
     srv = start_server("tcp://127.0.0.1:*", tmp_path, workers=1, lease_timeout_s=60.0, max_inflight_per_client=1)
-    slow = threading.Event()
-    orig = srv._handlers["stats"]
-
-    def clogged(args, payload):
-        slow.wait(10)
-        return orig(args, payload)
-
     try:
         with connect(srv.endpoint, layout=layout, namespace="late", block_tokens=BT, timeout=0.3, shm=True) as a:
             assert a.uses_shm
@@ -160,8 +153,8 @@ def test_give_backs_run_however_late_and_however_busy(tmp_path, layout):
             _, args = a._ns_args(TOKENS)
             lease, _ = a._lease(args)  # a get's lease, as get() holds it while it copies
             assert lease["mode"] == "shm" and srv.open_claims() == 2  # + the staged spare slots
-            srv._handlers["stats"] = clogged
-            with connect(srv.endpoint, layout=layout, namespace="late", block_tokens=BT, timeout=30) as b:
+            with stats_gated(srv, timeout=10) as gate, \
+                    connect(srv.endpoint, layout=layout, namespace="late", block_tokens=BT, timeout=30) as b:
                 blocker = threading.Thread(target=b.stats, daemon=True)
                 blocker.start()
                 wait_until(lambda: srv._queued == 0 and srv._inflight, timeout=5, what="stats to hold the one worker")
@@ -169,10 +162,8 @@ def test_give_backs_run_however_late_and_however_busy(tmp_path, layout):
                 a.close()  # the staged slots' release: past the connection's in-flight cap of 1
                 time.sleep(0.6)  # both releases' 0.3 s deadlines pass in the queue
                 assert srv.open_claims() == 2
-                slow.set()
+                gate.set()
                 blocker.join(10)
         wait_until(lambda: srv.open_claims() == 0, timeout=5, what="both late releases to run")
     finally:
-        slow.set()
-        srv._handlers["stats"] = orig
         srv.stop()

@@ -18,7 +18,7 @@ from clients import connect
 from kvstore.errors import SidecarUnavailableError
 from kvstore.layout import as_block_rows
 from kvstore.sidecar.protocol import MAGIC, pack, request_frames, unpack
-from tests.clients.conftest import BT, start_server
+from tests.clients.conftest import BT, start_server, stats_gated
 from tests.clients.test_sidecar_client import make_kv, wait_until
 
 TOKENS = list(range(700, 716))  # 4 blocks
@@ -30,38 +30,29 @@ def _namespace(srv, name):
 
 def test_shared_memory_reads_are_answered_while_every_worker_is_busy(tmp_path, layout):
     srv = start_server("tcp://127.0.0.1:*", tmp_path, workers=1, lease_timeout_s=60.0)
-    slow = threading.Event()
-    orig = srv._handlers["stats"]
-
-    def clogged(args, payload):
-        slow.wait(20)
-        return orig(args, payload)
-
     try:
         kv = make_kv(layout, len(TOKENS), 11)
         with connect(srv.endpoint, layout=layout, namespace="busy", block_tokens=BT, timeout=5.0) as a, \
                 connect(srv.endpoint, layout=layout, namespace="busy", block_tokens=BT, timeout=30.0) as b:
             assert a.uses_shm
             a.put(TOKENS, kv)
-            srv._handlers["stats"] = clogged
-            blocker = threading.Thread(target=b.stats, daemon=True)
-            blocker.start()
-            wait_until(lambda: srv._queued == 0 and srv._inflight, timeout=5, what="stats to hold the one worker")
-            with pytest.raises(SidecarUnavailableError):  # the worker really is held: what needs it waits
-                a.stats(timeout=0.3)
-            assert torch.equal(a.get(TOKENS), kv)
-            pool = torch.zeros((8, *layout.block_shape(BT)), dtype=layout.dtype)
-            res = a.load_into(TOKENS, pool, [6, 1, 4, 3])
-            assert int(res) == len(TOKENS) and res.ok
-            assert torch.equal(pool[[6, 1, 4, 3]], as_block_rows(kv, BT, 4))
-            slow.set()
-            blocker.join(10)
-        # the releases (one-way, run by the worker once free) leave nothing pinned
+            with stats_gated(srv) as gate:
+                blocker = threading.Thread(target=b.stats, daemon=True)
+                blocker.start()
+                wait_until(lambda: srv._queued == 0 and srv._inflight, timeout=5, what="stats to hold the one worker")
+                with pytest.raises(SidecarUnavailableError):  # the worker really is held: what needs it waits
+                    a.stats(timeout=0.3)
+                assert torch.equal(a.get(TOKENS), kv)
+                pool = torch.zeros((8, *layout.block_shape(BT)), dtype=layout.dtype)
+                res = a.load_into(TOKENS, pool, [6, 1, 4, 3])
+                assert int(res) == len(TOKENS) and res.ok
+                assert torch.equal(pool[[6, 1, 4, 3]], as_block_rows(kv, BT, 4))
+                gate.set()
+                blocker.join(10)
+        # the releases (run by the worker once free) leave nothing pinned
         wait_until(lambda: srv.open_claims() == 0, timeout=10, what="the leases' releases")
         _namespace(srv, "busy").store._check()
     finally:
-        slow.set()
-        srv._handlers["stats"] = orig
         srv.stop()
 
 
