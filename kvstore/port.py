@@ -175,13 +175,19 @@ class StorePort:
             if held:
                 lock.release()
 
-    def release(self, lease: Lease) -> None:
-        """Unpin a lease's blocks (idempotent). O(blocks), plus the promotion's bytes."""
+    def release(self, lease: Lease, *, read: bool = True) -> None:
+        """Unpin a lease's blocks (idempotent). O(blocks), plus the promotion's bytes.
+        ``read=False``: the lease was refused before anyone could read it -- unpin only
+        (no promotion, no hits counted), O(blocks)."""
         store = self._store
         with store._lock:
             if lease.done:
                 return
             lease.done = True
+            if not read:
+                for e, t, slot in lease.placed:
+                    store._tiers.unpin(e, t, slot)
+                return
             # As ``get``: blocks read from a lower tier are promoted (bytes read while pinned).
             low = [p for p in lease.placed if p[1] > 0] if store.config.promote_on_hit and not store._closed else []
             rows = torch.empty((len(low), *store._block_shape), dtype=store.layout.dtype)

@@ -119,7 +119,10 @@ class ClaimBook:
                 self._claims[cid] = claim
                 self._claims_of[ident] = held + 1
                 return cid
-        drop_claim(claim)
+        if kind == "lease":  # never handed out, so never read: unpin only (no promotion's copy)
+            ns.store.port.release(obj, read=False)
+        else:
+            drop_claim(claim)
         raise BusyError(f"this connection holds {held} leases/reservations, the limit is "
                         f"{self.options.max_claims_per_client}; release or commit them first")
 

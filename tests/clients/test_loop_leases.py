@@ -109,6 +109,9 @@ def test_a_lease_refused_on_the_loop_pins_nothing(tmp_path, layout):
         assert srv.open_claims() == 1
         pinned = sum(1 for e in store._tiers.index.values() if e.pins)
         assert pinned == len(TOKENS) // BT  # the first lease's blocks only, once each
+        # the refused lease was never read: nothing promoted, no blocks counted as got
+        stats = store.stats()
+        assert stats["promotions"] == 0 and stats["get_blocks"] == 0, stats
         store._check()
         sock.send_multipart([MAGIC, pack({"v": replies[0]["v"], "id": 3, "op": "release",
                                           "args": {"claim": replies[0]["result"]["claim"]}})])
